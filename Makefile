@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:  make demo  |  make test
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint bench clean ui
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# Plain version ranges: pip resolves a matching torch/torchvision pair from the index.
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -c "import torchvision, torch; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)" \
+		|| { echo "torch/torchvision C++ ops do not load: rm -rf $(VENV) and retry"; exit 1; }
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rcnn-lab run experiments/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check rcnn_lab tests benchmarks registry
+
+ui: $(STAMP)
+	$(BIN)/rcnn-lab ui
+
+clean:
+	rm -rf $(VENV) *.egg-info

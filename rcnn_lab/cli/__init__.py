@@ -1,0 +1,1 @@
+"""The ``rcnn-lab`` command line."""

@@ -1,0 +1,120 @@
+"""``rcnn-lab validate`` and ``rcnn-lab inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import yaml
+
+from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.config.types import to_plain
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", metavar="EXP.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. model.rpn.pre_nms_top_n.train=1000 (repeatable)")
+
+
+def add_arguments_validate(p: argparse.ArgumentParser) -> None:
+    _common(p)
+
+
+def add_arguments_inspect(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--variant", help="only this variant")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                   help="input image size for the anchor count (default: the model's min_size, square)")
+    p.add_argument("--json", action="store_true")
+
+
+def meta_model(model_cfg):
+    """The variant's model on the meta device: shapes and counts without memory or downloads."""
+    from dataclasses import replace
+
+    from rcnn_lab.config.types import Spec
+    from rcnn_lab.models.builder import build_model, check_model  # noqa: F401
+
+    spec = model_cfg.backbone
+    if spec.kwargs.get("weights") is not None:
+        model_cfg = replace(model_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
+    with torch.device("meta"):
+        return build_model(model_cfg)
+
+
+def cmd_validate(args) -> int:
+    from rcnn_lab.models.builder import count_parameters
+
+    exp = load_experiment(args.experiment, args.overrides)
+    rows = []
+    for v in exp.variants:
+        params = count_parameters(meta_model(v.config.model))
+        changed = ", ".join(f"{k}={json.dumps(val)}" for k, val in v.changed.items()) or "(base)"
+        rows.append((v.name + (" *" if v.baseline else ""), f"{params:,}", changed))
+    w0 = max(len("variant"), *(len(r[0]) for r in rows))
+    w1 = max(len("parameters"), *(len(r[1]) for r in rows))
+    print(f"{'variant':<{w0}}  {'parameters':>{w1}}  changed keys vs base")
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]}")
+    print(f"\n{exp.path}: {len(exp.variants)} variant(s) x {len(exp.seeds)} seed(s) valid (* = baseline)")
+    return 0
+
+
+def anchor_report(model, image_size: tuple[int, int] | None) -> dict:
+    """Cell anchors per level (rounded as torchvision does), feature-map sizes and anchor counts."""
+    t = model.transform
+    if image_size is None:
+        image_size = (int(t.min_size[-1]), int(t.min_size[-1]))
+    h, w = image_size
+    scale = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
+    rh, rw = int(h * scale), int(w * scale)  # interpolate(scale_factor=...) floors
+    div = t.size_divisible
+    ph, pw = -(-rh // div) * div, -(-rw // div) * div
+    with torch.no_grad():
+        features = model.backbone(torch.empty(1, 3, ph, pw, device="meta"))
+    ag = model.rpn.anchor_generator
+    cell = [ag.generate_anchors(s, a).tolist() for s, a in zip(ag.sizes, ag.aspect_ratios)]
+    levels = []
+    for (name, f), anchors in zip(features.items(), cell):
+        fh, fw = int(f.shape[-2]), int(f.shape[-1])
+        levels.append({"name": name, "feature_size": [fh, fw], "stride": [ph // fh, pw // fw],
+                       "anchors_per_location": len(anchors), "anchors": fh * fw * len(anchors)})
+    return {
+        "image_size": [h, w], "resized": [rh, rw], "padded": [ph, pw],
+        "cell_anchors": cell, "per_level": levels, "total": sum(lv["anchors"] for lv in levels),
+    }
+
+
+def cmd_inspect(args) -> int:
+    from rcnn_lab.models.builder import count_parameters, parameter_groups
+
+    exp = load_experiment(args.experiment, args.overrides)
+    variants = [exp.variant(args.variant)] if args.variant else exp.variants
+    out = []
+    for v in variants:
+        model = meta_model(v.config.model)
+        out.append({
+            "name": v.name, "baseline": v.baseline, "changed": v.changed, "config": to_plain(v.config),
+            "parameters": count_parameters(model), "components": parameter_groups(model),
+            "anchors": anchor_report(model, tuple(args.image_size) if args.image_size else None),
+        })
+    if args.json:
+        print(json.dumps({"experiment": exp.name, "variants": out}, indent=2, default=str))
+        return 0
+    for v in out:
+        print(f"=== variant {v['name']}{' (baseline)' if v['baseline'] else ''}")
+        print(yaml.safe_dump(v["config"], sort_keys=False).rstrip())
+        print(f"\nparameters: {v['parameters']:,}")
+        for name, n in v["components"].items():
+            print(f"  {name:<26}{n:>12,}")
+        a = v["anchors"]
+        print(f"\nanchors for a {a['image_size'][0]}x{a['image_size'][1]} image "
+              f"(resized {a['resized'][0]}x{a['resized'][1]}, padded {a['padded'][0]}x{a['padded'][1]}):")
+        for lv, cell in zip(a["per_level"], a["cell_anchors"]):
+            fh, fw = lv["feature_size"]
+            print(f"  level {lv['name']:<5} {fh:>4}x{fw:<4} stride {lv['stride'][0]:>3}  "
+                  f"{lv['anchors_per_location']} x {fh * fw:>6} = {lv['anchors']:>7}  cell {cell}")
+        print(f"  total anchors: {a['total']:,}\n")
+    return 0

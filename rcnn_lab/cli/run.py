@@ -1,0 +1,117 @@
+"""``rcnn-lab run`` (train and evaluate every variant x seed) and ``rcnn-lab ui``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rcnn_lab.errors import ConfigError, Problem
+
+
+def add_arguments_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", metavar="EXP.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override applied to every variant (repeatable)")
+    p.add_argument("--only", help="comma-separated variant names")
+    p.add_argument("--seeds", help="comma-separated seeds (replaces the experiment's seeds)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (sets train.device)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--force", action="store_true", help="rerun configs that already have a finished run")
+    p.add_argument("--shard", metavar="I/N", help="run only slice I of N of the plan (array jobs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError([Problem("--seeds", f"expected comma-separated integers like 0,1,2, got {text!r}")]) from None
+    if not seeds:
+        raise ConfigError([Problem("--seeds", "needs at least one seed")])
+    return seeds
+
+
+def preflight(plan) -> None:
+    """Everything that can be wrong with the input, checked before any run is created."""
+    from rcnn_lab.engine.trainer import resolve_device
+    from rcnn_lab.registry import DATASETS
+
+    problems, seen = [], set()
+    for run in plan:
+        try:
+            resolve_device(run.config.train.device)
+        except ConfigError as exc:
+            problems += exc.problems
+        for key in ("train", "val"):
+            spec = getattr(run.config.data, key)
+            ident = (spec.type, repr(sorted(spec.kwargs.items())))
+            if ident in seen:
+                continue
+            seen.add(ident)
+            try:
+                DATASETS.build(spec, f"data.{key}")
+            except ConfigError as exc:
+                problems += exc.problems
+    unique = list({str(p): p for p in problems}.values())
+    if unique:
+        raise ConfigError(unique)
+
+
+def print_summary(outcomes, echo=print) -> None:
+    keys = ["bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"]
+    rows = [("variant", "seed", "status", *keys, "duration")]
+    for o in outcomes:
+        vals = [f"{o.metrics[k]:.3f}" if k in o.metrics else "-" for k in keys]
+        rows.append((o.run.variant.name, str(o.run.seed), o.status, *vals, f"{o.duration_s:.0f}s" if o.duration_s else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    echo("")
+    for r in rows:
+        echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def cmd_run(args) -> int:
+    from rcnn_lab.config.loader import load_experiment
+    from rcnn_lab.runner.plan import make_plan, parse_shard
+    from rcnn_lab.runner.sweep import plan_actions, run_plan
+
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    exp = load_experiment(args.experiment, overrides)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    plan = make_plan(exp, only, _seeds(args.seeds), parse_shard(args.shard))
+    if args.dry_run:
+        print(f"{exp.name}: {len(plan)} run(s) ({exp.path})")
+        for run, action in plan_actions(exp, plan, args.force, _root()):
+            print(f"  {action:<7}{run.variant.name:<40} seed={run.seed:<4} {run.hash}")
+        return 0
+    preflight(plan)
+    outcomes = run_plan(exp, plan, force=args.force, root=_root(), progress=not args.no_progress and sys.stderr.isatty())
+    print_summary(outcomes)
+    return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+
+
+def _root():
+    from rcnn_lab.runner.tracking import DEFAULT_ROOT
+
+    return DEFAULT_ROOT
+
+
+def add_arguments_ui(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--uri", help="tracking store (default: tracking.uri / MLFLOW_TRACKING_URI / runs/mlflow.db)")
+
+
+def cmd_ui(args) -> int:
+    import os
+
+    from rcnn_lab.runner.tracking import default_artifact_root, resolve_uri
+
+    uri = resolve_uri(args.uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    root = default_artifact_root(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri}", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0

@@ -1,0 +1,1 @@
+"""Experiment configuration: strict schema, YAML loading, inheritance and overrides."""

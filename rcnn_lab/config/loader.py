@@ -1,0 +1,250 @@
+"""Load experiment files: YAML (``safe_load``), ``base:`` inheritance, variants, grids, seeds, ``--set``.
+
+Merging rules: mappings merge key by key; lists and scalars replace; a component spec whose
+``type`` changes is replaced whole (the old type's arguments do not leak into the new one).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rcnn_lab.config.schema import EXPERIMENT_KEYS, RunConfig
+from rcnn_lab.config.types import convert_dataclass, to_plain
+from rcnn_lab.errors import ConfigError, Problem, did_you_mean, display_path
+
+OVERRIDE_SOURCE = "--set"
+
+
+def read_yaml(path: Path) -> dict:
+    """``yaml.safe_load`` a mapping, with one-line errors naming the file and position."""
+    if not path.is_file():
+        raise ConfigError([Problem("", "file not found; check the path", str(path))])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([Problem("", f"invalid YAML at {where}{problem}", str(path))]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("", f"top level must be a mapping, got {type(data).__name__}", str(path))])
+    return data
+
+
+def merge(dst: dict, src: dict, prov: dict[str, str], source: str, prefix: str = "") -> dict:
+    """Deep-merge ``src`` into ``dst`` in place, recording which source set each dotted key."""
+    for key, val in src.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        cur = dst.get(key)
+        same_type = not (isinstance(val, dict) and isinstance(cur, dict) and "type" in val and cur.get("type") != val["type"])
+        if isinstance(val, dict) and isinstance(cur, dict) and same_type:
+            merge(cur, val, prov, source, path)
+        else:
+            dst[key] = copy.deepcopy(val)
+            for k in [k for k in prov if k == path or k.startswith(path + ".")]:
+                del prov[k]
+            prov[path] = source
+    return dst
+
+
+def set_dotted(data: dict, key: str, value: Any, prov: dict[str, str], source: str) -> None:
+    """Set ``a.b.c`` in nested mappings (creating them), merging mapping values."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    merge(node, {parts[-1]: value}, prov, source, ".".join(parts[:-1]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``model.rpn.nms_thresh=0.6`` -> (key, YAML-typed value)."""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise ConfigError([Problem("", f"override {text!r} must look like dotted.key=value", OVERRIDE_SOURCE)])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` with its ``base:`` chain (relative to the file) merged underneath."""
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(p.name for p in (*stack, path))
+        raise ConfigError([Problem("base", f"inheritance cycle: {chain}; remove one base", display_path(stack[-1]))])
+    data = read_yaml(path)
+    bases = data.pop("base", None)
+    if bases is None:
+        bases = []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError([Problem("base", "must be a file path or a list of file paths", display_path(path))])
+    out: dict = {}
+    for b in bases:
+        base_path = path.parent / b
+        if not base_path.is_file():
+            raise ConfigError([Problem("base", f"base file {b!r} not found next to this file; fix the path", display_path(path))])
+        merge(out, resolve_file(base_path, prov, (*stack, path)), prov, display_path(base_path.resolve()))
+    return merge(out, data, prov, display_path(path))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested plain config -> {dotted.key: leaf}. Component specs flatten too (``...box_head.type``)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def config_hash(config: RunConfig) -> str:
+    """Stable hash of everything that affects results (not names, descriptions or tracking)."""
+    plain = to_plain(config)
+    for key in ("name", "description", "tracking"):
+        plain.pop(key, None)
+    blob = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named variant of an experiment with its validated config."""
+
+    name: str
+    config: RunConfig
+    changed: dict[str, Any] = field(default_factory=dict)  # dotted keys that differ from the base
+    baseline: bool = False
+
+    def with_seed(self, seed: int) -> RunConfig:
+        return replace(self.config, train=replace(self.config.train, seed=seed))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    path: Path
+    variants: list[Variant]
+    seeds: list[int]
+    plugins: list[str] = field(default_factory=list)
+
+    def variant(self, name: str) -> Variant:
+        names = [v.name for v in self.variants]
+        if name not in names:
+            raise ConfigError([Problem("--variant", f"no variant {name!r}{did_you_mean(name, names)} (variants: {', '.join(names)})", str(self.path))])
+        return self.variants[names.index(name)]
+
+    @property
+    def baseline(self) -> Variant:
+        return next(v for v in self.variants if v.baseline)
+
+
+def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]:
+    """Expand ``variants:`` x ``grid:`` into (name, {dotted.key: value}) in file order."""
+    variants = raw.get("variants") or {}
+    grid = raw.get("grid") or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
+        raise ConfigError([Problem("variants", "must map variant names to {dotted.key: value} overrides", file)])
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError([Problem("grid", "must map dotted keys to non-empty lists of values", file)])
+    named = [(str(k), dict(v or {})) for k, v in variants.items()] or [("default", {})]
+    if not grid:
+        return named
+    keys = list(grid)
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    labels = [s if short.count(s) == 1 else k for s, k in zip(short, keys)]
+    out = []
+    for name, over in named:
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            label = ",".join(f"{lab}={json.dumps(v) if not isinstance(v, str) else v}" for lab, v in zip(labels, combo))
+            full = label if name == "default" and not variants else f"{name}/{label}"
+            out.append((full, {**over, **dict(zip(keys, combo))}))
+    return out
+
+
+def load_experiment(path: str | Path, overrides: list[str] = (), check_models: bool = True) -> Experiment:
+    """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem."""
+    from rcnn_lab.plugins import load_plugins
+
+    path = Path(path)
+    prov: dict[str, str] = {}
+    raw = resolve_file(path, prov)
+    file = display_path(path.resolve())
+    parsed = [parse_override(o) for o in overrides]
+    plugins = raw.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError([Problem("plugins", "must be a list of plugin file paths", file)])
+    plugin_base = Path(prov.get("plugins", file)).parent
+    load_plugins(path, plugins, plugin_base)
+
+    seeds = raw.get("seeds")
+    if seeds is None:
+        seeds = [int((raw.get("train") or {}).get("seed", 0))]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError([Problem("seeds", f"must be a non-empty list of ints, got {seeds!r}", prov.get("seeds", file))])
+    expanded = _variant_overrides(raw, prov.get("variants", prov.get("grid", file)))
+    names = [n for n, _ in expanded]
+    baseline = raw.get("baseline", names[0])
+    if baseline not in names:
+        raise ConfigError([Problem("baseline", f"no variant {baseline!r}{did_you_mean(str(baseline), names)}", prov.get("baseline", file))])
+
+    base_raw = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    variants: list[Variant] = []
+    base_flat = None
+    for name, over in expanded:
+        vprov = dict(prov)
+        data = copy.deepcopy(base_raw)
+        for key, value in over.items():
+            set_dotted(data, key, value, vprov, prov.get("variants", prov.get("grid", file)))
+        for key, value in parsed:
+            set_dotted(data, key, value, vprov, OVERRIDE_SOURCE)
+        vproblems: list[Problem] = []
+        cfg = convert_dataclass(data, RunConfig, "", vproblems)
+        if cfg is not None and not vproblems and check_models:
+            from rcnn_lab.models.builder import check_model
+
+            vproblems.extend(check_model(cfg.model, path="model"))
+        for p in vproblems:
+            p = Problem(p.path, p.message, p.file or _source_of(p.path, vprov, file))
+            if str(p) not in seen:
+                seen.add(str(p))
+                problems.append(p)
+        if vproblems or cfg is None:
+            continue
+        flat = flatten(to_plain(cfg))
+        if base_flat is None:
+            base_cfg = convert_dataclass(copy.deepcopy(base_raw), RunConfig, "", [])
+            base_flat = flatten(to_plain(base_cfg)) if base_cfg is not None else flat
+        changed = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v and k != "name"}
+        variants.append(Variant(name, cfg, changed, baseline=(name == baseline)))
+    if problems:
+        raise ConfigError(problems)
+    name = variants[0].config.name
+    return Experiment(name, path, variants, list(seeds), list(plugins))
+
+
+def _source_of(path: str, prov: dict[str, str], default: str) -> str:
+    """File that set the longest prefix of ``path`` (errors name the file that holds the key)."""
+    parts = path.replace("[", ".[").split(".")
+    for i in range(len(parts), 0, -1):
+        key = ".".join(parts[:i]).replace(".[", "[")
+        if key in prov:
+            return prov[key]
+    return default

@@ -1,0 +1,243 @@
+"""The experiment schema. Every key a YAML file may hold is a field here; unknown keys fail.
+
+Component fields hold ``{type: NAME, **kwargs}`` specs whose kwargs are checked against the
+registered factory's signature (see ``rcnn_lab.registry``). Defaults reproduce torchvision's
+``maskrcnn_resnet50_fpn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rcnn_lab.config.types import Spec, component, component_list
+
+Check = list[tuple[str, str]]  # (relative dotted key, message)
+
+
+def _default(value):
+    return field(default_factory=lambda: value)
+
+
+def _unit(check: Check, key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        check.append((key, f"must be in [0, 1], got {value}"))
+
+
+def _positive(check: Check, key: str, value: float) -> None:
+    if value <= 0:
+        check.append((key, f"must be positive, got {value}"))
+
+
+@dataclass(frozen=True)
+class TopN:
+    train: int
+    test: int
+
+    def check(self) -> Check:
+        out: Check = []
+        _positive(out, "train", self.train)
+        _positive(out, "test", self.test)
+        return out
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """GeneralizedRCNNTransform: resize (a list of min sizes = random choice while training) and normalise."""
+
+    min_size: int | list[int] = 800
+    max_size: int = 1333
+    image_mean: list[float] = _default([0.485, 0.456, 0.406])
+    image_std: list[float] = _default([0.229, 0.224, 0.225])
+
+    def check(self) -> Check:
+        out: Check = []
+        sizes = self.min_size if isinstance(self.min_size, list) else [self.min_size]
+        if not sizes:
+            out.append(("min_size", "must not be empty"))
+        for s in sizes:
+            _positive(out, "min_size", s)
+        _positive(out, "max_size", self.max_size)
+        for key in ("image_mean", "image_std"):
+            if len(getattr(self, key)) != 3:
+                out.append((key, "needs 3 values (one per RGB channel)"))
+        return out
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    head: component("rpn_head") = _default({"type": "conv", "conv_depth": 1})
+    pre_nms_top_n: TopN = _default({"train": 2000, "test": 1000})
+    post_nms_top_n: TopN = _default({"train": 2000, "test": 1000})
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    score_thresh: float = 0.0
+    proposal_gradient: Literal["detach", "backprop"] = "detach"
+
+    def check(self) -> Check:
+        out: Check = []
+        for key in ("nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "positive_fraction", "score_thresh"):
+            _unit(out, key, getattr(self, key))
+        _positive(out, "batch_size_per_image", self.batch_size_per_image)
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            out.append(("bg_iou_thresh", f"must not exceed fg_iou_thresh ({self.fg_iou_thresh})"))
+        return out
+
+
+@dataclass(frozen=True)
+class RoIHeadsConfig:
+    box_pooler: component("roi_pooler") = _default(
+        {"type": "multiscale_roi_align", "output_size": 7, "sampling_ratio": 2}
+    )
+    box_head: component("box_head") = _default({"type": "two_mlp", "representation_size": 1024})
+    box_predictor: component("box_predictor") = _default({"type": "fast_rcnn"})
+    mask_pooler: component("roi_pooler") | None = _default(
+        {"type": "multiscale_roi_align", "output_size": 14, "sampling_ratio": 2}
+    )
+    mask_head: component("mask_head") | None = _default(
+        {"type": "conv_stack", "layers": [256, 256, 256, 256], "dilation": 1}
+    )
+    mask_predictor: component("mask_predictor") | None = _default({"type": "mask_rcnn", "dim_reduced": 256})
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    bbox_reg_weights: list[float] | None = None
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+    def check(self) -> Check:
+        out: Check = []
+        for key in ("fg_iou_thresh", "bg_iou_thresh", "positive_fraction", "score_thresh", "nms_thresh"):
+            _unit(out, key, getattr(self, key))
+        _positive(out, "batch_size_per_image", self.batch_size_per_image)
+        _positive(out, "detections_per_img", self.detections_per_img)
+        if self.bbox_reg_weights is not None and len(self.bbox_reg_weights) != 4:
+            out.append(("bbox_reg_weights", "needs 4 values (wx, wy, ww, wh)"))
+        mask = {"mask_pooler": self.mask_pooler, "mask_head": self.mask_head, "mask_predictor": self.mask_predictor}
+        if any(v is None for v in mask.values()) and any(v is not None for v in mask.values()):
+            missing = next(k for k, v in mask.items() if v is None)
+            out.append((missing, "mask_pooler, mask_head and mask_predictor are set or null together"))
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = 91
+    transform: TransformConfig = _default({})
+    backbone: component("backbone") = _default({"type": "resnet_fpn", "depth": 50, "weights": None})
+    anchor_generator: component("anchor_generator") = _default(
+        {"type": "grid", "sizes": [[32], [64], [128], [256], [512]], "aspect_ratios": [[0.5, 1.0, 2.0]]}
+    )
+    rpn: RPNConfig = _default({})
+    roi_heads: RoIHeadsConfig = _default({})
+
+    def check(self) -> Check:
+        out: Check = []
+        if self.num_classes < 2:
+            out.append(("num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}"))
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: component("dataset") = _default({"type": "shapes", "split": "train"})
+    val: component("dataset") = _default({"type": "shapes", "split": "val"})
+    transforms: component_list("transform") = _default([{"type": "hflip", "p": 0.5}])
+    batch_size: int = 4
+    num_workers: int = 0
+    group_aspect_ratio: bool = False
+
+    def check(self) -> Check:
+        out: Check = []
+        _positive(out, "batch_size", self.batch_size)
+        if self.num_workers < 0:
+            out.append(("num_workers", "must be >= 0"))
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 1000
+    optimizer: component("optimizer") = _default({"type": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4})
+    lr_scheduler: component("lr_scheduler") = _default(
+        {"type": "multistep", "milestones": [0.67, 0.89], "warmup_iters": 100}
+    )
+    clip_grad_norm: float | None = None
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    log_every: int = 20
+    checkpoint_every: int = 200
+    eval_every: int = 0
+    grad_probe_every: int = 0
+
+    def check(self) -> Check:
+        out: Check = []
+        _positive(out, "iterations", self.iterations)
+        _positive(out, "log_every", self.log_every)
+        for key in ("checkpoint_every", "eval_every", "grad_probe_every"):
+            if getattr(self, key) < 0:
+                out.append((key, "must be >= 0 (0 disables)"))
+        if self.clip_grad_norm is not None:
+            _positive(out, "clip_grad_norm", self.clip_grad_norm)
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            out.append(("device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}"))
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    iou_types: list[Literal["bbox", "segm"]] = _default(["bbox", "segm"])
+    batch_size: int = 4
+    max_images: int | None = None
+    per_class: bool = True
+
+    def check(self) -> Check:
+        out: Check = []
+        _positive(out, "batch_size", self.batch_size)
+        if not self.iou_types:
+            out.append(("iou_types", "must name bbox and/or segm"))
+        return out
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str | None = None
+    log_checkpoint: bool = False
+    log_every: int = 0
+    async_logging: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One fully resolved variant x seed: everything a training run reads."""
+
+    name: str
+    description: str = ""
+    plugins: list[str] = _default([])
+    model: ModelConfig = _default({})
+    data: DataConfig = _default({})
+    train: TrainConfig = _default({})
+    eval: EvalConfig = _default({})
+    tracking: TrackingConfig = _default({})
+
+    def check(self) -> Check:
+        out: Check = []
+        if self.model.roi_heads.mask_head is None and "segm" in self.eval.iou_types:
+            out.append(("eval.iou_types", "segm needs a mask head (model.roi_heads.mask_head is null); use [bbox]"))
+        return out
+
+
+# keys of an experiment file that are not part of a run's config
+EXPERIMENT_KEYS = ("base", "variants", "grid", "seeds", "baseline")
+
+__all__ = ["RunConfig", "ModelConfig", "Spec", "EXPERIMENT_KEYS"]

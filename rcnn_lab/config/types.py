@@ -1,0 +1,207 @@
+"""Typed conversion of YAML values: the schema's and the factories' annotations are the types.
+
+``convert(value, annotation, path, problems)`` returns the value converted to the annotation
+(ints become floats where floats are expected, lists become tuples where tuples are expected,
+mappings become dataclasses or component specs) and appends one ``Problem`` per mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union
+
+from rcnn_lab.errors import Problem, did_you_mean, join
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated component spec: ``{type: NAME, **kwargs}``."""
+
+    type: str
+    kwargs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **to_plain(self.kwargs)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Marks a schema field as a component spec of one registry family."""
+
+    name: str
+
+
+def component(family: str):
+    """Annotation for a schema field holding a spec of ``family``."""
+    return Annotated[Spec, Family(family)]
+
+
+def component_list(family: str):
+    return list[Annotated[Spec, Family(family)]]
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None) or tp is None:
+        return "null"
+    if origin is Annotated:
+        fam = typing.get_args(tp)[1]
+        return f"a {fam.name} spec {{type: NAME, ...}}"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        inner = type_name(args[0]) if args else "any"
+        return f"a list of {inner}"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"bool {value}"
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return f"{type(value).__name__} {value!r}"
+
+
+def convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
+    """Convert ``value`` to ``tp``; record problems under ``path``."""
+    if tp is Any or tp is typing.Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Annotated:
+        from rcnn_lab.registry import registry_for  # late import: registry uses this module
+
+        return registry_for(args[1].name).check_spec(value, path, problems)
+    if tp is type(None) or tp is None:
+        if value is not None:
+            problems.append(Problem(path, f"expected null, got {_describe(value)}"))
+        return None
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:
+            return convert(value, non_null[0], path, problems)
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[Problem] = []
+            out = convert(value, arg, path, trial)
+            if not trial:
+                return out
+        problems.append(Problem(path, f"expected {type_name(tp)}, got {_describe(value)}"))
+        return value
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            problems.append(
+                Problem(path, f"expected one of {choices}, got {_describe(value)}"
+                        + did_you_mean(str(value), [str(a) for a in args]))
+            )
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(Problem(path, f"expected bool (true/false), got {_describe(value)}"))
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(Problem(path, f"expected int, got {_describe(value)}"))
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(Problem(path, f"expected float, got {_describe(value)}"))
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(Problem(path, f"expected str, got {_describe(value)}"))
+        return value
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(Problem(path, f"expected {type_name(tp)}, got {_describe(value)}"))
+            return value
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                problems.append(Problem(path, f"expected {len(args)} items, got {len(value)}"))
+                return value
+            return tuple(convert(v, a, join(path, i), problems) for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [convert(v, inner, join(path, i), problems) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append(Problem(path, f"expected a mapping, got {_describe(value)}"))
+            return value
+        vt = args[1] if args else Any
+        return {k: convert(v, vt, join(path, k), problems) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return convert_dataclass(value, tp, path, problems)
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            problems.append(Problem(path, f"expected {type_name(tp)}, got {_describe(value)}"))
+        return value
+    return value
+
+
+def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem]) -> Any:
+    """Build dataclass ``cls`` from a mapping strictly: unknown keys are problems."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        problems.append(Problem(path, f"expected a mapping, got {_describe(value)}"))
+        return None
+    start = len(problems)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, val in value.items():
+        if key not in fields:
+            problems.append(Problem(join(path, key), "unknown key" + did_you_mean(key, fields)))
+            continue
+        kwargs[key] = convert(val, hints[key], join(path, key), problems)
+    for name, f in fields.items():
+        if name in kwargs:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(Problem(join(path, name), "required key is missing"))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        # defaults written as plain data are converted like user input
+        kwargs[name] = convert(default, hints[name], join(path, name), problems)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # wrong types already reported
+        if len(problems) == start:
+            problems.append(Problem(path, str(exc)))
+        return None
+    check = getattr(obj, "check", None)
+    if check is not None and len(problems) == start:
+        for sub, message in check():
+            problems.append(Problem(join(path, sub) if sub else path, message))
+    return obj
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses/specs/tuples -> plain dicts and lists (YAML-safe)."""
+    if isinstance(value, Spec):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value

@@ -1,0 +1,179 @@
+"""The training loop. Read it top to bottom: build, (resume), iterate, checkpoint, evaluate."""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcnn_lab.config.schema import RunConfig
+from rcnn_lab.engine import checkpoint as ckpt
+from rcnn_lab.engine.hooks import Hook, Hooks, StepRecord
+from rcnn_lab.errors import ConfigError, Problem, TrainingError
+from rcnn_lab.registry import DATASETS, LR_SCHEDULERS, OPTIMIZERS, TRANSFORMS
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    per_class: dict
+    iterations: int
+    train_time_s: float
+    resumed_from: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([Problem("train.device", f"{name} requested but CUDA is not available; use auto or cpu")])
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train and evaluate one resolved config. Outputs (checkpoints) go to ``out_dir``."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, hooks: list[Hook] = (), resume: bool = True):
+        from rcnn_lab.data.loader import build_loader
+
+        from rcnn_lab.models.builder import build_model
+
+        self.config, self.out_dir = config, Path(out_dir)
+        t = config.train
+        self.device = resolve_device(t.device)
+        self.hooks = Hooks(hooks)
+        seed_everything(t.seed)
+        self.model = build_model(config.model).to(self.device)
+        if t.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = OPTIMIZERS.build(t.optimizer, "train.optimizer", params=params)
+        self.scheduler = LR_SCHEDULERS.build(t.lr_scheduler, "train.lr_scheduler", optimizer=self.optimizer, total_iters=t.iterations)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+
+        d = config.data
+        self.train_set = DATASETS.build(d.train, "data.train")
+        self.val_set = DATASETS.build(d.val, "data.val")
+        transforms = [TRANSFORMS.build(s, f"data.transforms[{i}]") for i, s in enumerate(d.transforms)]
+        self.start_iteration, self.history, self.elapsed_before = 0, [], 0.0
+        self._started = time.perf_counter()
+        latest = ckpt.latest(self.out_dir / "checkpoints") if resume else None
+        if latest is not None:
+            self._restore(ckpt.load(latest, key=str(latest)))
+        self.train_loader = build_loader(
+            self.train_set, d.batch_size, shuffle=True, num_workers=d.num_workers, transforms=transforms,
+            group_aspect_ratio=d.group_aspect_ratio, seed=t.seed, infinite=True, start_iter=self.start_iteration,
+        )
+        self.val_loader = build_loader(self.val_set, config.eval.batch_size, shuffle=False, num_workers=d.num_workers,
+                                       transforms=[], group_aspect_ratio=False, seed=t.seed, infinite=False)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state(self, iteration: int) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "iteration": iteration, "rng": ckpt.rng_state(), "history": self.history,
+            "train_time_s": self.elapsed_before + time.perf_counter() - self._started,
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.start_iteration, self.history = int(state["iteration"]), list(state.get("history", []))
+        self.elapsed_before = float(state.get("train_time_s", 0.0))
+
+    def save_checkpoint(self, iteration: int) -> Path:
+        path = self.out_dir / "checkpoints" / f"iter_{iteration:07d}.pt"
+        ckpt.save(path, self.state(iteration))
+        for old in sorted((self.out_dir / "checkpoints").glob("iter_*.pt")):
+            if old != path:
+                old.unlink(missing_ok=True)  # keep the newest only
+        self.hooks.after_checkpoint(self, iteration, path)
+        return path
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, iteration: int):
+        from rcnn_lab.engine.evaluate import evaluate
+
+        e = self.config.eval
+        result = evaluate(self.model, self.val_loader, self.val_set, self.device, iou_types=tuple(e.iou_types),
+                          max_images=e.max_images, amp_dtype=self.amp_dtype)
+        self.hooks.after_eval(self, iteration, result.metrics, result.per_class)
+        return result
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        t = self.config.train
+        model, device = self.model, self.device
+        model.train()
+        self.hooks.before_train(self)
+        self._started = time.perf_counter()
+        stream = iter(self.train_loader)
+        tick = time.perf_counter()
+        for it in range(self.start_iteration, t.iterations):
+            images, targets = next(stream)
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in tg.items()} for tg in targets]
+            data_time = time.perf_counter() - tick
+            self.last_batch = (images, targets)
+
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            values = torch.stack([v.detach().float() for v in loss_dict.values()]).cpu()
+            if not torch.isfinite(values).all():
+                bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
+                raise TrainingError(f"non-finite loss at iteration {it + 1}: {', '.join(bad)}; lower the learning rate or enable train.clip_grad_norm")
+
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if t.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+
+            now = time.perf_counter()
+            record = StepRecord(it + 1, dict(zip(loss_dict, values.tolist())), lr, data_time, now - tick,
+                                peak_memory_mb(device), len(images))
+            if (it + 1) % t.log_every == 0 or it + 1 == t.iterations:
+                self.history.append({"iteration": it + 1, "lr": lr, "total": record.total, **record.losses})
+            self.hooks.after_step(self, record)
+            if t.checkpoint_every and (it + 1) % t.checkpoint_every == 0 and it + 1 < t.iterations:
+                self.save_checkpoint(it + 1)
+            if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.iterations:
+                self.evaluate(it + 1)
+                model.train()
+            tick = time.perf_counter()
+
+        train_time = self.elapsed_before + time.perf_counter() - self._started
+        if self.start_iteration < t.iterations or not (self.out_dir / "checkpoints").exists():
+            self.save_checkpoint(t.iterations)
+        final = self.evaluate(t.iterations)
+        result = TrainResult({**final.metrics, "train_time_s": train_time}, final.per_class, t.iterations,
+                             train_time, self.start_iteration, self.history)
+        self.hooks.after_train(self, result)
+        return result

@@ -1,0 +1,77 @@
+"""Errors rcnn-lab reports to users: one line per problem, naming file, dotted key and fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with user input."""
+
+    path: str
+    message: str
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        key = f"{self.path}: " if self.path else ""
+        return f"{where}{key}{self.message}"
+
+
+class RcnnLabError(Exception):
+    """Base class for errors shown to users without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(RcnnLabError):
+    """Invalid user input (YAML, flags, data, checkpoints). Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Iterable[Problem] | str, path: str = "", file: str | None = None):
+        if isinstance(problems, str):
+            problems = [Problem(path, problems, file)]
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def with_file(self, file: str | None) -> ConfigError:
+        """Return a copy whose problems without a file name ``file``."""
+        return ConfigError([p if p.file else Problem(p.path, p.message, file) for p in self.problems])
+
+
+class TrainingError(RcnnLabError):
+    """A run that cannot go on (non-finite loss, ...)."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """Closest match to ``name`` among ``choices`` or None."""
+    matches = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    match = closest(name, choices)
+    return f"; did you mean '{match}'?" if match else ""
+
+
+def display_path(path) -> str:
+    """A path as users should read it: relative to the working directory when inside it."""
+    import os
+
+    text = str(path)
+    try:
+        rel = os.path.relpath(text)
+    except ValueError:
+        return text
+    return rel if not rel.startswith("..") else text
+
+
+def join(path: str, key: str | int) -> str:
+    """Join a dotted path and a key (``a.b`` + ``c`` -> ``a.b.c``, lists as ``a[0]``)."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)

@@ -1,0 +1,1 @@
+"""Mask R-CNN components and the model builder."""

@@ -1,0 +1,1 @@
+"""Run experiments: plan (variants x seeds), MLflow tracking, resumable sweeps."""

@@ -1,0 +1,57 @@
+"""The plan of an invocation: every variant x seed, with its stable config hash."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rcnn_lab.config.loader import Experiment, Variant, config_hash
+from rcnn_lab.config.schema import RunConfig
+from rcnn_lab.errors import ConfigError, Problem, did_you_mean
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    variant: Variant
+    seed: int
+    config: RunConfig
+    hash: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} seed={self.seed}"
+
+    @property
+    def slug(self) -> str:
+        """Folder-safe name for outputs."""
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.variant.name}-s{self.seed}")[:80] + f"-{self.hash[:8]}"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``I/N`` (0 <= I < N) -> (I, N)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError([Problem("--shard", f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")])
+    return int(m.group(1)), int(m.group(2))
+
+
+def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] | None = None,
+              shard: tuple[int, int] | None = None) -> list[PlannedRun]:
+    """Deterministic plan: variants in file order, seeds in the given order; ``shard`` keeps every N-th."""
+    names = [v.name for v in exp.variants]
+    problems = [Problem("--only", f"no variant {n!r}{did_you_mean(n, names)} (variants: {', '.join(names)})")
+                for n in (only or []) if n not in names]
+    if problems:
+        raise ConfigError(problems)
+    chosen = [v for v in exp.variants if not only or v.name in only]
+    runs = []
+    for v in chosen:
+        for s in seeds if seeds is not None else exp.seeds:
+            cfg = v.with_seed(s)
+            runs.append(PlannedRun(v, s, cfg, config_hash(cfg)))
+    if shard is not None:
+        i, n = shard
+        runs = runs[i::n]
+    return runs

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import pytest
+
+from rcnn_lab.config.loader import config_hash, load_experiment
+from rcnn_lab.errors import ConfigError
+from tests.conftest import EXPERIMENTS, FIXTURES
+
+BAD = FIXTURES / "configs"
+
+
+def problems_of(path, overrides=()):
+    with pytest.raises(ConfigError) as exc:
+        load_experiment(path, list(overrides))
+    return exc.value.problems
+
+
+@pytest.mark.parametrize(
+    "fixture, key, words",
+    [
+        ("unknown_key.yaml", "model.roi_heads.box_head.representaton_size", "did you mean 'representation_size'"),
+        ("unknown_section_key.yaml", "model.rpn.pre_nms_topn", "did you mean 'pre_nms_top_n'"),
+        ("wrong_type.yaml", "model.num_classes", "expected int"),
+        ("anchors_mismatch.yaml", "model.anchor_generator.aspect_ratios", "give 1 (shared) or one per feature map"),
+        ("anchors_levels.yaml", "model.anchor_generator.sizes", "gives 5 feature maps"),
+        ("cycle_a.yaml", "base", "inheritance cycle"),
+        ("bad_yaml.yaml", "", "invalid YAML at line 4"),
+        ("unknown_component.yaml", "model.roi_heads.box_head.type", "closest match 'two_mlp'"),
+        ("backprop_cpp_pooler.yaml", "model.rpn.proposal_gradient", "returns none for them"),
+        ("few_classes.yaml", "model.num_classes", "must be >= 2"),
+    ],
+)
+def test_bad_fixture_names_key_and_file(fixture, key, words):
+    problems = problems_of(BAD / fixture)
+    match = [p for p in problems if p.path == key and words in p.message]
+    assert match, [str(p) for p in problems]
+    assert match[0].file and match[0].file.endswith(".yaml")
+
+
+def test_one_problem_per_line_for_several_problems():
+    problems = problems_of(BAD / "wrong_type.yaml")
+    assert {p.path for p in problems} == {"model.num_classes", "model.rpn.nms_thresh"}
+    assert "must be in [0, 1], got 1.5" in next(p.message for p in problems if p.path == "model.rpn.nms_thresh")
+
+
+def test_base_yaml_defaults_to_torchvision_settings():
+    exp = load_experiment(EXPERIMENTS / "base.yaml")
+    cfg = exp.variants[0].config
+    assert cfg.model.num_classes == 91
+    assert cfg.model.rpn.pre_nms_top_n.train == 2000 and cfg.model.rpn.post_nms_top_n.test == 1000
+    assert cfg.model.roi_heads.box_pooler.kwargs == {"output_size": 7, "sampling_ratio": 2}
+    assert cfg.model.rpn.proposal_gradient == "detach"
+
+
+def test_dotted_override_is_typed_by_schema(write_yaml):
+    exp = load_experiment(EXPERIMENTS / "base.yaml", ["model.rpn.pre_nms_top_n.train=1000", "model.rpn.nms_thresh=1"])
+    rpn = exp.variants[0].config.model.rpn
+    assert rpn.pre_nms_top_n.train == 1000 and isinstance(rpn.nms_thresh, float)
+    problems = problems_of(EXPERIMENTS / "base.yaml", ["model.rpn.pre_nms_top_n.train=lots"])
+    assert problems[0].file == "--set" and problems[0].path == "model.rpn.pre_nms_top_n.train"
+    problems = problems_of(EXPERIMENTS / "base.yaml", ["model.rpn.nms_thres=0.5"])
+    assert "did you mean 'nms_thresh'" in problems[0].message
+
+
+def test_inheritance_several_levels_and_type_change_replaces_spec(write_yaml):
+    write_yaml("a.yaml", f"base: {EXPERIMENTS / 'base.yaml'}\nname: a\nmodel: {{rpn: {{nms_thresh: 0.6}}}}\n")
+    write_yaml("b.yaml", "base: a.yaml\nname: b\nmodel: {roi_heads: {box_head: {type: conv_fc, fc_layers: [256]}}}\n")
+    exp = load_experiment(write_yaml("c.yaml", "base: b.yaml\nname: c\nmodel: {rpn: {score_thresh: 0.1}}\n"))
+    cfg = exp.variants[0].config
+    assert cfg.name == "c" and cfg.model.rpn.nms_thresh == 0.6 and cfg.model.rpn.score_thresh == 0.1
+    assert cfg.model.roi_heads.box_head.type == "conv_fc"
+    assert "representation_size" not in cfg.model.roi_heads.box_head.kwargs  # two_mlp's kwargs did not leak
+
+
+def test_variants_grid_seeds_expand_deterministically(write_yaml):
+    path = write_yaml("exp.yaml", f"""
+base: {EXPERIMENTS / 'base.yaml'}
+name: sweep
+seeds: [0, 1]
+baseline: b
+variants:
+  a: {{model.rpn.nms_thresh: 0.6}}
+  b: {{}}
+grid:
+  model.roi_heads.box_pooler.sampling_ratio: [1, 2]
+""")
+    exp = load_experiment(path)
+    names = [v.name for v in exp.variants]
+    assert names == ["a/sampling_ratio=1", "a/sampling_ratio=2", "b/sampling_ratio=1", "b/sampling_ratio=2"]
+    assert exp.seeds == [0, 1]
+    assert exp.variant("a/sampling_ratio=1").changed == {
+        "model.rpn.nms_thresh": 0.6, "model.roi_heads.box_pooler.sampling_ratio": 1}
+    with pytest.raises(ConfigError, match="baseline"):
+        load_experiment(write_yaml("exp2.yaml", path.read_text().replace("baseline: b", "baseline: c")))
+    again = load_experiment(path)
+    assert [config_hash(v.with_seed(1)) for v in again.variants] == [config_hash(v.with_seed(1)) for v in exp.variants]
+    hashes = {config_hash(v.with_seed(s)) for v in exp.variants for s in exp.seeds}
+    assert len(hashes) == 8
+
+
+def test_hash_ignores_names_and_tracking_but_not_seed():
+    exp = load_experiment(EXPERIMENTS / "base.yaml")
+    other = load_experiment(EXPERIMENTS / "base.yaml", ["name=renamed", "tracking.uri=sqlite:///x.db"])
+    v, w = exp.variants[0], other.variants[0]
+    assert config_hash(v.config) == config_hash(w.config)
+    assert config_hash(v.with_seed(1)) != config_hash(v.with_seed(2))
+
+
+def test_unknown_variant_suggests_closest(write_yaml):
+    exp = load_experiment(EXPERIMENTS / "base.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'default'"):
+        exp.variant("defualt")

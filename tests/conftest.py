@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests run on CPU with tiny models and datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    """Write a YAML file under tmp_path and return its path."""
+
+    def _write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    return _write
+
+
+TINY_MODEL = """
+model:
+  num_classes: 4
+  transform: {min_size: 64, max_size: 64}
+  backbone: {type: resnet_fpn, depth: 18, returned_layers: [2, 3, 4]}
+  anchor_generator: {type: grid, sizes: [[16], [32], [64], [128]], aspect_ratios: [[1.0]]}
+  rpn:
+    pre_nms_top_n: {train: 100, test: 50}
+    post_nms_top_n: {train: 50, test: 25}
+    batch_size_per_image: 64
+  roi_heads:
+    box_head: {type: two_mlp, representation_size: 64}
+    mask_head: {type: conv_stack, layers: [32], dilation: 1}
+    mask_predictor: {type: mask_rcnn, dim_reduced: 32}
+    batch_size_per_image: 32
+    detections_per_img: 20
+"""
+
+
+@pytest.fixture
+def tiny_model_yaml() -> str:
+    return TINY_MODEL

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+import rcnn_lab
+from rcnn_lab.errors import ConfigError
+from rcnn_lab.models.builder import count_parameters
+from tests.conftest import EXPERIMENTS
+
+
+@pytest.fixture(scope="module")
+def base_pair():
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml")
+    ours = rcnn_lab.build_model(exp.variants[0].config.model)
+    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    return ours, ref
+
+
+def test_base_yaml_is_module_for_module_torchvision(base_pair):
+    ours, ref = base_pair
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    assert isinstance(ours, torchvision_maskrcnn())
+    assert count_parameters(ours) == count_parameters(ref) == 44_454_513
+    frozen = [n for n, p in ours.named_parameters() if not p.requires_grad]
+    assert frozen == [n for n, p in ref.named_parameters() if not p.requires_grad]
+
+
+def torchvision_maskrcnn():
+    from torchvision.models.detection import MaskRCNN
+
+    return MaskRCNN
+
+
+def test_loaded_torchvision_weights_give_identical_outputs(base_pair):
+    ours, ref = base_pair
+    ours.load_state_dict(ref.state_dict())
+    ours.eval(), ref.eval()
+    torch.manual_seed(0)
+    images = [torch.rand(3, 160, 200), torch.rand(3, 128, 128)]
+    with torch.no_grad():
+        out_a, out_b = ours(images), ref(images)
+    for a, b in zip(out_a, out_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_frozen_batchnorm_matches_pretrained_layout():
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.backbone.norm=frozen_batchnorm", "model.backbone.trainable_layers=3"])
+    model = rcnn_lab.build_model(exp.variants[0].config.model)
+    assert count_parameters(model) == 44_401_393  # BN affine terms become buffers
+    trainable = {n.split(".")[2] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+
+
+def test_local_weights_file_loads_and_bad_file_is_a_clear_error(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    body = resnet18()
+    torch.save(body.state_dict(), tmp_path / "r18.pth")
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.backbone.depth=18", f"model.backbone.weights={tmp_path / 'r18.pth'}"])
+    model = rcnn_lab.build_model(exp.variants[0].config.model)
+    assert torch.equal(model.backbone.body.conv1.weight, body.conv1.weight)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", [f"model.backbone.weights={tmp_path / 'junk.pth'}"])
+    with pytest.raises(ConfigError) as exc:
+        rcnn_lab.build_model(exp.variants[0].config.model)
+    assert exc.value.problems[0].path == "model.backbone.weights"
+
+
+def test_imagenet_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: forces a download attempt
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    import torchvision.models._api as weights_api
+
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.backbone.depth=18", "model.backbone.weights=imagenet"])
+    with pytest.raises(ConfigError) as exc:
+        rcnn_lab.build_model(exp.variants[0].config.model)
+    p = exc.value.problems[0]
+    assert p.path == "model.backbone.weights" and "weights: /path/to/resnet18" in p.message
