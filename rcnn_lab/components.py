@@ -20,8 +20,4 @@ BUILTIN_MODULES = (
 
 def register_builtins() -> None:
     for name in BUILTIN_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real missing dependency, not a module not yet written
-                raise
+        importlib.import_module(name)

@@ -34,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # TODO(remove): commands still being written
-            if exc.name != module:
-                raise
-            continue
+        mod = importlib.import_module(module)
         getattr(mod, "add_arguments_" + name.replace("-", "_"))(p)
         p.set_defaults(handler=getattr(mod, "cmd_" + name.replace("-", "_")))
     return parser

@@ -200,8 +200,12 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
     expanded = _variant_overrides(raw, prov.get("variants", prov.get("grid", file)))
     names = [n for n, _ in expanded]
     baseline = raw.get("baseline", names[0])
-    if baseline not in names:
-        raise ConfigError([Problem("baseline", f"no variant {baseline!r}{did_you_mean(str(baseline), names)}", prov.get("baseline", file))])
+    if baseline not in names:  # a variant's own name marks its first grid expansion
+        expansions = [n for n in names if n.startswith(f"{baseline}/")]
+        if not expansions:
+            choices = sorted({n.split("/", 1)[0] for n in names} | set(names))
+            raise ConfigError([Problem("baseline", f"no variant {baseline!r}{did_you_mean(str(baseline), choices)}", prov.get("baseline", file))])
+        baseline = expansions[0]
 
     base_raw = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
     problems: list[Problem] = []

@@ -52,7 +52,6 @@ class Trainer:
 
     def __init__(self, config: RunConfig, out_dir: str | Path, hooks: list[Hook] = (), resume: bool = True):
         from rcnn_lab.data.loader import build_loader
-
         from rcnn_lab.models.builder import build_model
 
         self.config, self.out_dir = config, Path(out_dir)

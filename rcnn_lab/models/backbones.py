@@ -55,7 +55,7 @@ def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
         for prefix in ("backbone.body.", "body.", "module."):
             if any(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = body.state_dict()
+    own = {k: v for k, v in body.state_dict().items() if not k.startswith(("fc.", "classifier."))}
     state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.startswith("classifier.")}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]

@@ -53,7 +53,7 @@ def test_frozen_batchnorm_matches_pretrained_layout():
     exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.backbone.norm=frozen_batchnorm", "model.backbone.trainable_layers=3"])
     model = rcnn_lab.build_model(exp.variants[0].config.model)
     assert count_parameters(model) == 44_401_393  # BN affine terms become buffers
-    trainable = {n.split(".")[2] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"}
 
 

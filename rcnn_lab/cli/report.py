@@ -1,0 +1,138 @@
+"""``rcnn-lab report``: aggregate finished runs of one or more experiments into a table and plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rcnn_lab.errors import ConfigError, Problem
+
+FORMATS = ("md", "csv", "html", "json")
+MAX_GRID_KEYS = 2  # without --group-by, plot metric-vs-value only for experiments that vary at most this many numeric keys
+
+
+def add_arguments_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiments", nargs="+", metavar="EXP.yaml|EXPERIMENT",
+                   help="experiment files or MLflow experiment names (several: one combined table)")
+    p.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
+                   help="final metric to summarize (repeatable or comma-separated, e.g. segm_AP,bbox_AP50; "
+                   "default: bbox_AP and segm_AP)")
+    p.add_argument("--format", choices=FORMATS, help="table format (default: from --out's suffix, else md)")
+    p.add_argument("--out", metavar="PATH",
+                   help="write the table to PATH (a folder gets report.<format>) and PNG plots next to it")
+    p.add_argument("--group-by", metavar="KEY", help="rows per value of this dotted config key instead of per variant")
+    p.add_argument("--baseline", metavar="NAME", help="variant (or --group-by value) to compare against "
+                   "(default: the experiment's baseline)")
+    p.add_argument("--confidence", type=float, default=0.95, metavar="LEVEL", help="confidence level of the intervals (default 0.95)")
+    p.add_argument("--uri", help="tracking store (default: tracking.uri / MLFLOW_TRACKING_URI / runs/mlflow.db)")
+    p.add_argument("--no-log", action="store_true",
+                   help="with --out: do not attach the plots to each experiment's latest sweep run in MLflow")
+
+
+def _metrics(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    names = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    if not names:
+        raise ConfigError([Problem("--metric", "needs a metric name, e.g. --metric segm_AP")])
+    return list(dict.fromkeys(names))
+
+
+def output_paths(out: str, fmt: str | None) -> tuple[Path, Path, str]:
+    """--out -> (table file, stem for plot names, format): a folder (or suffix-less path) gets ``report.<fmt>``."""
+    path = Path(out)
+    suffix = path.suffix.lstrip(".").lower()
+    if path.is_dir() or not suffix:
+        fmt = fmt or "md"
+        return path / f"report.{fmt}", path / "report", fmt
+    fmt = fmt or (suffix if suffix in FORMATS else "md")
+    return path, path.with_suffix(""), fmt
+
+
+def grid_keys(table, group_by: str | None) -> list[str]:
+    """Config keys worth a metric-vs-value plot: --group-by, else the numeric changed keys of a small grid."""
+    if group_by is not None:
+        return [group_by]
+    keys = []
+    for key in table.attrs.get("changed_keys", []):
+        values = [v for v in table[key] if v is not None]
+        numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and len(set(values)) >= 2:
+            keys.append(key)
+    return keys if len(keys) <= MAX_GRID_KEYS else []
+
+
+def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None) -> list[Path]:
+    """PNG plots named ``<stem>_<what>.png``: one per metric, loss curves, and metric-vs-value for grids."""
+    from rcnn_lab.report import plot_grid, plot_losses, plot_metric
+    from rcnn_lab.report.stats import summary_metrics
+
+    written = []
+    metrics = summary_metrics(table)
+    for m in metrics:
+        written.append(plot_metric(table, m, f"{stem}_{m}.png"))
+    for key in grid_keys(table, group_by):
+        short = key.replace(".", "_")
+        for m in metrics:
+            written.append(plot_grid(table, m, key, f"{stem}_{m}_vs_{short}.png"))
+    losses = plot_losses(df, f"{stem}_losses.png", uri)
+    if losses is not None:
+        written.append(losses)
+    return written
+
+
+def log_to_sweeps(df, files: list[Path], echo) -> None:
+    """Attach ``files`` under ``report/`` to the latest sweep (parent) run of every experiment in ``df``."""
+    from mlflow import MlflowClient
+
+    from rcnn_lab.runner.tracking import TAG
+
+    for name, uri in df.attrs.get("tracking_uris", {}).items():
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)
+        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}kind` = 'sweep'",
+                                     order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        if not parents:
+            echo(f"note: experiment {name!r} has no sweep run to attach the report to")
+            continue
+        run_id = parents[0].info.run_id
+        try:
+            for f in files:
+                client.log_artifact(run_id, str(f), artifact_path="report")
+        except Exception as exc:  # the report itself is written; attaching it is best effort
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            echo(f"warning: could not attach the report to run {run_id} of {name!r}: {first}")
+            continue
+        echo(f"attached {len(files)} file(s) to run {run_id} of {name!r} (artifacts: report/)")
+
+
+def cmd_report(args) -> int:
+    from rcnn_lab.report import render, runs, summary
+
+    metrics = _metrics(args.metrics)
+    df = runs(args.experiments, tracking_uri=args.uri)
+    present = set(df["experiment"])
+    empty = [(n, u) for n, u in df.attrs.get("tracking_uris", {}).items() if n not in present]
+    if empty:
+        raise ConfigError([Problem("EXPERIMENT", f"experiment {n!r} has no rcnn-lab runs in {u}; "
+                                   "run `rcnn-lab run EXP.yaml` first") for n, u in empty])
+    table = summary(df, metrics=metrics, group_by=args.group_by, baseline=args.baseline, confidence=args.confidence)
+    fmt = args.format or "md"
+    if args.out:
+        path, stem, fmt = output_paths(args.out, args.format)
+    text = render(table, fmt)
+    print(text, end="")
+    if not args.out:
+        return 0
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    plots = write_plots(table, df, stem, args.group_by, args.uri)
+    echo(f"wrote {path} and {len(plots)} plot(s): {', '.join(p.name for p in plots)}")
+    if not args.no_log:
+        log_to_sweeps(df, [path, *plots], echo)
+    return 0

@@ -1,0 +1,1 @@
+"""Training engine: the loop (``trainer``), hooks, checkpoints, optimizers and COCO evaluation (``evaluate``)."""

@@ -1,0 +1,186 @@
+"""Fetch rcnn-lab runs from MLflow (``mlflow.search_runs``) as one pandas row per child run."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Union
+
+import pandas as pd
+
+from rcnn_lab.config.schema import RunConfig
+from rcnn_lab.errors import ConfigError, Problem, did_you_mean
+from rcnn_lab.runner import tracking as tr
+
+TAG = tr.TAG
+PathOrName = Union[str, "os.PathLike[str]"]
+
+# Columns every ``runs()`` frame starts with, in this order.
+RUN_COLUMNS = [
+    "experiment", "run_id", "parent_run_id", "variant", "seed", "config_hash", "baseline", "status",
+    "start_time", "end_time", "changed", "device", "error",
+]
+# Leaf config keys without a dot (``name``, ``description``, ``plugins``); every other param key is dotted.
+_TOP_LEVEL_KEYS = frozenset(f.name for f in fields(RunConfig))
+_KEY_COLUMNS = ["experiment", "variant", "seed", "config_hash"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One experiment to report on: its MLflow name, store, and what the user typed."""
+
+    name: str
+    uri: str
+    given: str
+    file: str | None = None
+
+
+def resolve_sources(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | None = None) -> list[Source]:
+    """Experiment YAML paths or MLflow experiment names -> (name, store) pairs.
+
+    A YAML file gives the name (``tracking.experiment`` or ``name``) and the store (``tracking.uri``);
+    ``tracking_uri`` overrides the store for every item.
+    """
+    from rcnn_lab.config.loader import load_experiment
+
+    items = [experiments] if isinstance(experiments, (str, os.PathLike)) else list(experiments)
+    if not items:
+        raise ConfigError([Problem("EXPERIMENT", "name at least one experiment YAML file or MLflow experiment name")])
+    out: list[Source] = []
+    for item in items:
+        text = os.fspath(item)
+        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+            exp = load_experiment(text, check_models=False)
+            cfg = exp.variants[0].config
+            out.append(Source(cfg.tracking.experiment or exp.name, tr.resolve_uri(tracking_uri or cfg.tracking.uri), text, text))
+        else:
+            out.append(Source(text, tr.resolve_uri(tracking_uri), text))
+    return out
+
+
+@contextmanager
+def _using_uri(uri: str) -> Iterator[None]:
+    """Point the ``mlflow`` fluent API (``mlflow.search_runs``) at ``uri`` for the duration of the block."""
+    import mlflow
+
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # older/newer MLflow: set and restore by hand
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
+        return
+    with _use_tracking_uri(uri):
+        yield
+
+
+def _experiment_id(client, source: Source) -> str:
+    exp = client.get_experiment_by_name(source.name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = [e.name for e in client.search_experiments()]
+        hint = did_you_mean(source.name, names) or (f" (experiments: {', '.join(sorted(names)[:10])})" if names else "")
+        raise ConfigError([Problem(
+            "EXPERIMENT", f"no MLflow experiment {source.name!r} in {source.uri}{hint}; run `rcnn-lab run EXP.yaml` "
+            "first or pass --uri", source.file,
+        )])
+    return exp.experiment_id
+
+
+def _decode(text: Any) -> Any:
+    """A param value as logged by the runner: JSON text for non-strings, plain text for strings."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
+    """``mlflow.search_runs`` output -> rcnn-lab columns (tags decoded, ``final/*`` unprefixed, params decoded)."""
+    def tag(key: str) -> pd.Series:
+        col = f"tags.{key}"
+        return raw[col] if col in raw.columns else pd.Series([None] * len(raw), index=raw.index, dtype=object)
+
+    out = pd.DataFrame({
+        "experiment": name,
+        "run_id": raw["run_id"],
+        "parent_run_id": tag("mlflow.parentRunId"),
+        "variant": tag(f"{TAG}variant"),
+        "seed": pd.to_numeric(tag(f"{TAG}seed"), errors="coerce").astype("Int64"),
+        "config_hash": tag(f"{TAG}config_hash"),
+        "baseline": tag(f"{TAG}baseline").eq("true"),
+        "status": raw["status"],
+        "start_time": raw["start_time"],
+        "end_time": raw["end_time"],
+        "changed": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(f"{TAG}changed")],
+        "device": tag(f"{TAG}device"),
+        "error": tag(f"{TAG}error"),
+    }, index=raw.index)
+    extra: dict[str, pd.Series] = {}
+    for col in sorted(c for c in raw.columns if c.startswith("metrics.final/")):
+        extra[col[len("metrics.final/"):]] = raw[col].astype(float)
+    for col in sorted(c for c in raw.columns if c.startswith("params.")):
+        key = col[len("params."):]
+        extra[col if key in RUN_COLUMNS or key in extra else key] = raw[col].map(_decode)
+    return pd.concat([out, pd.DataFrame(extra, index=raw.index)], axis=1).reset_index(drop=True)
+
+
+def runs(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | None = None,
+         include_unfinished: bool = True) -> pd.DataFrame:
+    """One row per child (variant x seed) run of the given experiments, newest first per experiment.
+
+    Columns: ``RUN_COLUMNS`` (``seed`` as nullable int, ``baseline`` as bool, ``changed`` as a dict of
+    dotted keys -> values), every ``final/<name>`` metric as ``<name>``, and every param under its dotted
+    config key with its logged value decoded (``"2000"`` -> ``2000``). ``df.attrs["tracking_uris"]`` maps
+    each experiment name to its store. Raises ``ConfigError`` for a missing store or unknown experiment.
+    """
+    import mlflow
+
+    sources = resolve_sources(experiments, tracking_uri)
+    frames: list[pd.DataFrame] = []
+    uris: dict[str, str] = {}
+    for uri in dict.fromkeys(s.uri for s in sources):
+        here = [s for s in sources if s.uri == uri]
+        if tr.local_store_missing(uri):
+            raise ConfigError([Problem(
+                "--uri", f"no tracking store at {uri}; run `rcnn-lab run EXP.yaml` first or pass --uri", here[0].file,
+            )])
+        client = tr.client(uri)
+        for source in here:
+            exp_id = _experiment_id(client, source)
+            uris[source.name] = uri
+            with _using_uri(uri):
+                raw = mlflow.search_runs(
+                    experiment_ids=[exp_id], filter_string=f"tags.`{TAG}kind` = 'variant'",
+                    order_by=["attributes.start_time DESC"], output_format="pandas",
+                )
+            if len(raw):
+                frames.append(_frame(raw, source.name))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
+    if not include_unfinished:
+        df = df[df["status"] == "FINISHED"].reset_index(drop=True)
+    df.attrs["tracking_uris"] = uris
+    return df
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Names of the ``final/*`` metric columns of a ``runs()`` frame (params are dotted or top-level config keys)."""
+    return [
+        c for c in df.columns
+        if c not in RUN_COLUMNS and "." not in c and c not in _TOP_LEVEL_KEYS and pd.api.types.is_numeric_dtype(df[c])
+    ]
+
+
+def latest_finished(df: pd.DataFrame) -> pd.DataFrame:
+    """The newest FINISHED run per (experiment, variant, seed, config hash); older duplicates are dropped."""
+    done = df[df["status"] == "FINISHED"]
+    done = done.sort_values("start_time", ascending=False, kind="stable")
+    return done.drop_duplicates(_KEY_COLUMNS, keep="first").sort_values("start_time", kind="stable")

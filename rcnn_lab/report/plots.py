@@ -1,0 +1,184 @@
+"""PNG plots of reports (matplotlib ``Figure`` + Agg canvas: no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rcnn_lab.errors import ConfigError, Problem, did_you_mean
+from rcnn_lab.report.data import latest_finished
+from rcnn_lab.report.stats import summary_metrics
+
+DPI = 120
+
+
+def _figure(width: float = 7.0, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _label_column(table: pd.DataFrame) -> str:
+    label = table.attrs.get("label")
+    if label in table.columns:
+        return label
+    return "variant" if "variant" in table.columns else table.columns[1]
+
+
+def _names(table: pd.DataFrame, label: str) -> list[str]:
+    many = table["experiment"].nunique() > 1
+    texts = [v if isinstance(v, str) else str(v) for v in table[label]]
+    return [f"{e}/{t}" if many else t for e, t in zip(table["experiment"], texts)]
+
+
+def _check_metric(table: pd.DataFrame, metric: str) -> None:
+    known = summary_metrics(table)
+    if metric not in known:
+        raise ConfigError([Problem("--metric", f"metric {metric!r} is not in the summary{did_you_mean(metric, known)} "
+                                   f"(summarized: {', '.join(known) or 'none'})")])
+
+
+def _yerr(table: pd.DataFrame, metric: str) -> np.ndarray:
+    mean = table[f"{metric}_mean"].to_numpy(float)
+    low = np.nan_to_num(mean - table[f"{metric}_ci_low"].to_numpy(float), nan=0.0)
+    high = np.nan_to_num(table[f"{metric}_ci_high"].to_numpy(float) - mean, nan=0.0)
+    return np.vstack([low, high])
+
+
+def _confidence(table: pd.DataFrame) -> str:
+    return f"{100 * float(table.attrs.get('confidence', 0.95)):g}% CI"
+
+
+def plot_metric(summary: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """Bar chart of ``<metric>_mean`` per row with Student-t CI error bars; the baseline bar is highlighted."""
+    _check_metric(summary, metric)
+    label = _label_column(summary)
+    names = _names(summary, label)
+    mean = summary[f"{metric}_mean"].to_numpy(float)
+    base = summary["baseline"].to_numpy(bool) if "baseline" in summary.columns else np.zeros(len(summary), bool)
+    fig, ax = _figure(max(5.0, 0.6 * len(names) + 2.5), 4.2)
+    x = np.arange(len(names))
+    ax.bar(x, np.nan_to_num(mean), yerr=_yerr(summary, metric), capsize=4,
+           color=["tab:orange" if b else "tab:blue" for b in base], alpha=0.85)
+    tops = np.fmax(mean, summary[f"{metric}_ci_high"].to_numpy(float))
+    for xi, m, top, n in zip(x, mean, tops, summary[f"{metric}_n"]):
+        if not math.isnan(m):
+            ax.annotate(f"{m:.3f}\nn={int(n)}", (xi, top), textcoords="offset points", xytext=(0, 3), ha="center",
+                        va="bottom", fontsize=7)
+    if np.isfinite(tops).any() and np.nanmax(tops) > 0:
+        ax.set_ylim(top=float(np.nanmax(tops)) * 1.15)  # room for the labels
+    ax.set_xticks(x, names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean and {_confidence(summary)} (baseline in orange)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_grid(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -> Path:
+    """``metric`` against the values of config key ``key``, one line per value of the other changed keys."""
+    _check_metric(summary, metric)
+    if key not in summary.columns:
+        keys = [c for c in summary.columns if "." in c]
+        raise ConfigError([Problem("--group-by", f"the summary has no column {key!r}{did_you_mean(key, keys)} "
+                                   f"(config keys: {', '.join(keys) or 'none'})")])
+    others = [c for c in summary.columns if "." in c and c != key]
+    values = list(dict.fromkeys(summary[key].map(_cell)))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ticks = sorted(values) if numeric else values
+    fig, ax = _figure(6.5, 4.2)
+    group_cols = ["experiment", *others]
+    many = summary["experiment"].nunique() > 1
+    cells = summary.assign(**{c: summary[c].map(_cell) for c in others})
+    for combo, rows in cells.groupby(group_cols, sort=False, dropna=False):
+        combo = combo if isinstance(combo, tuple) else (combo,)
+        parts = ([combo[0]] if many else []) + [f"{_short(k)}={v}" for k, v in zip(others, combo[1:])]
+        rows = rows.assign(_x=rows[key].map(_cell)).sort_values("_x", key=lambda s: s.map(ticks.index))
+        xs = rows["_x"].to_numpy(float) if numeric else rows["_x"].map(ticks.index).to_numpy(float)
+        ax.errorbar(xs, rows[f"{metric}_mean"].to_numpy(float), yerr=_yerr(rows, metric), marker="o", capsize=3,
+                    label=", ".join(map(str, parts)) or None)
+    if not numeric:
+        ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)})", fontsize=10)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _short(key: str) -> str:
+    """The last two parts of a dotted key (``model.rpn.pre_nms_top_n.train`` -> ``pre_nms_top_n.train``)."""
+    return ".".join(key.split(".")[-2:])
+
+
+def _cell(value: Any) -> Any:
+    """A table cell usable as a plot category (lists become their text)."""
+    return str(value) if isinstance(value, (list, dict, tuple)) else value
+
+
+def loss_histories(runs_df: pd.DataFrame, tracking_uri: str | None = None, metric: str = "loss") -> dict[str, pd.Series]:
+    """Per-step ``metric`` of the newest finished run per variant x seed: {run_id: Series indexed by step}."""
+    from mlflow import MlflowClient
+
+    from rcnn_lab.runner.tracking import resolve_uri
+
+    uris = runs_df.attrs.get("tracking_uris", {})
+    clients: dict[str, Any] = {}
+    out: dict[str, pd.Series] = {}
+    for _, row in latest_finished(runs_df).iterrows():
+        uri = tracking_uri or uris.get(row["experiment"]) or resolve_uri(None)
+        client = clients.setdefault(uri, MlflowClient(tracking_uri=uri))
+        history = client.get_metric_history(row["run_id"], metric)
+        if history:
+            s = pd.Series({m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))}, dtype=float)
+            out[row["run_id"]] = s.sort_index()
+    return out
+
+
+def plot_losses(runs_df: pd.DataFrame, path: str | Path, tracking_uri: str | None = None, per_run: bool = False,
+                smooth: int | None = None) -> Path | None:
+    """Training ``loss`` curves: the mean over seeds per variant (or one line per run with ``per_run``).
+
+    Histories come from ``MlflowClient.get_metric_history``; ``smooth`` is a moving-average window in steps
+    (default: about 1/50 of the longest curve). Returns None (and writes nothing) when no run logged a loss.
+    """
+    histories = loss_histories(runs_df, tracking_uri)
+    if not histories:
+        return None
+    longest = max(len(s) for s in histories.values())
+    window = max(1, smooth if smooth is not None else longest // 50)
+    meta = runs_df.set_index("run_id")
+    many = runs_df["experiment"].nunique() > 1
+    fig, ax = _figure(7.0, 4.2)
+    groups: dict[str, list[pd.Series]] = {}
+    for run_id, s in histories.items():
+        r = meta.loc[run_id]
+        name = f"{r['experiment']}/{r['variant']}" if many else str(r["variant"])
+        groups.setdefault(name if not per_run else f"{name} s{r['seed']}", []).append(s)
+    for name, curves in groups.items():
+        mean = pd.concat(curves, axis=1).mean(axis=1, skipna=True).sort_index()
+        mean = mean.rolling(window, min_periods=1).mean()
+        n = f" (mean of {len(curves)})" if len(curves) > 1 else ""
+        ax.plot(mean.index.to_numpy(), mean.to_numpy(), label=f"{name}{n}", linewidth=1.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss" + (f" (moving average, {window} steps)" if window > 1 else ""))
+    ax.set_title("training loss", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,105 @@
+"""Render a ``summary()`` table as markdown, HTML (compact, human-readable), CSV or JSON (every column)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from rcnn_lab.report.stats import summary_metrics
+
+FORMATS = ("md", "csv", "html", "json")
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    v = float(value)
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.{digits}f}"
+
+
+def _signed(value: Any) -> str:
+    text = _num(value)
+    return text if text == "-" or text.startswith("-") else f"+{text}"
+
+
+def _p(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return json.dumps(value, default=str)
+
+
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The compact text view: ``mean ± std``, CI, delta and p per metric; baseline row marked."""
+    label = summary.attrs.get("label") or ("variant" if "variant" in summary.columns else summary.columns[1])
+    conf = f"{100 * float(summary.attrs.get('confidence', 0.95)):g}% CI"
+    out = pd.DataFrame(index=summary.index)
+    if summary["experiment"].nunique() > 1:
+        out["experiment"] = summary["experiment"]
+    out[label] = [f"{_cell(v)} (baseline)" if b else _cell(v) for v, b in zip(summary[label], summary["baseline"])]
+    if "changed" in summary.columns:
+        out["changed"] = summary["changed"].fillna("")
+    if "variants" in summary.columns:
+        out["variants"] = summary["variants"].astype(str)
+    out["runs"] = summary["finished"].astype(str)
+    for col in ("failed", "running", "killed"):
+        if summary[col].any():
+            out[col] = summary[col].astype(str)
+    for m in summary_metrics(summary):
+        out[m] = [f"{_num(a)} ± {_num(b)}" if not math.isnan(b) else _num(a)
+                  for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+        out[f"{m} {conf}"] = [f"[{_num(lo)}, {_num(hi)}]" if not math.isnan(lo) else "-"
+                              for lo, hi in zip(summary[f"{m}_ci_low"], summary[f"{m}_ci_high"])]
+        out[f"Δ {m}"] = summary[f"{m}_delta"].map(_signed)
+        out[f"p {m}"] = summary[f"{m}_p"].map(_p)
+    for col, title in (("train_time_s_mean", "train s"), ("images_per_s_mean", "train img/s"),
+                       ("eval_images_per_s_mean", "eval img/s")):
+        if col in summary.columns and summary[col].notna().any():
+            out[title] = summary[col].map(lambda v: _num(v, 1))
+    return out.reset_index(drop=True)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of text cells (no ``tabulate`` needed); numbers right-aligned."""
+    header = [str(c) for c in table.columns]
+    rows = [[_cell(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    right = [all(_looks_numeric(r[i]) for r in rows) and bool(rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def _looks_numeric(text: str) -> bool:
+    head = text.split(" ", 1)[0].lstrip("+-[")
+    return text == "-" or head.replace(".", "", 1).rstrip(",").isdigit()
+
+
+def render(summary: pd.DataFrame, fmt: str = "md") -> str:
+    """``summary`` as text in ``fmt``: md/html show ``display_table``; csv/json hold every numeric column."""
+    if fmt == "md":
+        return markdown(display_table(summary)) + "\n"
+    if fmt == "html":
+        return display_table(summary).to_html(index=False, escape=True, na_rep="-", border=0) + "\n"
+    if fmt == "csv":  # lists / dicts (changed values) as JSON text
+        return summary.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).to_csv(index=False)
+    if fmt == "json":
+        return summary.to_json(orient="records", indent=2, double_precision=10) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")

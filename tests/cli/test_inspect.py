@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+
+from rcnn_lab.cli.main import main
+from tests.conftest import EXPERIMENTS, FIXTURES
+
+
+def test_validate_prints_table_and_exits_zero(capsys):
+    assert main(["validate", str(EXPERIMENTS / "anchors_ablation.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "variant" in out and "parameters" in out and "model.anchor_generator" in out
+
+
+def test_validate_bad_file_exits_2_with_one_line_per_problem(capsys):
+    assert main(["validate", str(FIXTURES / "configs" / "wrong_type.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert all("wrong_type.yaml" in line for line in err)
+    assert any("model.num_classes" in line for line in err)
+
+
+def test_bad_override_flag_exits_2(capsys):
+    assert main(["validate", str(EXPERIMENTS / "base.yaml"), "--set", "model.rpn.nms_thresh"]) == 2
+    assert "dotted.key=value" in capsys.readouterr().err
+
+
+def test_inspect_json_anchor_counts_match_torchvision(capsys):
+    assert main(["inspect", str(EXPERIMENTS / "base.yaml"), "--image-size", "800", "1088", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    v = data["variants"][0]
+    assert v["name"] == "default" and v["parameters"] == 44_454_513
+    a = v["anchors"]
+    # 800x1088 -> feature maps 200x272, 100x136, 50x68, 25x34, 13x17 with 3 anchors each
+    assert [lv["anchors"] for lv in a["per_level"]] == [3 * 200 * 272, 3 * 100 * 136, 3 * 50 * 68, 3 * 25 * 34, 3 * 13 * 17]
+    assert a["total"] == 217413
+    assert a["cell_anchors"][0] == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0], [-11.0, -23.0, 11.0, 23.0]]
+    assert v["components"]["rpn.head.bbox_pred"] == 256 * 12 + 12
+
+
+def test_inspect_counts_real_anchor_generator_output(capsys):
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
+    import rcnn_lab
+
+    assert main(["inspect", str(EXPERIMENTS / "quickstart.yaml"), "--json", "--image-size", "100", "150"]) == 0
+    reported = json.loads(capsys.readouterr().out)["variants"][0]["anchors"]
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "quickstart.yaml")
+    model = rcnn_lab.build_model(exp.variants[0].config.model).eval()
+    images, _ = model.transform([torch.zeros(3, 100, 150)])
+    feats = list(model.backbone(images.tensors).values())
+    anchors = model.rpn.anchor_generator(ImageList(images.tensors, images.image_sizes), feats)
+    assert reported["total"] == anchors[0].shape[0]
+
+
+def test_components_lists_every_family(capsys):
+    assert main(["components", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    two_mlp = next(c for c in data["box_head"]["components"] if c["name"] == "two_mlp")
+    assert {"name": "representation_size", "type": "int", "required": False, "default": 1024} in two_mlp["params"]
+    assert two_mlp["summary"].startswith("TwoMLPHead")
+    assert "light_separable" in [c["name"] for c in data["mask_head"]["components"]]
+    assert main(["components", "--family", "box_hed"]) == 2
+    assert "did you mean 'box_head'" in capsys.readouterr().err

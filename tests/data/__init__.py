@@ -1,0 +1,1 @@
+"""Tests of rcnn_lab.data (a package so basenames like test_loader.py may repeat across test folders)."""

@@ -1,0 +1,114 @@
+"""Loader: deterministic infinite streams, exact resume, aspect-ratio grouping, evaluation order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from rcnn_lab.data.loader import BatchSchedule, build_loader, collate, take
+from rcnn_lab.errors import ConfigError
+
+RATIOS = [1.0, 0.5, 2.0, 0.75, 1.5, 1.0, 0.5, 1.33, 0.8, 1.0]  # 6 landscape/square, 4 portrait
+
+
+class Toy(Dataset):
+    """Tiny images whose pixels hold their index; records which indices were loaded."""
+
+    def __init__(self, ratios=RATIOS):
+        self.ratios, self.loaded = list(ratios), []
+
+    def __len__(self) -> int:
+        return len(self.ratios)
+
+    def __getitem__(self, index: int):
+        self.loaded.append(index)
+        h, w = (4, 8) if self.ratios[index] >= 1 else (8, 4)
+        target = {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]), "labels": torch.tensor([1]),
+                  "masks": torch.zeros((1, h, w), dtype=torch.uint8), "image_id": index,
+                  "area": torch.tensor([4.0]), "iscrowd": torch.tensor([0])}
+        return torch.full((3, h, w), float(index)), target
+
+    def aspect_ratios(self) -> list[float]:
+        return self.ratios
+
+
+def jitter(image, target, generator=None):
+    return image + torch.rand((), generator=generator), target
+
+
+def ids(batches) -> list[list[int]]:
+    return [[t["image_id"] for t in targets] for _, targets in batches]
+
+
+def same_batches(a, b) -> bool:
+    return ids(a) == ids(b) and all(torch.equal(x, y) for (ia, _), (ib, _) in zip(a, b) for x, y in zip(ia, ib))
+
+
+def train_stream(ds, **kw):
+    args = dict(batch_size=3, shuffle=True, transforms=[jitter], group_aspect_ratio=True, seed=5, infinite=True)
+    return build_loader(ds, **{**args, **kw})
+
+
+def test_resume_yields_exactly_the_uninterrupted_batches():
+    full = take(train_stream(Toy()), 14)
+    for start in (1, 4, 9):  # inside the first epoch, at an epoch boundary, in a later epoch
+        ds = Toy()
+        resumed = take(train_stream(ds, start_iter=start), 14 - start)
+        assert same_batches(resumed, full[start:])
+        assert len(ds.loaded) == 3 * (14 - start)  # skipped batches were never loaded
+
+
+def test_stream_is_deterministic_and_seed_dependent():
+    assert same_batches(take(train_stream(Toy()), 8), take(train_stream(Toy()), 8))
+    assert not same_batches(take(train_stream(Toy()), 8), take(train_stream(Toy(), seed=6), 8))
+
+
+def test_workers_do_not_change_the_stream():
+    assert same_batches(take(train_stream(Toy(), num_workers=2), 6), take(train_stream(Toy()), 6))
+
+
+def test_every_epoch_covers_the_dataset_with_full_batches():
+    schedule = BatchSchedule(10, 4, shuffle=True, seed=0)
+    assert schedule.batches_per_epoch == 3
+    epochs = [schedule.epoch(e) for e in range(3)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 4]
+        assert set(sum(batches, [])) == set(range(10))
+    assert epochs[0] != epochs[1]
+    stream = build_loader(Toy(), 4, shuffle=True, infinite=True, seed=0)
+    assert ids(take(stream, 6)) == sum(epochs[:2], [])
+
+
+def test_grouping_puts_same_orientation_images_together():
+    stream = train_stream(Toy(), batch_size=4, transforms=[])
+    assert stream.batches_per_epoch == 2 + 1  # ceil(6 / 4) landscape + ceil(4 / 4) portrait
+    batches = ids(take(stream, 9))
+    for batch in batches:
+        assert len(batch) == 4 and len({RATIOS[i] >= 1 for i in batch}) == 1
+    assert set(sum(batches[:3], [])) == set(range(10))
+    mixed = ids(take(train_stream(Toy(), batch_size=4, transforms=[], group_aspect_ratio=False), 9))
+    assert any(len({RATIOS[i] >= 1 for i in batch}) == 2 for batch in mixed)
+
+
+def test_evaluation_loader_is_finite_ordered_and_untransformed():
+    ds = Toy()
+    loader = build_loader(ds, 4, shuffle=False, transforms=[], infinite=False)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert ids(batches) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert all(torch.equal(img, ds[i][0]) for (images, _), b in zip(batches, ids(batches)) for img, i in zip(images, b))
+    assert ids(list(loader)) == ids(batches)  # iterable more than once
+
+
+def test_creating_and_reading_a_stream_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    take(train_stream(Toy()), 4)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_collate_and_empty_training_set():
+    images, targets = collate([Toy()[0], Toy()[1]])
+    assert [i.shape for i in images] == [(3, 4, 8), (3, 8, 4)] and [t["image_id"] for t in targets] == [0, 1]
+    with pytest.raises(ConfigError, match="no images"):
+        build_loader(Toy([]), 2, infinite=True)
