@@ -30,7 +30,7 @@ def write_yaml(tmp_path):
 
 TINY_MODEL = """
 model:
-  num_classes: 4
+  num_classes: 6
   transform: {min_size: 64, max_size: 64}
   backbone: {type: resnet_fpn, depth: 18, returned_layers: [2, 3, 4]}
   anchor_generator: {type: grid, sizes: [[16], [32], [64], [128]], aspect_ratios: [[1.0]]}

@@ -19,6 +19,12 @@ def add_arguments_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rerun configs that already have a finished run")
     p.add_argument("--shard", metavar="I/N", help="run only slice I of N of the plan (array jobs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train each run on N local processes with DistributedDataParallel (via torchrun); "
+                        "data.batch_size is the global batch")
+    p.add_argument("--parallel", type=int, metavar="K",
+                   help="train K runs at once in K worker processes (one GPU each, or cores/K CPU threads each)")
+    p.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # --parallel workers
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -35,23 +41,29 @@ def _seeds(text: str | None) -> list[int] | None:
 
 def preflight(plan) -> None:
     """Everything that can be wrong with the input, checked before any run is created."""
-    from rcnn_lab.engine.trainer import resolve_device
+    from rcnn_lab.engine.trainer import check_num_classes, resolve_device
     from rcnn_lab.registry import DATASETS
 
-    problems, seen = [], set()
+    problems, built = [], {}
     for run in plan:
         try:
             resolve_device(run.config.train.device)
         except ConfigError as exc:
             problems += exc.problems
+        sets = []
         for key in ("train", "val"):
             spec = getattr(run.config.data, key)
             ident = (spec.type, repr(sorted(spec.kwargs.items())))
-            if ident in seen:
-                continue
-            seen.add(ident)
+            if ident not in built:
+                try:
+                    built[ident] = DATASETS.build(spec, f"data.{key}")
+                except ConfigError as exc:
+                    built[ident] = None
+                    problems += exc.problems
+            sets.append(built[ident])
+        if None not in sets:
             try:
-                DATASETS.build(spec, f"data.{key}")
+                check_num_classes(run.config.model.num_classes, *sets)
             except ConfigError as exc:
                 problems += exc.problems
     unique = list({str(p): p for p in problems}.values())
@@ -73,6 +85,9 @@ def print_summary(outcomes, echo=print) -> None:
 
 def cmd_run(args) -> int:
     from rcnn_lab.config.loader import load_experiment
+    from rcnn_lab.engine.distributed import env_world
+    from rcnn_lab.errors import display_path
+    from rcnn_lab.runner.parallel import check_world, launch_torchrun, run_parallel
     from rcnn_lab.runner.plan import make_plan, parse_shard
     from rcnn_lab.runner.sweep import plan_actions, run_plan
 
@@ -80,24 +95,41 @@ def cmd_run(args) -> int:
     exp = load_experiment(args.experiment, overrides)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     plan = make_plan(exp, only, _seeds(args.seeds), parse_shard(args.shard))
-    if args.dry_run:
+    if args.dry_run:  # read-only: no store, no outputs
+        actions = plan_actions(exp, plan, args.force)
         print(f"{exp.name}: {len(plan)} run(s) ({exp.path})")
-        for run, action in plan_actions(exp, plan, args.force, _root()):
+        for run, action in actions:
             print(f"  {action:<7}{run.variant.name:<40} seed={run.seed:<4} {run.hash}")
         return 0
+    _check_scale_flags(args)
     preflight(plan)
-    outcomes = run_plan(exp, plan, force=args.force, root=_root(), progress=not args.no_progress and sys.stderr.isatty())
-    print_summary(outcomes)
+    check_world(plan, args.nproc, display_path(exp.path))
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    if args.nproc and args.nproc > 1:
+        return launch_torchrun(args.nproc, argv)
+    if args.parallel and args.parallel > 1:
+        outcomes, code = run_parallel(exp, plan, args.parallel, argv)
+        print_summary(outcomes)
+        return code
+    outcomes = run_plan(exp, plan, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+    if env_world().main and not args.no_summary:
+        print_summary(outcomes)
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
 
 
-def _root():
-    from rcnn_lab.runner.tracking import DEFAULT_ROOT
-
-    return DEFAULT_ROOT
+def _check_scale_flags(args) -> None:
+    problems = [Problem(flag, f"must be >= 1, got {value}")
+                for flag, value in (("--nproc", args.nproc), ("--parallel", args.parallel)) if value is not None and value < 1]
+    if args.nproc and args.parallel and args.nproc > 1 and args.parallel > 1:
+        problems.append(Problem("--parallel", "cannot be combined with --nproc; use one of them"))
+    if args.parallel and args.parallel > 1 and args.shard:
+        problems.append(Problem("--parallel", "cannot be combined with --shard (it shards the plan itself)"))
+    if problems:
+        raise ConfigError(problems)
 
 
 def add_arguments_ui(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", nargs="?", metavar="EXP.yaml", help="use this experiment's tracking.uri")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--uri", help="tracking store (default: tracking.uri / MLFLOW_TRACKING_URI / runs/mlflow.db)")
 
@@ -107,7 +139,15 @@ def cmd_ui(args) -> int:
 
     from rcnn_lab.runner.tracking import default_artifact_root, resolve_uri
 
-    uri = resolve_uri(args.uri)
+    configured = args.uri
+    if configured is None and args.experiment:
+        from rcnn_lab.config.loader import load_experiment
+
+        configured = load_experiment(args.experiment, check_models=False).variants[0].config.tracking.uri
+    uri = resolve_uri(configured)
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is an MLflow server: it serves its own UI, open {uri} in a browser")
+        return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     root = default_artifact_root(uri)
     if root:

@@ -156,6 +156,19 @@ def convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     return value
 
 
+def _complete_spec(value: Any, f: dataclasses.Field, tp: Any) -> Any:
+    """``{lr: 0.01}`` under a component field without ``type``: arguments for the default component."""
+    if not isinstance(value, dict) or "type" in value:
+        return value
+    candidates = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if not any(typing.get_origin(c) is Annotated for c in candidates):
+        return value
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(default, dict) and "type" in default:
+        return {**default, **value}
+    return value
+
+
 def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem]) -> Any:
     """Build dataclass ``cls`` from a mapping strictly: unknown keys are problems."""
     if value is None:
@@ -171,6 +184,7 @@ def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem])
         if key not in fields:
             problems.append(Problem(join(path, key), "unknown key" + did_you_mean(key, fields)))
             continue
+        val = _complete_spec(val, fields[key], hints[key])
         kwargs[key] = convert(val, hints[key], join(path, key), problems)
     for name, f in fields.items():
         if name in kwargs:

@@ -12,6 +12,9 @@ Training (``build_loader(..., infinite=True)``) is an endless stream of batches 
   same number of full batches: ``ceil(n / batch_size)``, or the sum over bins when grouped.
 * Because that count is fixed, iteration ``i`` is batch ``i % B`` of epoch ``i // B``: resuming at
   ``start_iter`` computes the position by index arithmetic and loads no skipped image.
+* Distributed training (``rank``/``world_size``): ``batch_size`` is the *global* batch; rank ``r``
+  of ``N`` takes images ``r, r+N, ...`` of every batch, so the N ranks together see exactly the
+  images (and augmentations) a single process would, whatever N is.
 * Sample ``index`` of epoch ``e`` is transformed with a ``torch.Generator`` seeded from
   ``SeedSequence([seed, 1, e, index])``, so augmentation is identical with any ``num_workers``
   and after resuming.
@@ -119,13 +122,17 @@ class StreamSampler(Sampler):
     """Batch sampler over a ``BatchSchedule`` yielding lists of ``(epoch, index)`` keys.
 
     Infinite: from global batch ``start_iter`` on, epoch after epoch. Finite: the rest of epoch 0
-    after ``start_iter`` batches.
+    after ``start_iter`` batches. With ``world_size > 1`` each batch is this ``rank``'s share
+    (``batch[rank::world_size]``; empty shares of a short final batch are skipped).
     """
 
-    def __init__(self, schedule: BatchSchedule, infinite: bool, start_iter: int = 0):
+    def __init__(self, schedule: BatchSchedule, infinite: bool, start_iter: int = 0, rank: int = 0, world_size: int = 1):
         if start_iter < 0:
             raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.schedule, self.infinite, self.start_iter = schedule, infinite, start_iter
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         per_epoch = self.schedule.batches_per_epoch
@@ -139,6 +146,10 @@ class StreamSampler(Sampler):
             epoch, offset = 0, self.start_iter
         while True:
             for batch in self.schedule.epoch(epoch)[offset:]:
+                if self.world_size > 1:
+                    batch = batch[self.rank::self.world_size]
+                    if not batch:
+                        continue
                 yield [(epoch, index) for index in batch]
             if not self.infinite:
                 return
@@ -147,6 +158,8 @@ class StreamSampler(Sampler):
     def __len__(self) -> int:
         if self.infinite:
             raise TypeError("an infinite batch stream has no length; see batches_per_epoch")
+        if self.world_size > 1:
+            return sum(len(b) > self.rank for b in self.schedule.epoch(0)[self.start_iter:])
         return max(0, self.schedule.batches_per_epoch - self.start_iter)
 
 
@@ -205,6 +218,8 @@ def build_loader(
     infinite: bool = False,
     start_iter: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BatchStream:
     """Batches of ``(list of images, list of targets)`` from ``dataset``.
 
@@ -220,10 +235,15 @@ def build_loader(
         start_iter: skip this many batches (resume): the stream continues exactly where an
             uninterrupted one would be.
         pin_memory: pin batch tensors (for asynchronous copies to a GPU).
+        rank, world_size: distributed training: ``batch_size`` is global and must be divisible by
+            ``world_size``; this stream yields rank ``rank``'s ``batch_size / world_size`` images.
     """
     n = len(dataset)
     if infinite and n == 0:
         raise ConfigError([Problem("data.train", "the training dataset has no images; check its spec (paths, filters)")])
+    if infinite and batch_size % world_size:
+        raise ConfigError([Problem("data.batch_size", f"{batch_size} images per (global) batch cannot be split evenly "
+                                   f"over {world_size} processes; use a multiple of {world_size}")])
     group_ids = None
     if group_aspect_ratio:
         ratios = getattr(dataset, "aspect_ratios", None)
@@ -233,7 +253,7 @@ def build_loader(
         group_ids = aspect_ratio_groups(ratios())
     compose = transforms if isinstance(transforms, Compose) else Compose(list(transforms or ()))
     schedule = BatchSchedule(n, batch_size, shuffle=shuffle, seed=seed, group_ids=group_ids, complete=infinite)
-    sampler = StreamSampler(schedule, infinite=infinite, start_iter=start_iter)
+    sampler = StreamSampler(schedule, infinite=infinite, start_iter=start_iter, rank=rank, world_size=world_size)
     return BatchStream(TransformedSamples(dataset, compose, seed), sampler, num_workers, pin_memory, seed)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rcnn_lab.errors import ConfigError, Problem
+from rcnn_lab.errors import ConfigError, Problem, display_path
 
 
 def rng_state() -> dict:
@@ -36,25 +36,36 @@ def save(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves neither a partial file nor the temp file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load(path: Path, key: str = "checkpoint") -> dict:
-    """Load a checkpoint (tensors and plain containers only); one-line errors for bad files."""
+def load(path: Path, key: str = "") -> dict:
+    """Load a checkpoint (tensors and plain containers only); one-line errors naming the file.
+
+    ``key`` is the setting that pointed at the file, if any (e.g. a CLI flag).
+    """
     path = Path(path)
+    file = display_path(path)
     if not path.is_file():
-        raise ConfigError([Problem(key, f"{path}: checkpoint not found")])
+        raise ConfigError([Problem(key, "checkpoint not found", file)])
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError([Problem(key, f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:100]}); delete it to start over")]) from None
+        lines = str(exc).strip().splitlines() or [""]
+        raise ConfigError([Problem(key, f"not a readable checkpoint ({type(exc).__name__}: {lines[0][:100]}); "
+                                   "delete it to start over", file)]) from None
     missing = [k for k in ("model", "optimizer", "iteration") if not isinstance(payload, dict) or k not in payload]
     if missing:
-        raise ConfigError([Problem(key, f"{path}: not an rcnn-lab checkpoint (missing {', '.join(missing)})")])
+        raise ConfigError([Problem(key, f"not an rcnn-lab checkpoint (missing {', '.join(missing)}); "
+                                   "delete it or point at another file", file)])
     return payload
 
 

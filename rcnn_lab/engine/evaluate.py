@@ -71,10 +71,14 @@ def detections_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Se
         labels = output["labels"].detach().to("cpu", torch.int64).tolist()
         if not labels:
             continue
-        bad = [lab for lab in labels if not 1 <= lab <= len(cat_ids)]
-        if bad:
-            raise ValueError(f"label {bad[0]} is outside 1..{len(cat_ids)} (the dataset has {len(cat_ids)} categories); "
-                             "set model.num_classes to the number of dataset categories + 1")
+        # labels with no category (a model with spare classes, like torchvision's 91 for COCO's 80)
+        # are dropped: COCOeval ignores category ids that are absent from the ground truth anyway
+        keep = [i for i, lab in enumerate(labels) if 1 <= lab <= len(cat_ids)]
+        if len(keep) < len(labels):
+            output = {k: v[keep] for k, v in output.items() if k in ("boxes", "scores", "labels", "masks")}
+            labels = [labels[i] for i in keep]
+            if not labels:
+                continue
         boxes = output["boxes"].detach().to("cpu", torch.float64)
         boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
         scores = output["scores"].detach().to("cpu", torch.float64).tolist()

@@ -61,7 +61,7 @@ def multistep(optimizer, total_iters: int, milestones: list[float] = (0.67, 0.89
 
 @LR_SCHEDULERS.register("cosine")
 def cosine(optimizer, total_iters: int, min_factor: float = 0.0, warmup_iters: int = 0, warmup_factor: float = 0.001) -> LambdaLR:
-    """Linear warmup, then cosine decay to min_factor x lr at the last iteration."""
+    """Linear warmup, then cosine decay to min_factor x lr at the end of the run."""
     _check_warmup(warmup_iters, warmup_factor)
 
     def factor(it: int) -> float:

@@ -13,6 +13,7 @@ import torch
 
 from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.engine import checkpoint as ckpt
+from rcnn_lab.engine import distributed
 from rcnn_lab.engine.hooks import Hook, Hooks, StepRecord
 from rcnn_lab.errors import ConfigError, Problem, TrainingError
 from rcnn_lab.registry import DATASETS, LR_SCHEDULERS, OPTIMIZERS, TRANSFORMS
@@ -47,6 +48,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_num_classes(num_classes: int, train_set, val_set) -> None:
+    """``model.num_classes`` must cover 1 + the categories of ``data.train``; val must share them.
+
+    Labels are contiguous (``i + 1`` is ``categories[i]``): fewer classes make the loss fail on
+    labels >= num_classes. More are allowed (``base.yaml`` keeps torchvision's 91): the spare
+    classes never see a positive, and evaluation ignores detections with no category.
+    """
+    cats = getattr(train_set, "categories", None)
+    if cats is None:
+        return
+    problems = []
+    names = ", ".join(str(c.get("name", c.get("id"))) for c in cats[:8]) + (", ..." if len(cats) > 8 else "")
+    if num_classes < len(cats) + 1:
+        problems.append(Problem("model.num_classes", f"is {num_classes} but data.train has {len(cats)} categories "
+                                f"({names}); set model.num_classes to {len(cats) + 1} (1 + {len(cats)} categories)"))
+    val_cats = getattr(val_set, "categories", None)
+    pairs = [[(c["id"], c.get("name")) for c in cs] for cs in (cats, val_cats or cats)]
+    if pairs[0] != pairs[1]:
+        i = next((i for i, (a, b) in enumerate(zip(*pairs)) if a != b), min(map(len, pairs)))
+        val, train = (str(ps[i]) if i < len(ps) else "none" for ps in (pairs[1], pairs[0]))
+        problems.append(Problem("data.val", f"categories differ from data.train's (label {i + 1} is {val} "
+                                f"in data.val, {train} in data.train); give both splits the same categories"))
+    if problems:
+        raise ConfigError(problems)
+
+
 class Trainer:
     """Train and evaluate one resolved config. Outputs (checkpoints) go to ``out_dir``."""
 
@@ -55,33 +82,37 @@ class Trainer:
         from rcnn_lab.models.builder import build_model
 
         self.config, self.out_dir = config, Path(out_dir)
-        t = config.train
-        self.device = resolve_device(t.device)
+        t, d = config.train, config.data
+        self.world, self.device = distributed.setup(resolve_device(t.device))  # torchrun: this rank's device
         self.hooks = Hooks(hooks)
+        self.train_set = DATASETS.build(d.train, "data.train")
+        self.val_set = DATASETS.build(d.val, "data.val")
+        check_num_classes(config.model.num_classes, self.train_set, self.val_set)
         seed_everything(t.seed)
         self.model = build_model(config.model).to(self.device)
         if t.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp_model = distributed.wrap(self.model, self.device)  # DistributedDataParallel, or the model itself
         self.optimizer = OPTIMIZERS.build(t.optimizer, "train.optimizer", params=params)
         self.scheduler = LR_SCHEDULERS.build(t.lr_scheduler, "train.lr_scheduler", optimizer=self.optimizer, total_iters=t.iterations)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
-        d = config.data
-        self.train_set = DATASETS.build(d.train, "data.train")
-        self.val_set = DATASETS.build(d.val, "data.val")
         transforms = [TRANSFORMS.build(s, f"data.transforms[{i}]") for i, s in enumerate(d.transforms)]
         self.start_iteration, self.history, self.elapsed_before = 0, [], 0.0
         self._started = time.perf_counter()
-        latest = ckpt.latest(self.out_dir / "checkpoints") if resume else None
-        if latest is not None:
-            self._restore(ckpt.load(latest, key=str(latest)))
+        state = distributed.load_latest(self.out_dir / "checkpoints") if resume else None  # read by rank 0
+        if state is not None:
+            self._restore(state)
+        distributed.reseed(t.seed, self.start_iteration)  # per-rank sampler RNG (no-op for one process)
         self.train_loader = build_loader(
             self.train_set, d.batch_size, shuffle=True, num_workers=d.num_workers, transforms=transforms,
             group_aspect_ratio=d.group_aspect_ratio, seed=t.seed, infinite=True, start_iter=self.start_iteration,
+            rank=self.world.rank, world_size=self.world.size,
         )
-        self.val_loader = build_loader(self.val_set, config.eval.batch_size, shuffle=False, num_workers=d.num_workers,
+        val_images = distributed.eval_shard(self.val_set, config.eval.max_images)  # this rank's share (all of it alone)
+        self.val_loader = build_loader(val_images, config.eval.batch_size, shuffle=False, num_workers=d.num_workers,
                                        transforms=[], group_aspect_ratio=False, seed=t.seed, infinite=False)
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -104,6 +135,8 @@ class Trainer:
 
     def save_checkpoint(self, iteration: int) -> Path:
         path = self.out_dir / "checkpoints" / f"iter_{iteration:07d}.pt"
+        if not self.world.main:
+            return path  # rank 0 alone writes checkpoints
         ckpt.save(path, self.state(iteration))
         for old in sorted((self.out_dir / "checkpoints").glob("iter_*.pt")):
             if old != path:
@@ -113,18 +146,18 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, iteration: int):
-        from rcnn_lab.engine.evaluate import evaluate
+        from rcnn_lab.engine.distributed import evaluate  # engine.evaluate.evaluate, sharded over ranks under torchrun
 
         e = self.config.eval
         result = evaluate(self.model, self.val_loader, self.val_set, self.device, iou_types=tuple(e.iou_types),
-                          max_images=e.max_images, amp_dtype=self.amp_dtype)
+                          max_images=e.max_images, amp_dtype=self.amp_dtype, per_class=e.per_class)
         self.hooks.after_eval(self, iteration, result.metrics, result.per_class)
         return result
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t = self.config.train
-        model, device = self.model, self.device
+        model, device = self.ddp_model, self.device
         model.train()
         self.hooks.before_train(self)
         self._started = time.perf_counter()
@@ -140,7 +173,7 @@ class Trainer:
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
-            values = torch.stack([v.detach().float() for v in loss_dict.values()]).cpu()
+            values = distributed.mean(torch.stack([v.detach().float() for v in loss_dict.values()])).cpu()  # over ranks
             if not torch.isfinite(values).all():
                 bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
                 raise TrainingError(f"non-finite loss at iteration {it + 1}: {', '.join(bad)}; lower the learning rate or enable train.clip_grad_norm")
@@ -157,9 +190,11 @@ class Trainer:
 
             now = time.perf_counter()
             record = StepRecord(it + 1, dict(zip(loss_dict, values.tolist())), lr, data_time, now - tick,
-                                peak_memory_mb(device), len(images))
+                                peak_memory_mb(device), len(images) * self.world.size)
             if (it + 1) % t.log_every == 0 or it + 1 == t.iterations:
-                self.history.append({"iteration": it + 1, "lr": lr, "total": record.total, **record.losses})
+                self.history.append({"iteration": it + 1, "lr": lr, "total": record.total, **record.losses,
+                                     "data_time": data_time, "step_time": record.step_time,
+                                     "peak_memory_mb": record.peak_memory_mb})
             self.hooks.after_step(self, record)
             if t.checkpoint_every and (it + 1) % t.checkpoint_every == 0 and it + 1 < t.iterations:
                 self.save_checkpoint(it + 1)

@@ -4,17 +4,23 @@ torchvision's ``RegionProposalNetwork.forward`` decodes proposals from ``pred_bb
 ("approximate joint training", Ren et al.), so RoI-head losses never reach the RPN. In
 ``backprop`` mode the proposals keep their graph: the RoI heads pool features at box coordinates
 that depend on the RPN's ``bbox_pred``, and a box-differentiable pooler carries the RoI losses
-back into it. Matching, sampling and regression targets are still computed from *detached*
-proposals: they are discrete choices or fixed regression goals; differentiating through them
-would make the targets move with the prediction (a target should not chase its own estimate).
-Ground-truth boxes appended to the proposals are constants.
+back into it. Pooling is the only new gradient path:
+
+* matching, fg/bg sampling, box-regression targets and mask targets are computed from *detached*
+  proposals (a target must not be a function of the prediction it trains, or a loss could be
+  lowered by moving its target; matching and sampling are discrete anyway);
+* ground-truth boxes appended to the proposals are detached constants;
+* proposal scores are detached by torchvision's ``filter_proposals`` (top-k and NMS are discrete),
+  so ``rpn.head.cls_logits`` still learns from the RPN loss alone.
+
+The forward values (losses, detections) are those of ``detach`` mode: only the graph differs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 
@@ -43,7 +49,11 @@ class ProposalGradientRPN(RegionProposalNetwork):
 
 
 class ProposalGradientRoIHeads(RoIHeads):
-    """RoIHeads that sample and build targets from detached proposals but pool at the live ones."""
+    """RoIHeads that match, sample and build targets from detached proposals but pool at the live ones.
+
+    Evaluation is torchvision's ``RoIHeads.forward`` unchanged; training is the same computation
+    with the mask targets cropped at detached proposals. Keypoint heads are not supported.
+    """
 
     def subsample(self, labels: list[Tensor]) -> list[Tensor]:
         sampled = super().subsample(labels)
@@ -51,9 +61,47 @@ class ProposalGradientRoIHeads(RoIHeads):
         return sampled
 
     def select_training_samples(self, proposals, targets):
+        """torchvision's sampling on detached proposals; returns the sampled *live* proposals.
+
+        The regression targets are torchvision's, encoded from the detached proposals and GT boxes;
+        the returned proposals are the same boxes, still attached to the RPN's graph, with the
+        (detached) ground-truth boxes appended as constants.
+        """
         detached = [p.detach() for p in proposals]
+        targets = [{**t, "boxes": t["boxes"].detach()} for t in targets]
         _, matched_idxs, labels, regression_targets = super().select_training_samples(detached, targets)
+        sampled, self._sampled_inds = self._sampled_inds, None
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
-        live = [torch.cat((p, g))[i] for p, g, i in zip(proposals, gt_boxes, self._sampled_inds)]
-        del self._sampled_inds
+        live = [torch.cat((p, g))[i] for p, g, i in zip(proposals, gt_boxes, sampled)]
         return live, matched_idxs, labels, regression_targets
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if self.has_keypoint():
+            raise NotImplementedError("proposal_gradient: backprop does not support keypoint heads")
+        if targets is None:
+            raise ValueError("targets should not be None")
+        for t in targets:
+            if not t["boxes"].is_floating_point():
+                raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
+
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        if self.has_mask():
+            pos = [torch.where(lab > 0)[0] for lab in labels]
+            mask_proposals = [p[i] for p, i in zip(proposals, pos)]
+            pos_matched_idxs = [m[i] for m, i in zip(matched_idxs, pos)]
+            mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+            mask_logits = self.mask_predictor(mask_features)
+            gt_masks = [t["masks"] for t in targets]
+            gt_labels = [t["labels"] for t in targets]
+            # mask targets: the GT masks cropped at the detached proposals
+            losses["loss_mask"] = maskrcnn_loss(mask_logits, [p.detach() for p in mask_proposals], gt_masks,
+                                                gt_labels, pos_matched_idxs)
+        return [], losses

@@ -127,8 +127,8 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
     extra: dict[str, pd.Series] = {}
     for col in sorted(c for c in raw.columns if c.startswith("metrics.final/")):
         extra[col[len("metrics.final/"):]] = raw[col].astype(float)
-    for col in sorted(c for c in raw.columns if c.startswith("params.")):
-        key = col[len("params."):]
+    for col in sorted(c for c in raw.columns if c.startswith("params.") and not c.startswith(f"params.{TAG}")):
+        key = col[len("params."):]  # config keys only: rcnn_lab.* params are claim bookkeeping (runner.claims)
         extra[col if key in RUN_COLUMNS or key in extra else key] = raw[col].map(_decode)
     return pd.concat([out, pd.DataFrame(extra, index=raw.index)], axis=1).reset_index(drop=True)
 

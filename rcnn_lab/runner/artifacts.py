@@ -53,7 +53,11 @@ def log_results(c, run_id: str, trainer, result, out: Path, log_checkpoint: bool
 
 
 class GradNormHook(Hook):
-    """Logs the gradient-flow probe (norm each loss sends into each component) every N steps."""
+    """Adds the gradient-flow probe to the step record every N steps (``train.grad_probe_every``).
+
+    Metrics ``grad_norm/LOSS/COMPONENT`` (see :mod:`rcnn_lab.probe`), computed on the step's batch
+    after its optimizer step; must run before the hook that logs ``record.extra``.
+    """
 
     def __init__(self, every: int):
         self.every = every
@@ -67,7 +71,7 @@ class GradNormHook(Hook):
         norms = grad_norms(trainer.model, images, targets)
         for loss, comps in norms.items():
             for comp, value in comps.items():
-                record.extra[f"grad/{loss}/{comp}"] = value
+                record.extra[f"grad_norm/{loss}/{comp}"] = value
 
 
 def extra_hooks(run, client, run_id) -> list[Hook]:

@@ -9,11 +9,18 @@ from rcnn_lab.runner.tracking import TAG
 
 
 class MLflowHook(Hook):
-    """Buffers per-step metrics and sends them with ``log_batch`` every ``every`` iterations."""
+    """Buffers per-step metrics and sends them with ``log_batch`` every ``every`` iterations.
+
+    Asynchronous by default: ``log_batch(synchronous=False)`` queues the batch on MLflow's logging
+    thread and returns at once; ``flush(synchronous=True)`` waits for every queued batch of this run.
+    That happens at the step before each checkpoint is written and at the last step, so a run resumed
+    from a checkpoint never misses the metrics of the steps the checkpoint contains.
+    """
 
     def __init__(self, client, run_id: str, every: int, asynchronous: bool = True):
         self.client, self.run_id, self.every, self.asynchronous = client, run_id, max(1, every), asynchronous
         self.buffer: list = []
+        self.pending: list = []  # RunOperations of queued async batches
 
     def _metric(self, key: str, value: float, step: int):
         from mlflow.entities import Metric
@@ -23,17 +30,18 @@ class MLflowHook(Hook):
     def flush(self, synchronous: bool = False) -> None:
         from mlflow.entities import RunTag
 
-        if not self.buffer and not synchronous:
-            return
-        batch, self.buffer = self.buffer, []
-        beat = [RunTag(f"{TAG}heartbeat", str(int(time.time())))]
-        for i in range(0, max(len(batch), 1), 1000):  # MLflow accepts at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], tags=beat if i == 0 else (),
-                                  synchronous=synchronous or not self.asynchronous)
-        if synchronous and self.asynchronous:
-            import mlflow
-
-            mlflow.flush_async_logging()
+        if self.buffer or synchronous:
+            batch, self.buffer = self.buffer, []
+            beat = [RunTag(f"{TAG}heartbeat", str(int(time.time())))]
+            for i in range(0, max(len(batch), 1), 1000):  # MLflow accepts at most 1000 metrics per batch
+                op = self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], tags=beat if i == 0 else (),
+                                           synchronous=not self.asynchronous)
+                if op is not None:
+                    self.pending.append(op)
+        if synchronous:
+            pending, self.pending = self.pending, []
+            for op in pending:
+                op.wait()
 
     def after_step(self, trainer, record: StepRecord) -> None:
         step = record.iteration
@@ -45,7 +53,11 @@ class MLflowHook(Hook):
             m("peak_memory_mb", record.peak_memory_mb, step),
         ]
         self.buffer += [m(k, v, step) for k, v in record.extra.items()]
-        if step % self.every == 0:
+        t = trainer.config.train
+        if step == t.iterations or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            # the trainer writes a checkpoint next: a resume starts from it, so what led to it must be stored first
+            self.flush(synchronous=True)
+        elif step % self.every == 0:
             self.flush()
 
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
@@ -53,7 +65,7 @@ class MLflowHook(Hook):
         self.flush()
 
     def after_checkpoint(self, trainer, iteration, path) -> None:
-        self.flush(synchronous=True)  # metrics up to a checkpoint are durable before we rely on it
+        self.flush(synchronous=True)  # and the heartbeat
 
     def after_train(self, trainer, result) -> None:
         self.flush(synchronous=True)

@@ -13,7 +13,8 @@ import yaml
 
 from rcnn_lab.config.loader import Experiment, flatten
 from rcnn_lab.config.types import to_plain
-from rcnn_lab.runner import artifacts
+from rcnn_lab.engine import distributed
+from rcnn_lab.runner import artifacts, claims, parallel
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.plan import PlannedRun
 
@@ -32,19 +33,21 @@ class Outcome:
 
 
 def decide(c, exp_id: str | None, run: PlannedRun, force: bool) -> tuple[str, object | None]:
-    """-> (action, existing run): run, resume, skip (finished), busy (claimed by a live worker)."""
-    if c is None or exp_id is None:
+    """-> (action, existing run): run, resume, skip (finished), busy (claimed by a live worker).
+
+    ``resume`` continues the newest interrupted run (KILLED, or RUNNING with a dead worker) from its
+    last checkpoint; a FAILED newest run is kept as the record of the failure and a fresh run starts.
+    """
+    if force or c is None or exp_id is None:
         return "run", None
     existing = tr.runs_with_hash(c, exp_id, run.hash)
-    if force:
-        return "run", None
     if any(r.info.status == "FINISHED" for r in existing):
         return "skip", next(r for r in existing if r.info.status == "FINISHED")
     for r in existing:
         if r.info.status == "RUNNING" and not tr.claim_is_stale(r):
             return "busy", r
-    for r in existing:  # newest unfinished run: resume into it
-        return "resume", r
+    if existing and existing[0].info.status in ("RUNNING", "KILLED"):
+        return "resume", existing[0]
     return "run", None
 
 
@@ -52,7 +55,8 @@ def output_dir(root: Path, exp: Experiment, run: PlannedRun) -> Path:
     return root / "outputs" / exp.name / run.slug
 
 
-def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool, root: Path) -> list[tuple[PlannedRun, str]]:
+def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool,
+                 root: Path | None = None) -> list[tuple[PlannedRun, str]]:
     """What a run would do, read-only (``--dry-run``): never creates a store."""
     uri = tr.resolve_uri(exp.variants[0].config.tracking.uri, root)
     if tr.local_store_missing(uri):
@@ -63,46 +67,68 @@ def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool, root: Pat
     return [(r, decide(c, e.experiment_id if e else None, r, force)[0]) for r in plan]
 
 
-def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, root: Path = tr.DEFAULT_ROOT,
+def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, root: Path | None = None,
              progress: bool = True, echo=print) -> list[Outcome]:
-    """Execute ``plan`` against MLflow; returns one outcome per planned run."""
+    """Execute ``plan`` against MLflow; returns one outcome per planned run.
+
+    ``root`` holds outputs (``outputs/EXP/RUN``) and local artifacts; default ``tr.runs_root(uri)``.
+    """
     from rcnn_lab.engine.hooks import ProgressHook
     from rcnn_lab.engine.trainer import Trainer
     from rcnn_lab.runner.hooks import MLflowHook
 
     first = exp.variants[0].config
     uri = tr.resolve_uri(first.tracking.uri, root)
+    if not parallel.join(first).main:  # torchrun rank > 0: train what rank 0 announces, no tracking
+        return parallel.follow_plan(exp, plan, Path(root) if root is not None else tr.runs_root(uri))
     c = tr.client(uri)  # unreachable store: fails here, before any training
-    exp_id = tr.experiment_id(c, first.tracking.experiment or exp.name, tr.default_artifact_root(uri, root))
+    root = Path(root) if root is not None else tr.runs_root(uri)
+    exp_name = first.tracking.experiment or exp.name
+    exp_id = tr.experiment_id(c, exp_name, tr.default_artifact_root(uri, root))
     parent = None
     outcomes: list[Outcome] = []
-    common = {**tr.git_state(), **tr.versions(), f"{TAG}experiment_file": str(exp.path)}
+    common = {**tr.git_state(), **tr.versions(), f"{TAG}experiment_file": str(exp.path),
+              f"{TAG}world_size": str(distributed.world().size)}
     try:
         for run in plan:
             action, existing = decide(c, exp_id, run, force)
+            if action == "resume" and not claims.take_over(c, existing):  # another worker took it first
+                action = "busy"
             if action == "skip":
                 echo(f"skip   {run.label} ({run.hash}): finished run {existing.info.run_id} (--force reruns)")
                 outcomes.append(Outcome(run, "SKIPPED", action, _final_metrics(existing), run_id=existing.info.run_id))
+                parallel.announce(None)
                 continue
             if action == "busy":
                 echo(f"skip   {run.label} ({run.hash}): running in another worker ({existing.info.run_id})")
                 outcomes.append(Outcome(run, "RUNNING-ELSEWHERE", action, run_id=existing.info.run_id))
+                parallel.announce(None)
                 continue
             if parent is None:
                 parent = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                       tags={**common, f"{TAG}kind": "sweep", f"{TAG}plan_size": str(len(plan))})
             out = output_dir(root, exp, run)
-            if action == "resume":
+            if action == "resume":  # claims.take_over marked it RUNNING with our claim
                 run_id = existing.info.run_id
-                c.update_run(run_id, status="RUNNING")
-                c.log_batch(run_id, tags=_tags(tr.claim_tags()))
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
             else:
-                if out.exists():
-                    shutil.rmtree(out)  # a fresh run (new or --force) starts from nothing
                 run_id = _start_child(c, exp_id, parent.info.run_id, run, common)
+                rival = claims.rival(c, exp_id, run.hash, run_id, finished_wins=not force)
+                if rival is not None:  # another worker claimed this config first: back off
+                    c.delete_run(run_id)
+                    busy = rival.info.status != "FINISHED"
+                    echo(f"skip   {run.label} ({run.hash}): {'claimed by another worker' if busy else 'finished'} "
+                         f"({rival.info.run_id})")
+                    outcomes.append(Outcome(run, "RUNNING-ELSEWHERE" if busy else "SKIPPED", "busy" if busy else "skip",
+                                            _final_metrics(rival), run_id=rival.info.run_id))
+                    parallel.announce(None)
+                    continue
+                if out.exists():
+                    shutil.rmtree(out)  # a fresh run (new or --force) starts from nothing, once claimed
                 echo(f"run    {run.label} ({run.hash}) as run {run_id}")
-            outcomes.append(_train_one(c, run_id, run, out, progress, Trainer, ProgressHook, MLflowHook, echo))
+            parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
+            with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
+                outcomes.append(_train_one(c, run_id, run, out, progress, Trainer, ProgressHook, MLflowHook, echo, action))
     except KeyboardInterrupt:
         if parent is not None:
             c.set_terminated(parent.info.run_id, "KILLED")
@@ -110,13 +136,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
     if parent is not None:
         failed = any(o.status == "FAILED" for o in outcomes)
         c.set_terminated(parent.info.run_id, "FAILED" if failed else "FINISHED")
+        echo(f"tracked in {uri}: experiment {exp_name!r}, parent run {parent.info.run_id} (rcnn-lab ui to browse)")
     return outcomes
-
-
-def _tags(d: dict) -> list:
-    from mlflow.entities import RunTag
-
-    return [RunTag(k, str(v)) for k, v in d.items()]
 
 
 def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, common: dict) -> str:
@@ -144,12 +165,14 @@ def _final_metrics(run) -> dict:
     return {k[len("final/"):]: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("final/")}
 
 
-def _train_one(c, run_id, run: PlannedRun, out: Path, progress, Trainer, ProgressHook, MLflowHook, echo) -> Outcome:
+def _train_one(c, run_id, run: PlannedRun, out: Path, progress, Trainer, ProgressHook, MLflowHook, echo,
+               action: str = "run") -> Outcome:
     started = time.perf_counter()
     t = run.config.tracking
+    hook = MLflowHook(c, run_id, t.log_every or run.config.train.log_every, t.async_logging)
     try:
-        hook = MLflowHook(c, run_id, t.log_every or run.config.train.log_every, t.async_logging)
-        trainer = Trainer(run.config, out, hooks=[ProgressHook(progress, run.label), hook, *artifacts.extra_hooks(run, c, run_id)])
+        # extra hooks (grad probe) fill record.extra before the MLflow hook logs the record
+        trainer = Trainer(run.config, out, hooks=[ProgressHook(progress, run.label), *artifacts.extra_hooks(run, c, run_id), hook])
         if trainer.start_iteration == 0:
             c.log_text(run_id, artifacts.model_summary(trainer.model), "model_summary.txt")
         result = trainer.fit()
@@ -158,14 +181,26 @@ def _train_one(c, run_id, run: PlannedRun, out: Path, progress, Trainer, Progres
         hook.flush(synchronous=True)
         artifacts.log_results(c, run_id, trainer, result, out, t.log_checkpoint)
         c.set_terminated(run_id, "FINISHED")
-        return Outcome(run, "FINISHED", "run", result.metrics, time.perf_counter() - started, run_id)
-    except KeyboardInterrupt:
+        return Outcome(run, "FINISHED", action, result.metrics, time.perf_counter() - started, run_id)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was measured, mark KILLED; the next invocation resumes
+        _flush_quietly(hook)
         c.set_terminated(run_id, "KILLED")
         raise
     except Exception as exc:  # recorded, not swallowed: tag + artifact, and the sweep goes on
+        _flush_quietly(hook)
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         c.set_tag(run_id, f"{TAG}error", message)
         c.log_text(run_id, traceback.format_exc(), "error.txt")
         c.set_terminated(run_id, "FAILED")
         echo(f"FAILED {run.label}: {message}")
-        return Outcome(run, "FAILED", "run", {}, time.perf_counter() - started, run_id, message)
+        if parallel.must_abort(exc):  # not known to be the same on every rank: end the distributed job
+            raise
+        return Outcome(run, "FAILED", action, {}, time.perf_counter() - started, run_id, message)
+
+
+def _flush_quietly(hook) -> None:
+    """Best effort: the metrics logged before an interruption or failure are stored too."""
+    try:
+        hook.flush(synchronous=True)
+    except Exception:  # the store itself may be what failed; the status update below still matters
+        pass

@@ -6,11 +6,13 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rcnn_lab.errors import RcnnLabError
 
 DEFAULT_ROOT = Path("runs")
+ROOT_ENV = "RCNN_LAB_RUNS"  # folder for the default store, artifacts and outputs (default: ./runs)
 TAG = "rcnn_lab."  # every rcnn-lab tag starts with this
 STALE_AFTER_S = 600  # a RUNNING claim whose heartbeat is older than this may be taken over
 
@@ -19,26 +21,42 @@ class TrackingError(RcnnLabError):
     exit_code = 3
 
 
-def resolve_uri(configured: str | None, root: Path = DEFAULT_ROOT) -> str:
-    """``tracking.uri`` > ``MLFLOW_TRACKING_URI`` > sqlite at ``runs/mlflow.db``."""
+def resolve_uri(configured: str | None, root: Path | None = None) -> str:
+    """``tracking.uri`` > ``MLFLOW_TRACKING_URI`` > sqlite at ``<root>/mlflow.db`` (root: $RCNN_LAB_RUNS or runs/)."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return f"sqlite:///{((root or runs_root()) / 'mlflow.db').resolve()}"
 
 
-def default_artifact_root(uri: str, root: Path = DEFAULT_ROOT) -> str | None:
-    """Artifacts of a local sqlite store live under ``runs/artifacts``; servers choose their own."""
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` store, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def runs_root(uri: str | None = None) -> Path:
+    """Where outputs (checkpoints) and local artifacts go: ``$RCNN_LAB_RUNS``, else the folder of a
+    local sqlite store (so a store and its files stay together), else ``runs/``."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    db = sqlite_path(uri) if uri else None
+    if db is not None and db.name != ":memory:":
+        return db.parent
+    return DEFAULT_ROOT
+
+
+def default_artifact_root(uri: str, root: Path | None = None) -> str | None:
+    """Artifacts of a local store live under ``<root>/artifacts``; servers choose their own."""
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        return (root / "artifacts").resolve().as_uri()
+        return ((root or runs_root(uri)) / "artifacts").resolve().as_uri()
     return None
 
 
 def local_store_missing(uri: str) -> bool:
     """True for a sqlite/file store that does not exist yet (read-only commands must not create it)."""
-    if uri.startswith("sqlite:///"):
-        return not Path(uri[len("sqlite:///"):]).exists()
+    if sqlite_path(uri) is not None:
+        return not sqlite_path(uri).exists()
     if uri.startswith("file:") or "://" not in uri:
         from urllib.parse import urlparse
 
@@ -46,22 +64,66 @@ def local_store_missing(uri: str) -> bool:
     return False
 
 
+def quiet_mlflow() -> None:
+    """Hide MLflow's INFO chatter ("Creating initial MLflow database tables...", the "View run at"
+    lines a server store prints at every run end) but keep its warnings and errors."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    import mlflow  # noqa: F401  (configures its loggers on import; set the level after that)
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _fail_fast_http():
+    """No retries and a short timeout for the reachability probe only (training keeps MLflow's defaults)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("nodename nor servname", "unknown host")):
+        if needle in text:
+            return short
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:160]
+
+
 def client(uri: str):
-    """An ``MlflowClient`` on ``uri`` after checking that the store answers (fail fast, one line)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    """An ``MlflowClient`` on ``uri`` after checking that the store answers (fail fast, one line).
+
+    A local sqlite store is created (with its folder) here; nothing is created for a remote one.
+    """
+    quiet_mlflow()
     from mlflow import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    c = MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
     try:
-        c.search_experiments(max_results=1)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        c = MlflowClient(tracking_uri=uri)
+        with _fail_fast_http():
+            c.search_experiments(max_results=1)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if db is not None:
+            raise TrackingError(f"tracking store {uri} cannot be opened ({_reason(exc)}); fix the path in "
+                                "tracking.uri / MLFLOW_TRACKING_URI") from None
         raise TrackingError(
-            f"tracking store {uri} is unreachable ({first}); start the server (mlflow server --host 127.0.0.1) "
-            "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable store"
+            f"tracking store {uri} is unreachable ({_reason(exc)}); start it (mlflow server --host 127.0.0.1 "
+            "--port PORT) or point tracking.uri / MLFLOW_TRACKING_URI at a reachable store"
         ) from None
     return c
 
@@ -87,12 +149,16 @@ def runs_with_hash(c, exp_id: str, config_hash: str) -> list:
 
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the rcnn-lab checkout that runs (not of the current folder);
+    empty when rcnn-lab is installed from a wheel (not inside its own git checkout)."""
+    package = Path(__file__).resolve().parents[1]
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return subprocess.run(["git", *args], cwd=cwd or package, capture_output=True, text=True, timeout=10)
 
     try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
+        if head.returncode != 0 or (cwd is None and Path(top.stdout.strip()).resolve() / package.name != package):
             return {}
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
         return {f"{TAG}git_commit": head.stdout.strip(), f"{TAG}git_dirty": str(dirty).lower()}
@@ -111,6 +177,33 @@ def versions() -> dict[str, str]:
 
 def claim_tags() -> dict[str, str]:
     return {f"{TAG}host": socket.gethostname(), f"{TAG}pid": str(os.getpid()), f"{TAG}heartbeat": str(int(time.time()))}
+
+
+class Heartbeat:
+    """Refreshes a run's heartbeat tag from a daemon thread while it trains, long evaluations
+    included, so other workers see a live claim (``claim_is_stale``) whatever the loop is doing."""
+
+    def __init__(self, c, run_id: str, every_s: float = STALE_AFTER_S / 10):
+        import threading
+
+        self.c, self.run_id, self.every_s = c, run_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id[:8]}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.c.set_tag(self.run_id, f"{TAG}heartbeat", str(int(time.time())))
+            except Exception:  # a store hiccup must not kill training; the next beat retries
+                pass
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def claim_is_stale(run) -> bool:

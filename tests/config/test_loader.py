@@ -110,3 +110,25 @@ def test_unknown_variant_suggests_closest(write_yaml):
     exp = load_experiment(EXPERIMENTS / "base.yaml")
     with pytest.raises(ConfigError, match="did you mean 'default'"):
         exp.variant("defualt")
+
+
+def test_yaml_reads_exponent_floats_like_yaml_1_2(write_yaml):
+    path = write_yaml("exp.yaml", f"""
+base: {EXPERIMENTS / 'base.yaml'}
+train: {{optimizer: {{type: adamw, lr: 1e-4, weight_decay: 5e-2}}}}
+""")
+    cfg = load_experiment(path, ["train.clip_grad_norm=1e1"]).variants[0].config
+    assert cfg.train.optimizer.kwargs["lr"] == 1e-4
+    assert cfg.train.optimizer.kwargs["weight_decay"] == 0.05
+    assert cfg.train.clip_grad_norm == 10.0
+
+
+def test_partial_spec_override_keeps_the_default_component(write_yaml):
+    path = write_yaml("exp.yaml", "name: bare\nmodel: {roi_heads: {box_head: {representation_size: 256}}}\n")
+    cfg = load_experiment(path, ["train.optimizer.lr=0.01"]).variants[0].config
+    assert cfg.train.optimizer.type == "sgd" and cfg.train.optimizer.kwargs["lr"] == 0.01
+    assert cfg.train.optimizer.kwargs["momentum"] == 0.9  # the default spec's other arguments stay
+    assert cfg.model.roi_heads.box_head.type == "two_mlp"
+    assert cfg.model.roi_heads.box_head.kwargs["representation_size"] == 256
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.lrr.*did you mean 'lr'"):
+        load_experiment(path, ["train.optimizer.lrr=0.01"])

@@ -143,10 +143,12 @@ def test_detections_to_coco_maps_labels_boxes_and_masks():
     assert all("segmentation" not in r for r in detections_to_coco(no_masks, [1], CATEGORIES))
 
 
-def test_detections_to_coco_rejects_unknown_labels():
-    out = [{"boxes": torch.ones(1, 4), "scores": torch.ones(1), "labels": torch.tensor([4])}]
-    with pytest.raises(ValueError, match="outside 1..3"):
-        detections_to_coco(out, [1], CATEGORIES)
+def test_detections_to_coco_drops_labels_without_a_category():
+    out = [{"boxes": torch.ones(2, 4), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([4, 2])}]
+    res = detections_to_coco(out, [1], CATEGORIES)
+    assert [r["category_id"] for r in res] == [CATEGORIES[1]["id"]] and res[0]["score"] == pytest.approx(0.8)
+    only_spare = [{"boxes": torch.ones(1, 4), "scores": torch.ones(1), "labels": torch.tensor([4])}]
+    assert detections_to_coco(only_spare, [1], CATEGORIES) == []
 
 
 # --- coco_metrics ----------------------------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Several processes: ``--nproc N`` (one run at a time over N DDP ranks) and ``--parallel K`` (K runs at once).
+
+``--nproc N`` re-launches the same command under ``torchrun --standalone --nproc_per_node N``.
+Every rank walks the same deterministic plan; rank 0 alone talks to MLflow (decides skip /
+resume / run, claims, logs) and broadcasts the run id to train, or None to skip (:func:`announce`,
+:func:`follow_plan`). Errors that are the same on every rank (``RcnnLabError``: bad input, a
+non-finite loss, which every rank sees because losses are averaged) are recorded by rank 0 and
+every rank goes on to the next run; any other error ends the job on every rank
+(:func:`must_abort`), so no rank is left waiting in a collective with a rank that moved on.
+
+``--parallel K`` starts K ``rcnn-lab run ... --shard i/K`` worker processes (one GPU each via
+``CUDA_VISIBLE_DEVICES``, or ``cores // K`` CPU threads each), prefixes each worker's output lines
+with the run it is on, then reads MLflow to print one summary of the whole plan. Workers never
+train the same config twice: see ``rcnn_lab.runner.claims``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rcnn_lab.engine import distributed
+from rcnn_lab.errors import ConfigError, Problem, RcnnLabError
+
+# --- DDP ranks (inside torchrun) ---------------------------------------------------------------
+
+def join(config) -> distributed.World:
+    """Under torchrun: join the process group before any decision is broadcast (no-op otherwise)."""
+    w = distributed.env_world()
+    if not w.active:
+        return w
+    from rcnn_lab.engine.trainer import resolve_device
+
+    w, _ = distributed.setup(resolve_device(config.train.device))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops workers with SIGTERM: record KILLED, like Ctrl-C
+    return w
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def announce(run_id: str | None) -> None:
+    """Rank 0: tell the other ranks which run to train next (None: skip this planned run)."""
+    distributed.broadcast(run_id)
+
+
+def must_abort(exc: BaseException) -> bool:
+    """In a distributed run, errors other than ``RcnnLabError`` end the job on every rank."""
+    return distributed.world().active and not isinstance(exc, RcnnLabError)
+
+
+def follow_plan(exp, plan, root: Path) -> list:
+    """Ranks > 0: train what rank 0 announces, without tracking; returns outcomes for symmetry."""
+    from rcnn_lab.engine.trainer import Trainer
+    from rcnn_lab.runner.sweep import Outcome, output_dir
+
+    outcomes = []
+    for run in plan:
+        run_id = distributed.broadcast(None)
+        if run_id is None:
+            outcomes.append(Outcome(run, "SKIPPED", "skip"))
+            continue
+        started = time.perf_counter()
+        try:
+            result = Trainer(run.config, output_dir(root, exp, run)).fit()
+            outcomes.append(Outcome(run, "FINISHED", "run", result.metrics, time.perf_counter() - started, run_id))
+        except RcnnLabError as exc:  # the same on every rank: rank 0 records it, every rank goes on
+            outcomes.append(Outcome(run, "FAILED", "run", {}, time.perf_counter() - started, run_id, str(exc)))
+    return outcomes
+
+
+def check_world(plan, nproc: int | None, file: str | None = None) -> None:
+    """``data.batch_size`` is global: it must split evenly over the processes (checked before any run)."""
+    n = nproc or distributed.env_world().size
+    if n <= 1:
+        return
+    bad = sorted({r.config.data.batch_size for r in plan if r.config.data.batch_size % n})
+    if bad:
+        raise ConfigError([Problem("data.batch_size", f"{bad[0]} images per global batch cannot be split over {n} "
+                                   f"processes; use a multiple of {n} (each process takes batch_size / {n})", file)])
+
+
+# --- launching ---------------------------------------------------------------------------------
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE`` (and argparse's unambiguous prefixes of ``name``)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        head = token.split("=", 1)[0]
+        if len(head) >= 4 and head.startswith("--") and name.startswith(head):
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "rcnn_lab", *strip_option(argv, "--nproc")]
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``argv`` (an ``rcnn-lab`` command line) on ``nproc`` local DDP processes; their exit code."""
+    if distributed.env_world().active:
+        raise ConfigError([Problem("--nproc", "already running under torchrun; drop --nproc (torchrun sets the processes)")])
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
+    proc = subprocess.Popen(torchrun_command(nproc, argv), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # torchrun and the ranks got the signal too: let them record KILLED and stop
+        proc.wait()
+        return 130
+
+
+def worker_env(index: int, workers: int, cuda: bool) -> dict[str, str]:
+    """Environment of ``--parallel`` worker ``index``: its GPU, or its share of the CPU cores."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cuda:
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = [g for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    threads = str(max(1, _cores() // workers))
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+    return env
+
+
+def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> None:
+    """Copy a worker's output lines, each prefixed with the run it is on."""
+    current = labels[0] if labels else "?"
+    for line in proc.stdout:
+        for label in labels:
+            if f"{label} (" in line:
+                current = label
+        with lock:
+            sys.stdout.write(f"[{current}] {line}" if line.strip() else line)
+            sys.stdout.flush()
+
+
+def run_parallel(exp, plan, k: int, argv: list[str]) -> tuple[list, int]:
+    """Train ``plan`` on ``k`` worker processes; (one outcome per planned run read from MLflow, exit code)."""
+    from rcnn_lab.engine.trainer import resolve_device
+    from rcnn_lab.runner import tracking as tr
+
+    if k < 1:
+        raise ConfigError([Problem("--parallel", f"must be >= 1, got {k}")])
+    workers = max(1, min(k, len(plan)))
+    first = exp.variants[0].config
+    uri = tr.resolve_uri(first.tracking.uri)
+    c = tr.client(uri)  # create the store and experiment once, before K workers race to
+    exp_id = tr.experiment_id(c, first.tracking.experiment or exp.name, tr.default_artifact_root(uri))
+    cuda = resolve_device(first.train.device).type == "cuda"
+    base = strip_option(argv, "--parallel") + ["--no-progress", "--no-summary"]
+    started_ms = int(time.time() * 1000)
+    lock, procs, pumps = threading.Lock(), [], []
+    for i in range(workers):
+        cmd = [sys.executable, "-m", "rcnn_lab", *base, "--shard", f"{i}/{workers}"]
+        proc = subprocess.Popen(cmd, env=worker_env(i, workers, cuda), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        pump = threading.Thread(target=_pump, args=(proc, [r.label for r in plan[i::workers]], lock), daemon=True)
+        pump.start()
+        procs.append(proc)
+        pumps.append(pump)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # the workers got the signal too: let them record KILLED, then stop
+        for p in procs:
+            p.wait()
+        raise
+    for pump in pumps:
+        pump.join()
+    outcomes = outcomes_from_store(c, exp_id, plan, started_ms)
+    code = max(codes)
+    if code == 0 and any(o.status in ("FAILED", "PLANNED", "KILLED") for o in outcomes):
+        code = 1
+    return outcomes, code
+
+
+def outcomes_from_store(c, exp_id: str, plan, since_ms: int) -> list:
+    """One outcome per planned run from MLflow: its FINISHED run (SKIPPED if it ended before
+    ``since_ms``), else its newest run's status; PLANNED when no run exists."""
+    from rcnn_lab.runner import tracking as tr
+    from rcnn_lab.runner.sweep import Outcome, _final_metrics
+
+    out = []
+    for run in plan:
+        runs = tr.runs_with_hash(c, exp_id, run.hash)
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        r = done[0] if done else (runs[0] if runs else None)
+        if r is None:
+            out.append(Outcome(run, "PLANNED", "none"))
+            continue
+        status = r.info.status
+        if status == "FINISHED" and (r.info.end_time or 0) < since_ms:
+            status = "SKIPPED"
+        elif status == "RUNNING":
+            status = "RUNNING-ELSEWHERE"
+        duration = ((r.info.end_time or 0) - r.info.start_time) / 1000 if status == "FINISHED" else 0.0
+        out.append(Outcome(run, status, "run", _final_metrics(r), max(duration, 0.0), r.info.run_id,
+                           r.data.tags.get(f"{tr.TAG}error")))
+    return out

@@ -1,0 +1,83 @@
+"""``rcnn-lab run`` argument handling (no training) and ``rcnn-lab ui``'s command line."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+
+from tests.runner.conftest import cli, files_under, tiny_experiment
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RCNN_LAB_RUNS", raising=False)
+
+
+@pytest.fixture
+def execv(monkeypatch):
+    """Record what ``rcnn-lab ui`` would exec instead of replacing the test process."""
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, list(argv))))
+    return calls
+
+
+def _opt(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_ui_serves_the_default_store_on_localhost(tmp_path, execv):
+    code, out, _ = cli("ui", "--port", "5123")
+    assert code == 0 and len(execv) == 1
+    path, argv = execv[0]
+    assert path == sys.executable and argv[1:4] == ["-m", "mlflow", "ui"]
+    assert _opt(argv, "--host") == "127.0.0.1" and _opt(argv, "--port") == "5123"
+    assert _opt(argv, "--backend-store-uri") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert _opt(argv, "--default-artifact-root") == (tmp_path / "runs" / "artifacts").as_uri()
+    assert "http://127.0.0.1:5123" in out
+
+
+def test_ui_uses_the_experiments_store_or_the_environments(tmp_path, execv, monkeypatch):
+    db = tmp_path / "store" / "mlflow.db"
+    exp = tiny_experiment(tmp_path, f"sqlite:///{db}")
+    assert cli("ui", str(exp))[0] == 0
+    argv = execv[-1][1]
+    assert _opt(argv, "--backend-store-uri") == f"sqlite:///{db}"
+    assert _opt(argv, "--default-artifact-root") == (tmp_path / "store" / "artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    assert cli("ui")[0] == 0
+    assert _opt(execv[-1][1], "--backend-store-uri") == f"sqlite:///{tmp_path / 'env.db'}"
+
+
+def test_ui_on_a_server_store_points_at_the_server(execv):
+    code, out, _ = cli("ui", "--uri", "http://127.0.0.1:5999")
+    assert code == 0 and execv == [] and "open http://127.0.0.1:5999" in out
+
+
+def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
+    exp = tiny_experiment(tmp_path, None, variants="  b: {}\n  wide: {model.roi_heads.box_head.representation_size: 128}\n")
+    code, out, _ = cli("run", str(exp), "--seeds", "0,1", "--dry-run")
+    assert code == 0
+    rows = re.findall(r"^\s+(\w+)\s+(\w+)\s+seed=(\d+)\s+([0-9a-f]{16})$", out, re.M)
+    assert [(a, v, s) for a, v, s, _ in rows] == [("run", "b", "0"), ("run", "b", "1"), ("run", "wide", "0"), ("run", "wide", "1")]
+    assert len({h for *_, h in rows}) == 4
+    code, out2, _ = cli("run", str(exp), "--seeds", "1", "--only", "wide", "--dry-run")
+    assert re.findall(r"[0-9a-f]{16}$", out2, re.M) == [rows[3][3]]  # same config, same hash
+    assert files_under(tmp_path) == {"exp.yaml"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+    (["--only", "bb"], "no variant 'bb'"),
+    (["--set", "train.iterationz=3"], "did you mean 'iterations'"),
+    (["--device", "tpu"], "train.device"),
+])
+def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, args, words):
+    exp = tiny_experiment(tmp_path, None)
+    code, out, err = cli("run", str(exp), *args)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert files_under(tmp_path) == {"exp.yaml"}

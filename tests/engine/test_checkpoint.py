@@ -1,0 +1,146 @@
+"""Checkpoints: atomic writes, ``weights_only`` loading, one-line errors naming the file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from rcnn_lab.engine import checkpoint as ckpt
+from rcnn_lab.engine.trainer import Trainer
+from rcnn_lab.errors import ConfigError
+from tests.engine.test_trainer import tiny_config
+
+
+class Foreign:
+    """An arbitrary Python object: not loadable with ``weights_only=True``."""
+
+    def __init__(self):
+        self.value = 3
+
+
+def trainer_like_state(iteration: int = 7) -> dict:
+    """What ``Trainer.state`` holds: model, optimizer (with momentum), scheduler, rng, history."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 ** it)
+    model(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": torch.amp.GradScaler("cuda", enabled=False).state_dict(), "iteration": iteration,
+            "rng": ckpt.rng_state(), "history": [{"iteration": 1, "lr": 0.1, "loss_mask": 0.5}], "train_time_s": 1.5}
+
+
+def assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_round_trip_with_weights_only(tmp_path, monkeypatch):
+    state = trainer_like_state()
+    path = tmp_path / "checkpoints" / "iter_0000007.pt"
+    ckpt.save(path, state)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    loaded = ckpt.load(path)
+    assert calls and all(k.get("weights_only") is True for k in calls)
+    assert_same(state, loaded)
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no temp file left behind
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    ckpt.set_rng_state(state)
+    got = (torch.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
+
+
+def test_failed_save_keeps_the_previous_file_and_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "iter_0000003.pt"
+    ckpt.save(path, trainer_like_state(3))
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled
+        ckpt.save(path, {**trainer_like_state(4), "bad": lambda: 0})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == [path.name]
+    assert ckpt.load(path)["iteration"] == 3
+
+
+def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    path = tmp_path / "ckpt" / "iter_0000005.pt"
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(path, trainer_like_state(5))
+    assert os.listdir(path.parent) == []
+
+
+def _error(path) -> str:
+    with pytest.raises(ConfigError) as info:
+        ckpt.load(path)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"{path}: ")
+    return text
+
+
+def test_foreign_object_is_refused_by_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({**trainer_like_state(), "extra": Foreign()}, path)
+    assert "not a readable checkpoint (UnpicklingError" in _error(path)
+
+
+def test_corrupted_file_names_the_file(tmp_path):
+    path = tmp_path / "iter_0000002.pt"
+    ckpt.save(path, trainer_like_state(2))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated (e.g. a full disk under a non-atomic copy)
+    assert "not a readable checkpoint" in _error(path) and "delete it" in _error(path)
+    path.write_bytes(b"\x00garbage" * 100)
+    assert "not a readable checkpoint" in _error(path)
+
+
+def test_checkpoint_of_something_else_names_what_is_missing(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), path)  # plain weights, e.g. a torchvision download
+    assert "not an rcnn-lab checkpoint (missing model, optimizer, iteration)" in _error(path)
+    torch.save([1, 2], path)
+    assert "missing model, optimizer, iteration" in _error(path)
+    assert "checkpoint not found" in _error(tmp_path / "nope.pt")
+
+
+def test_latest_picks_the_highest_iteration(tmp_path):
+    assert ckpt.latest(tmp_path / "missing") is None
+    for name in ("iter_0000009.pt", "iter_0000010.pt", "iter_final.pt", ".iter_0000011.pt.tmp-1", "other.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert ckpt.latest(tmp_path).name == "iter_0000010.pt"
+
+
+def test_trainer_resume_from_corrupted_checkpoint_names_the_file(tmp_path):
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "iter_0000002.pt").write_bytes(b"not a zip file")
+    with pytest.raises(ConfigError) as info:
+        Trainer(tiny_config(tmp_path), tmp_path / "out", resume=True)
+    text = str(info.value)
+    assert text.startswith(f"{folder / 'iter_0000002.pt'}: not a readable checkpoint") and "\n" not in text

@@ -1,0 +1,98 @@
+"""Runner tests: a tiny experiment (resnet18-FPN at 64 px, 8 train / 4 val shapes images) on a real MLflow store."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXPERIMENTS, TINY_MODEL
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tiny_experiment(folder: Path, uri: str | None, *, variants: str = "  b: {}\n", iterations: int = 2,
+                    train: str = "", name: str = "tiny") -> Path:
+    """Write ``folder/exp.yaml``: a tiny CPU experiment tracked at ``uri`` (None: the default store)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
+    text = f"""base: {EXPERIMENTS / 'base.yaml'}
+name: {name}
+seeds: [0]
+{TINY_MODEL}
+data:
+  train: {{type: shapes, split: train, num_images: 8, image_size: 64}}
+  val: {{type: shapes, split: val, num_images: 4, image_size: 64}}
+  batch_size: 2
+  transforms: [{{type: hflip, p: 0.5}}]
+train:
+  iterations: {iterations}
+  device: cpu
+  optimizer: {{type: sgd, lr: 0.01, momentum: 0.9}}
+  lr_scheduler: {{type: multistep, milestones: [0.75], warmup_iters: 1}}
+  log_every: 1
+  checkpoint_every: 0
+{train}{tracking}variants:
+{variants}"""
+    path = folder / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """``rcnn-lab ARGV`` in this process -> (exit code, stdout, stderr)."""
+    from rcnn_lab.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory):
+    """``new_store(folder)`` -> sqlite URI of an empty MLflow store at ``folder/store/mlflow.db``.
+
+    MLflow builds a new database with dozens of migrations (seconds each time); tests copy one built here.
+    """
+    import shutil
+
+    from mlflow import MlflowClient
+
+    template = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()
+
+    def _copy(folder: Path) -> str:
+        db = folder / "store" / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+        return f"sqlite:///{db}"
+
+    return _copy
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Train on one intra-op thread: with other processes on the cores, two spin-waiting OpenMP threads
+    make a step ~10x slower. Subprocesses get the same count (OMP_NUM_THREADS) so results stay comparable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Nothing a test runs may fall back to the repository's runs/ or an MLflow store from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RCNN_LAB_RUNS", raising=False)

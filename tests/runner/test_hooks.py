@@ -1,0 +1,36 @@
+"""``MLflowHook``: batched asynchronous logging that is durable before every checkpoint (real sqlite store)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from rcnn_lab.engine.hooks import StepRecord
+from rcnn_lab.runner import tracking as tr
+from rcnn_lab.runner.hooks import MLflowHook
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _record(it: int) -> StepRecord:
+    return StepRecord(it, {"loss_classifier": 1.0 / it, "loss_mask": 0.5}, 0.01, 0.001, 0.1, 10.0, 2)
+
+
+def test_metrics_are_stored_before_each_checkpoint_and_batched_between(tmp_path, new_store):
+    c = tr.client(new_store(tmp_path))
+    run_id = c.create_run(tr.experiment_id(c, "hooks", (tmp_path / "a").as_uri())).info.run_id
+    trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(iterations=10, checkpoint_every=4)))
+    hook = MLflowHook(c, run_id, every=100, asynchronous=True)
+    for it in range(1, 5):
+        hook.after_step(trainer, _record(it))
+    # step 4 precedes a checkpoint: everything up to it is in the store now, nothing left buffered
+    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert hook.buffer == [] and hook.pending == []
+    hook.after_step(trainer, _record(5))  # an ordinary step: buffered, not sent (every=100)
+    assert len(c.get_metric_history(run_id, "loss")) == 4 and hook.buffer
+    assert c.get_metric_history(run_id, "loss_classifier")[-1].value == 0.25
+    hook.after_train(trainer, None)
+    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert {"images_per_s", "lr", "step_time_s", "peak_memory_mb"} <= set(c.get_run(run_id).data.metrics)
+    assert f"{tr.TAG}heartbeat" in c.get_run(run_id).data.tags

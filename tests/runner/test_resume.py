@@ -1,0 +1,124 @@
+"""Kill -9 and Ctrl-C a real ``rcnn-lab run`` mid-training; the rerun resumes into the same MLflow run and ends
+with exactly the weights and metrics of an uninterrupted run (CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.runner.conftest import cli, tiny_experiment
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+ITERATIONS = 4
+TRAIN = "  checkpoint_every: 2\n"
+TIMING = ("train_time_s", "eval_time_s", "eval_images_per_s")
+
+
+def _experiment(folder: Path) -> Path:
+    return tiny_experiment(folder, f"sqlite:///{folder / 'store' / 'mlflow.db'}", variants="  a: {}\n",
+                           iterations=ITERATIONS, train=TRAIN)
+
+
+def _start(folder: Path) -> subprocess.Popen:
+    """``rcnn-lab run`` in a subprocess, on one thread like this process (``_one_thread``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RCNN_LAB_RUNS")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    return subprocess.Popen([sys.executable, "-m", "rcnn_lab", "run", str(_experiment(folder)), "--no-progress"],
+                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted((folder / "store" / "outputs").glob("tiny/*/checkpoints/iter_*.pt"))
+
+
+def _interrupt_after_first_checkpoint(procs: dict[Path, tuple[subprocess.Popen, int]]) -> dict[Path, str]:
+    """Send each process its signal as soon as its first checkpoint exists; -> output of each."""
+    pending, deadline = dict(procs), time.time() + 240
+    while pending and time.time() < deadline:
+        for folder, (proc, sig) in list(pending.items()):
+            if _checkpoints(folder) or proc.poll() is not None:
+                proc.send_signal(sig)
+                del pending[folder]
+        time.sleep(0.05)
+    outputs = {}
+    for folder, (proc, _) in procs.items():
+        outputs[folder] = proc.communicate(timeout=120)[0]
+        assert [p.name for p in _checkpoints(folder)] == ["iter_0000002.pt"], outputs[folder]  # stopped mid-run
+    return outputs
+
+
+def _state(folder: Path):
+    """(the one child run, final weights, final metrics, loss per step) of the experiment in ``folder``."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{folder / 'store' / 'mlflow.db'}")
+    exp_id = c.get_experiment_by_name("tiny").experiment_id
+    (run,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'variant'")
+    weights = torch.load(_checkpoints(folder)[-1], map_location="cpu", weights_only=True)["model"]
+    final = {k: v for k, v in run.data.metrics.items() if k.startswith("final/") and k[6:] not in TIMING}
+    losses = {m.step: m.value for m in sorted(c.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.timestamp)}
+    return run, weights, final, losses
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, new_store):
+    """Folders of a kill -9'd run, a Ctrl-C'd run (both then rerun) and an uninterrupted reference."""
+    root = tmp_path_factory.mktemp("resume")
+    killed, ctrl_c, reference = root / "killed", root / "ctrl_c", root / "reference"
+    for f in (killed, ctrl_c, reference):
+        new_store(f)
+    procs = {killed: (_start(killed), signal.SIGKILL), ctrl_c: (_start(ctrl_c), signal.SIGINT)}
+    outputs = _interrupt_after_first_checkpoint(procs)
+    codes = {f: procs[f][0].returncode for f in procs}
+    before = {f: _state(f)[0] for f in procs}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("RCNN_LAB_RUNS", raising=False)
+        reruns = {}
+        for f in (killed, ctrl_c, reference):
+            mp.chdir(f)
+            reruns[f] = cli("run", str(_experiment(f)), "--no-progress")
+    return dict(killed=killed, ctrl_c=ctrl_c, reference=reference, outputs=outputs, codes=codes, before=before,
+                reruns=reruns)
+
+
+def test_kill_9_leaves_a_running_run_that_the_rerun_resumes(interrupted):
+    f = interrupted["killed"]
+    assert interrupted["codes"][f] == -signal.SIGKILL
+    assert interrupted["before"][f].info.status == "RUNNING"
+    code, out, err = interrupted["reruns"][f]
+    assert code == 0, err
+    run = _state(f)[0]  # still exactly one child run for the config, now FINISHED
+    assert run.info.run_id == interrupted["before"][f].info.run_id and run.info.status == "FINISHED"
+    assert f"resume a seed=0 ({run.data.tags['rcnn_lab.config_hash']}) into run {run.info.run_id}" in out
+
+
+def test_ctrl_c_marks_the_run_killed_and_the_rerun_resumes(interrupted):
+    f = interrupted["ctrl_c"]
+    assert interrupted["codes"][f] == 130 and "interrupted" in interrupted["outputs"][f]
+    assert interrupted["before"][f].info.status == "KILLED"
+    code, out, err = interrupted["reruns"][f]
+    assert code == 0, err
+    run = _state(f)[0]
+    assert run.info.run_id == interrupted["before"][f].info.run_id and run.info.status == "FINISHED"
+    assert "resume a seed=0" in out
+
+
+@pytest.mark.parametrize("which", ["killed", "ctrl_c"])
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(interrupted, which):
+    _, weights, final, losses = _state(interrupted[which])
+    ref_run, ref_weights, ref_final, ref_losses = _state(interrupted["reference"])
+    assert ref_run.info.status == "FINISHED" and "final/bbox_AP" in ref_final and "final/segm_AP" in ref_final
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+    assert final == ref_final
+    assert losses == ref_losses and sorted(losses) == list(range(1, ITERATIONS + 1))

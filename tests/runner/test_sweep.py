@@ -1,0 +1,189 @@
+"""``rcnn-lab run`` end to end on a sqlite store in tmp: runs, params, tags, metrics, artifacts, skip, force, failures."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.runner.plan import make_plan
+from tests.runner.conftest import cli, files_under, tiny_experiment
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+VARIANTS = """  b: {}
+  small_rpn: {model.rpn.pre_nms_top_n.train: 80, tracking.log_checkpoint: true}
+  bad: {train.optimizer.lr: 1.0e+12}
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, new_store):
+    """dry-run, run ``b,small_rpn`` (exit 0), then the whole experiment (both skipped, ``bad`` fails), dry-run again."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("sweep")
+    store = root / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("RCNN_LAB_RUNS", raising=False)
+        exp_file = tiny_experiment(root, f"sqlite:///{store / 'mlflow.db'}", variants=VARIANTS, train="  eval_every: 1\n")
+        s = SimpleNamespace(root=root, store=store, exp_file=exp_file)
+        s.dry_before = cli("run", str(exp_file), "--dry-run")
+        s.files_after_dry_run = files_under(root)
+        new_store(root)  # an empty store at store/mlflow.db (a copy: faster than building one)
+        s.first = cli("run", str(exp_file), "--only", "b,small_rpn", "--no-progress")
+        s.second = cli("run", str(exp_file), "--no-progress")
+        s.files_before_dry_run = files_under(root)
+        s.db_bytes = (store / "mlflow.db").read_bytes()
+        s.dry_after = cli("run", str(exp_file), "--dry-run")
+    s.plan = {r.variant.name: r for r in make_plan(load_experiment(exp_file))}
+    s.client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    s.exp_id = s.client.get_experiment_by_name("tiny").experiment_id
+    return s
+
+
+def runs(s, kind: str, **tags) -> list:
+    query = " and ".join([f"tags.`rcnn_lab.kind` = '{kind}'"] + [f"tags.`rcnn_lab.{k}` = '{v}'" for k, v in tags.items()])
+    return s.client.search_runs([s.exp_id], query, order_by=["attributes.start_time ASC"])
+
+
+def test_first_run_logs_one_parent_with_a_nested_child_per_variant(sweep):
+    code, out, err = sweep.first
+    assert code == 0, err
+    parent_id = runs(sweep, "variant", variant="b")[0].data.tags["mlflow.parentRunId"]
+    parent = sweep.client.get_run(parent_id)
+    assert parent.data.tags["rcnn_lab.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent_id in out  # "tracked in ...: parent run ID"
+    children = [r for r in runs(sweep, "variant") if r.data.tags["mlflow.parentRunId"] == parent_id]
+    assert sorted(r.data.tags["rcnn_lab.variant"] for r in children) == ["b", "small_rpn"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # summary table: one row per variant x seed with status and key metrics
+    table = out[out.index("variant  "):].splitlines()
+    assert table[0].split()[:4] == ["variant", "seed", "status", "bbox_AP"] and "duration" in table[0]
+    assert [row.split()[:3] for row in table[1:3]] == [["b", "0", "FINISHED"], ["small_rpn", "0", "FINISHED"]]
+    assert "INFO mlflow" not in err + out  # MLflow's chatter is silenced
+
+
+def test_params_are_the_flattened_resolved_config_and_tags_identify_the_run(sweep):
+    import torch
+    import torchvision
+
+    import rcnn_lab
+
+    for name, top_n, baseline in (("b", "100", "true"), ("small_rpn", "80", "false")):
+        (r,) = runs(sweep, "variant", variant=name)
+        p, t = r.data.params, r.data.tags
+        assert p["model.rpn.pre_nms_top_n.train"] == top_n and p["model.backbone.depth"] == "18"
+        assert p["train.optimizer.type"] == "sgd" and p["data.train.num_images"] == "8"
+        assert t["rcnn_lab.seed"] == "0" and t["rcnn_lab.baseline"] == baseline
+        assert t["rcnn_lab.config_hash"] == sweep.plan[name].hash
+        assert t["rcnn_lab.device"] == "cpu"
+        assert (t["rcnn_lab.version"], t["rcnn_lab.torch"], t["rcnn_lab.torchvision"]) == (
+            rcnn_lab.__version__, torch.__version__, torchvision.__version__)
+        assert re.fullmatch(r"[0-9a-f]{40}", t["rcnn_lab.git_commit"]) and t["rcnn_lab.git_dirty"] in ("true", "false")
+
+
+def test_metrics_per_step_per_eval_and_final(sweep):
+    (r,) = runs(sweep, "variant", variant="small_rpn")
+    c, rid = sweep.client, r.info.run_id
+    for key in ("loss", "loss_classifier", "loss_mask", "loss_objectness", "lr", "images_per_s"):
+        assert [m.step for m in c.get_metric_history(rid, key)] == [1, 2], key
+    assert all(m.value > 0 for m in c.get_metric_history(rid, "loss"))
+    assert [m.step for m in c.get_metric_history(rid, "bbox_AP")] == [1, 2]  # eval_every: 1, then the final eval
+    final = c.get_metric_history(rid, "final/segm_AP")
+    assert len(final) == 1 and final[0].step == 2 and final[0].value == c.get_metric_history(rid, "segm_AP")[-1].value
+    assert 0 <= r.data.metrics["final/bbox_AP"] <= 1
+
+
+def test_artifacts_config_summary_per_class_and_loss_curve(sweep, tmp_path):
+    (r,) = runs(sweep, "variant", variant="small_rpn")
+    c, rid = sweep.client, r.info.run_id
+    assert {"config.yaml", "model_summary.txt", "loss_curve.png", "eval"} <= {a.path for a in c.list_artifacts(rid)}
+    local = tmp_path / "dl"
+    c.download_artifacts(rid, "", str(local))
+    config = yaml.safe_load((local / "config.yaml").read_text())
+    assert config["model"]["rpn"]["pre_nms_top_n"]["train"] == 80 and config["train"]["iterations"] == 2
+    assert "parameters:" in (local / "model_summary.txt").read_text()
+    per_class = json.loads((local / "eval" / "per_class.json").read_text())
+    classes = ["circle", "square", "triangle", "ellipse", "star"]
+    assert list(per_class) == ["bbox", "segm"] and all(list(per_class[k]) == classes for k in per_class)
+    assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # tracking.log_checkpoint (opt-in) logs the final checkpoint; without it there is none
+    assert [a.path for a in c.list_artifacts(rid, "checkpoint")] == ["checkpoint/iter_0000002.pt"]
+    (b,) = runs(sweep, "variant", variant="b")
+    assert c.list_artifacts(b.info.run_id, "checkpoint") == []
+    # artifacts and outputs sit next to the sqlite store, not in the current folder
+    assert r.info.artifact_uri.startswith((sweep.store / "artifacts").as_uri())
+    assert (sweep.store / "outputs" / "tiny").is_dir() and not (sweep.root / "runs").exists()
+    assert not (sweep.root / "mlflow.db").exists()  # nothing falls back to MLflow's default store in the cwd
+
+
+def test_rerun_skips_finished_and_a_failing_variant_is_recorded_while_the_sweep_goes_on(sweep, tmp_path):
+    code, out, err = sweep.second
+    assert code == 1
+    assert re.search(r"skip\s+b seed=0", out) and re.search(r"skip\s+small_rpn seed=0", out)
+    assert len(runs(sweep, "variant", variant="b")) == 1 and len(runs(sweep, "variant", variant="small_rpn")) == 1
+    (bad,) = runs(sweep, "variant", variant="bad")
+    assert bad.info.status == "FAILED"
+    error = bad.data.tags["rcnn_lab.error"]
+    assert error.startswith("TrainingError: non-finite loss") and "\n" not in error
+    trace = sweep.client.download_artifacts(bad.info.run_id, "error.txt", str(tmp_path))
+    assert "Traceback" in open(trace).read() and "non-finite loss" in open(trace).read()
+    assert sweep.client.get_run(bad.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    rows = {row.split()[0]: row.split()[2] for row in out[out.index("variant  "):].splitlines()[1:4]}
+    assert rows == {"b": "SKIPPED", "small_rpn": "SKIPPED", "bad": "FAILED"}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(sweep):
+    code, out, _ = sweep.dry_before
+    assert code == 0
+    assert sweep.files_after_dry_run == {"exp.yaml"}  # no store, no outputs, no artifacts
+    for name in ("b", "small_rpn", "bad"):
+        assert re.search(rf"run\s+{name}\s+seed=0\s+{sweep.plan[name].hash}", out)
+    code, out, _ = sweep.dry_after  # after the runs: finished ones would be skipped, the failed one rerun
+    assert code == 0
+    assert re.search(rf"skip\s+b\s+seed=0\s+{sweep.plan['b'].hash}", out)
+    assert re.search(rf"run\s+bad\s+seed=0\s+{sweep.plan['bad'].hash}", out)
+    assert files_under(sweep.root) == sweep.files_before_dry_run
+    assert (sweep.store / "mlflow.db").read_bytes() == sweep.db_bytes
+
+
+def test_force_reruns_a_finished_config_as_a_new_run(sweep):
+    code, out, err = cli("run", str(sweep.exp_file), "--only", "b", "--force", "--no-progress")
+    assert code == 0, err
+    b_runs = runs(sweep, "variant", variant="b")
+    assert len(b_runs) == 2 and all(r.info.status == "FINISHED" for r in b_runs)
+    assert b_runs[0].info.run_id != b_runs[1].info.run_id
+    assert b_runs[1].data.tags["rcnn_lab.config_hash"] == b_runs[0].data.tags["rcnn_lab.config_hash"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_before_training_with_one_line_and_writes_nothing(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    exp = tiny_experiment(tmp_path / "e", url)
+    code, out, err = cli("run", str(exp), "--no-progress")
+    assert code == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"tracking store {url} is unreachable (connection refused)" in lines[0]
+    assert "run " not in out  # nothing started
+    assert files_under(tmp_path) == {"e", "e/exp.yaml"}
+
+
+def test_bad_input_found_by_preflight_exits_2_before_any_store_exists(tmp_path):
+    exp = tiny_experiment(tmp_path, f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    code, _, err = cli("run", str(exp), "--set", "model.num_classes=4", "--no-progress")
+    assert code == 2
+    assert "model.num_classes: is 4 but data.train has 5 categories" in err
+    assert files_under(tmp_path) == {"exp.yaml"}
