@@ -47,6 +47,13 @@ model:
 """
 
 
+# overrides giving both poolers gradients w.r.t. boxes (needed by proposal_gradient: backprop)
+DIFF_POOLERS = [
+    "model.roi_heads.box_pooler={type: differentiable_roi_align, output_size: 7, sampling_ratio: 2}",
+    "model.roi_heads.mask_pooler={type: differentiable_roi_align, output_size: 14, sampling_ratio: 2}",
+]
+
+
 @pytest.fixture
 def tiny_model_yaml() -> str:
     return TINY_MODEL

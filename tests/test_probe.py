@@ -12,7 +12,7 @@ from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.models.builder import build_model, component_modules
 from rcnn_lab.probe import LOSSES, grad_norms, probe
 from rcnn_lab.registry import DATASETS
-from tests.conftest import TINY_MODEL
+from tests.conftest import DIFF_POOLERS, TINY_MODEL
 
 COMPONENTS = ["backbone.body", "backbone.fpn", "rpn.head.conv", "rpn.head.cls_logits", "rpn.head.bbox_pred",
               "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_head", "roi_heads.mask_predictor"]
@@ -31,10 +31,6 @@ variants:
   detach: {model.rpn.proposal_gradient: detach}
   backprop: {model.rpn.proposal_gradient: backprop}
 """
-DIFF_POOLERS = [
-    "model.roi_heads.box_pooler={type: differentiable_roi_align, output_size: 7, sampling_ratio: 2}",
-    "model.roi_heads.mask_pooler={type: differentiable_roi_align, output_size: 14, sampling_ratio: 2}",
-]
 
 
 @pytest.fixture(scope="module")

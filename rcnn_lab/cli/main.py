@@ -41,13 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rcnn_lab._check import check_torchvision_ops
+
+    try:  # before anything imports torchvision: a mismatched build fails at import
+        check_torchvision_ops()
+    except RcnnLabError as exc:
+        print(f"rcnn-lab: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --nproc/--parallel` relaunch this command line
     try:
-        from rcnn_lab._check import check_torchvision_ops
-
-        check_torchvision_ops()
         return int(args.handler(args) or 0)
     except RcnnLabError as exc:
         for line in str(exc).splitlines():

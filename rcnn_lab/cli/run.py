@@ -18,7 +18,7 @@ def add_arguments_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--force", action="store_true", help="rerun configs that already have a finished run")
     p.add_argument("--shard", metavar="I/N", help="run only slice I of N of the plan (array jobs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines every train.log_every iterations instead")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train each run on N local processes with DistributedDataParallel (via torchrun); "
                         "data.batch_size is the global batch")

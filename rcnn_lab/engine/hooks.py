@@ -65,24 +65,40 @@ class Hooks(Hook):
 
 
 class ProgressHook(Hook):
-    """A tqdm bar with the losses and ETA; plain log lines every ``train.log_every`` iterations."""
+    """A tqdm bar with the losses and ETA on a terminal; otherwise (``bar=False``: logs, CI, array
+    jobs) one plain line every ``train.log_every`` iterations. ``lines=False`` silences both."""
 
-    def __init__(self, enabled: bool = True, desc: str = "train"):
-        self.enabled, self.desc, self.bar = enabled, desc, None
+    def __init__(self, bar: bool = True, desc: str = "train", lines: bool = True, stream=None):
+        self.use_bar, self.desc, self.lines, self.stream, self.bar = bar, desc, lines, stream, None
+        self.started, self.first = 0.0, 0
 
     def before_train(self, trainer):
-        if self.enabled:
+        import time
+
+        self.started, self.first = time.perf_counter(), trainer.start_iteration
+        if self.use_bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=trainer.config.train.iterations, initial=trainer.start_iteration,
                             desc=self.desc, dynamic_ncols=True, leave=False)
 
     def after_step(self, trainer, record):
+        every, total = trainer.config.train.log_every, trainer.config.train.iterations
         if self.bar is not None:
             self.bar.update(1)
-            if record.iteration % trainer.config.train.log_every == 0 or record.iteration == 1:
+            if record.iteration % every == 0 or record.iteration == 1:
                 short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in record.losses.items()}
                 self.bar.set_postfix(total=f"{record.total:.3f}", **short)
+        elif self.lines and (record.iteration % every == 0 or record.iteration == total):
+            import sys
+            import time
+
+            done = record.iteration - self.first
+            eta = (time.perf_counter() - self.started) / max(done, 1) * (total - record.iteration)
+            losses = " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in record.losses.items())
+            print(f"{self.desc} iter {record.iteration}/{total}  loss {record.total:.3f} ({losses})  lr {record.lr:.3g}  "
+                  f"data {record.data_time * 1e3:.0f}ms step {record.step_time * 1e3:.0f}ms  "
+                  f"mem {record.peak_memory_mb:.0f}MB  eta {eta / 60:.1f}min", file=self.stream or sys.stderr, flush=True)
 
     def after_train(self, trainer, result):
         if self.bar is not None:

@@ -132,3 +132,9 @@ def test_partial_spec_override_keeps_the_default_component(write_yaml):
     assert cfg.model.roi_heads.box_head.kwargs["representation_size"] == 256
     with pytest.raises(ConfigError, match=r"train\.optimizer\.lrr.*did you mean 'lr'"):
         load_experiment(path, ["train.optimizer.lrr=0.01"])
+
+
+def test_duplicate_yaml_keys_are_rejected_with_their_lines(write_yaml):
+    path = write_yaml("dup.yaml", "name: x\nmodel: {num_classes: 3}\ntrain: {seed: 1}\nmodel: {num_classes: 4}\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml.*line 4.*duplicate key 'model' \(first at line 2\)"):
+        load_experiment(path)

@@ -16,7 +16,7 @@ from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.errors import ConfigError
 from rcnn_lab.models.builder import build_model
 from rcnn_lab.registry import DATASETS
-from tests.conftest import FIXTURES, TINY_MODEL
+from tests.conftest import DIFF_POOLERS, FIXTURES, TINY_MODEL
 
 ROI_LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask")
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
@@ -31,10 +31,6 @@ variants:
   detach: {model.rpn.proposal_gradient: detach}
   backprop: {model.rpn.proposal_gradient: backprop}
 """
-DIFF_POOLERS = [
-    "model.roi_heads.box_pooler={type: differentiable_roi_align, output_size: 7, sampling_ratio: 2}",
-    "model.roi_heads.mask_pooler={type: differentiable_roi_align, output_size: 14, sampling_ratio: 2}",
-]
 
 
 @pytest.fixture(scope="module")
