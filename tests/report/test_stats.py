@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
-from test_data import BATCH, BOX, EXP, EXP2, ITERATIONS, KEY, VARIANTS, VARIANTS2, build_store
+from tests.report.test_data import BATCH, BOX, EXP, EXP2, ITERATIONS, KEY, VARIANTS, VARIANTS2, build_store
 
 PNG = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside MLflow's sqlalchemy store
