@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+
 from tests.report.test_data import BATCH, BOX, EXP, EXP2, ITERATIONS, KEY, VARIANTS, VARIANTS2, build_store
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -19,6 +19,7 @@ def tiny_experiment(folder: Path, uri: str | None, *, variants: str = "  b: {}\n
     """Write ``folder/exp.yaml``: a tiny CPU experiment tracked at ``uri`` (None: the default store)."""
     folder.mkdir(parents=True, exist_ok=True)
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
+    train_block = train if "checkpoint_every" in train else "  checkpoint_every: 0\n" + train  # no duplicate key
     text = f"""base: {EXPERIMENTS / 'base.yaml'}
 name: {name}
 seeds: [0]
@@ -34,8 +35,7 @@ train:
   optimizer: {{type: sgd, lr: 0.01, momentum: 0.9}}
   lr_scheduler: {{type: multistep, milestones: [0.75], warmup_iters: 1}}
   log_every: 1
-  checkpoint_every: 0
-{train}{tracking}variants:
+{train_block}{tracking}variants:
 {variants}"""
     path = folder / "exp.yaml"
     path.write_text(text)
