@@ -118,13 +118,7 @@ def _run_cocoeval(gt: dict, results: list[dict], iou_type: str, image_ids: list[
         from faster_coco_eval import COCO, COCOeval_faster
 
         coco_gt = COCO(gt)
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type)
-        if image_ids is not None:
-            ev.params.imgIds = image_ids
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
+        ev = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
     else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -133,13 +127,13 @@ def _run_cocoeval(gt: dict, results: list[dict], iou_type: str, image_ids: list[
             coco_gt = COCO()
             coco_gt.dataset = gt
             coco_gt.createIndex()
-            coco_dt = coco_gt.loadRes(results)
-            ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-            if image_ids is not None:
-                ev.params.imgIds = image_ids
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
+            ev = COCOeval(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
+    if image_ids is not None:
+        ev.params.imgIds = image_ids
+    with contextlib.redirect_stdout(io.StringIO()):  # both libraries may print the summary table
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
     stats = np.asarray(ev.stats, dtype=np.float64)[: len(STAT_NAMES)]
     return stats, np.asarray(ev.eval["precision"]), [int(c) for c in ev.params.catIds]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 
 
@@ -73,8 +75,6 @@ class ProgressHook(Hook):
         self.started, self.first = 0.0, 0
 
     def before_train(self, trainer):
-        import time
-
         self.started, self.first = time.perf_counter(), trainer.start_iteration
         if self.use_bar:
             from tqdm.auto import tqdm
@@ -90,9 +90,6 @@ class ProgressHook(Hook):
                 short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in record.losses.items()}
                 self.bar.set_postfix(total=f"{record.total:.3f}", **short)
         elif self.lines and (record.iteration % every == 0 or record.iteration == total):
-            import sys
-            import time
-
             done = record.iteration - self.first
             eta = (time.perf_counter() - self.started) / max(done, 1) * (total - record.iteration)
             losses = " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in record.losses.items())
