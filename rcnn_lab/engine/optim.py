@@ -23,16 +23,25 @@ def _split_decay(params, weight_decay: float, norm_weight_decay: float | None):
 
 @OPTIMIZERS.register("sgd")
 def sgd(params, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = False,
-        norm_weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """SGD with momentum (torchvision detection recipe: lr 0.02 for 16 images, wd 1e-4)."""
-    return torch.optim.SGD(_split_decay(list(params), weight_decay, norm_weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+        norm_weight_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (torchvision detection recipe: lr 0.02 for 16 images, wd 1e-4).
+
+    ``fused``: torch's single-kernel update (CPU and CUDA); same maths, last-bit rounding differs.
+    """
+    return torch.optim.SGD(_split_decay(list(params), weight_decay, norm_weight_decay), lr=lr, momentum=momentum,
+                           nesterov=nesterov, fused=fused or None)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.05,
-          eps: float = 1e-8, norm_weight_decay: float | None = 0.0) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay; biases and norm weights undecayed by default)."""
-    return torch.optim.AdamW(_split_decay(list(params), weight_decay, norm_weight_decay), lr=lr, betas=betas, eps=eps)
+          eps: float = 1e-8, norm_weight_decay: float | None = 0.0, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay; biases and norm weights undecayed by default).
+
+    ``fused``: torch's single-kernel update (CPU and CUDA), several times faster than the default
+    per-parameter loop on CPU (docs/benchmarks/optimizer.md); last-bit rounding differs.
+    """
+    return torch.optim.AdamW(_split_decay(list(params), weight_decay, norm_weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=fused or None)
 
 
 def _warmup(it: int, warmup_iters: int, warmup_factor: float) -> float:

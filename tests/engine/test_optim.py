@@ -143,6 +143,27 @@ def test_adamw_param_groups():
     assert not torch.equal(before, m.fc.weight)
 
 
+@pytest.mark.parametrize("name, kwargs", [("sgd", {"lr": 0.1, "momentum": 0.9}), ("adamw", {"lr": 1e-2})])
+def test_fused_update_matches_the_per_parameter_loop(name, kwargs):
+    def train(fused: bool) -> tuple[Tiny, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = Tiny()
+        opt = OPTIMIZERS.build(Spec(name, {**kwargs, "fused": fused}), "", params=m.parameters())
+        data = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            opt.zero_grad()
+            # no BatchNorm here: it leaves conv.bias a ~0 gradient whose rounding noise Adam amplifies
+            m.fc(m.conv(data).relu().mean((2, 3))).square().sum().backward()
+            opt.step()
+        return m, opt
+
+    (plain, plain_opt), (fused, fused_opt) = train(False), train(True)
+    assert fused_opt.defaults["fused"] and not plain_opt.defaults["fused"]
+    for (key, a), b in zip(plain.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=key)
+    assert not torch.equal(plain.conv.weight, Tiny().conv.weight)  # it did train
+
+
 @pytest.mark.parametrize("family, spec, key, hint", [
     (OPTIMIZERS, {"type": "sgd", "lrr": 0.1}, "train.optimizer.lrr", "did you mean 'lr'"),
     (OPTIMIZERS, {"type": "adamw", "momentum": 0.9}, "train.optimizer.momentum", "valid: lr, betas"),
