@@ -199,6 +199,7 @@ class EvalConfig:
     batch_size: int = 4
     max_images: int | None = None
     per_class: bool = True
+    class_agnostic: bool = False  # also {bbox,segm}_agnostic_AP/AP50/AP75: how much of the gap is wrong labels
 
     def check(self) -> Check:
         out: Check = []

@@ -203,7 +203,8 @@ def eval_shard(dataset, max_images: int | None):
 
 
 def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types: Sequence[str] = ("bbox", "segm"),
-             max_images: int | None = None, amp_dtype: torch.dtype | None = None, per_class: bool = True):
+             max_images: int | None = None, amp_dtype: torch.dtype | None = None, per_class: bool = True,
+             class_agnostic: bool = False):
     """``engine.evaluate.evaluate`` over every rank's shard (loader over :func:`eval_shard`).
 
     Each rank predicts its images; rank 0 gathers the COCO detections, scores them and broadcasts
@@ -216,7 +217,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types:
     w = world()
     if not w.active:
         return evaluate_one(model, loader, dataset, device, iou_types=tuple(iou_types), max_images=max_images,
-                            amp_dtype=amp_dtype, per_class=per_class)
+                            amp_dtype=amp_dtype, per_class=per_class, class_agnostic=class_agnostic)
     started = time.perf_counter()
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -231,7 +232,8 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types:
     def score() -> EvalResult:
         results = [r for p in parts for r in p.results]
         ids = [i for p in parts for i in p.image_ids]
-        metrics, classes = coco_metrics(dataset.coco(), results, tuple(iou_types), per_class=per_class, image_ids=ids)
+        metrics, classes = coco_metrics(dataset.coco(), results, tuple(iou_types), per_class=per_class, image_ids=ids,
+                                        class_agnostic=class_agnostic)
         slowest = max(p.inference_time_s for p in parts)
         metrics["eval_images_per_s"] = len(ids) / slowest if slowest > 0 else 0.0
         metrics["eval_time_s"] = time.perf_counter() - started

@@ -42,11 +42,17 @@ IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 BACKENDS: tuple[str, ...] = ("faster", "pycocotools")
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 """Names of COCOeval's 12 ``stats``, in order (AP/AR over IoU .50:.95 unless named; s/m/l area ranges)."""
+AGNOSTIC_STATS: tuple[str, ...] = ("AP", "AP50", "AP75")
+"""The stats also reported class-agnostically (``{iou_type}_agnostic_{stat}``) when asked for."""
 
 
-def metric_names(iou_types: Iterable[str] = IOU_TYPES) -> list[str]:
-    """The metric keys :func:`coco_metrics` returns for ``iou_types``, e.g. ``bbox_AP`` ... ``segm_ARl``."""
-    return [f"{t}_{s}" for t in iou_types for s in STAT_NAMES]
+def metric_names(iou_types: Iterable[str] = IOU_TYPES, class_agnostic: bool = False) -> list[str]:
+    """The metric keys :func:`coco_metrics` returns for ``iou_types``, e.g. ``bbox_AP`` ... ``segm_ARl``.
+
+    With ``class_agnostic``, each type also has ``{type}_agnostic_AP``, ``_AP50`` and ``_AP75``.
+    """
+    agnostic = AGNOSTIC_STATS if class_agnostic else ()
+    return [name for t in iou_types for name in [f"{t}_{s}" for s in STAT_NAMES] + [f"{t}_agnostic_{s}" for s in agnostic]]
 
 
 # --- model outputs -> COCO results -------------------------------------------------------------
@@ -112,8 +118,11 @@ def _results_for(results: Sequence[dict], iou_type: str) -> list[dict]:
 
 
 def _run_cocoeval(gt: dict, results: list[dict], iou_type: str, image_ids: list[int] | None,
-                  backend: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Evaluate, accumulate, summarize; returns (12 stats, precision [T,R,K,A,M], category ids of K)."""
+                  backend: str, use_cats: bool = True) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Evaluate, accumulate, summarize; returns (12 stats, precision [T,R,K,A,M], category ids of K).
+
+    ``use_cats=False`` is COCOeval's ``useCats = 0``: a detection may match ground truth of any category.
+    """
     if backend == "faster":
         from faster_coco_eval import COCO, COCOeval_faster
 
@@ -130,6 +139,7 @@ def _run_cocoeval(gt: dict, results: list[dict], iou_type: str, image_ids: list[
             ev = COCOeval(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
     if image_ids is not None:
         ev.params.imgIds = image_ids
+    ev.params.useCats = int(use_cats)
     with contextlib.redirect_stdout(io.StringIO()):  # both libraries may print the summary table
         ev.evaluate()
         ev.accumulate()
@@ -158,7 +168,8 @@ def _per_class_ap(precision: np.ndarray) -> list[float]:
 
 
 def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_types: Sequence[str] = IOU_TYPES, per_class: bool = False,
-                 backend: Backend = "faster", image_ids: Sequence[int] | None = None) -> tuple[dict[str, float], dict]:
+                 backend: Backend = "faster", image_ids: Sequence[int] | None = None,
+                 class_agnostic: bool = False) -> tuple[dict[str, float], dict]:
     """Score COCO ``results`` against ``coco_gt`` (a ``pycocotools.coco.COCO``; only ``.dataset`` and ``.cats`` are read).
 
     Returns ``(metrics, per_class)``: ``metrics`` maps :func:`metric_names` to floats (-1.0 where
@@ -168,6 +179,9 @@ def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_types: Sequence[str]
     ``image_ids`` restricts evaluation to those images (e.g. the ones a capped run predicted);
     by default every GT image counts, so an image without results counts as all misses.
     ``backend``: ``faster`` (faster-coco-eval) or ``pycocotools``; they give equal numbers.
+    ``class_agnostic`` adds ``{iou_type}_agnostic_AP/AP50/AP75``: the same detections scored with
+    COCOeval's ``useCats = 0`` (any category matches). The gap to ``AP`` is what wrong labels cost;
+    what remains below 1 is localisation, misses and duplicates.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown COCO eval backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -183,13 +197,13 @@ def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_types: Sequence[str]
     metrics: dict[str, float] = {}
     classes: dict[str, dict[str, float]] = {}
     keys: dict[int, str] | None = None
+    if ids is not None:
+        allowed = set(ids)
+        results = [r for r in results if int(r["image_id"]) in allowed]
     for iou_type in iou_types:
         res = _results_for(results, iou_type)
-        if ids is not None:
-            allowed = set(ids)
-            res = [r for r in res if int(r["image_id"]) in allowed]
         if not res or ids == []:
-            metrics.update({f"{iou_type}_{s}": 0.0 for s in STAT_NAMES})
+            metrics.update({k: 0.0 for k in metric_names([iou_type], class_agnostic)})
             if per_class:
                 cat_ids = sorted(int(c) for c in coco_gt.cats)
                 keys = keys or _class_keys(coco_gt, cat_ids)
@@ -197,6 +211,10 @@ def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_types: Sequence[str]
             continue
         stats, precision, cat_ids = _run_cocoeval(_gt_dataset(coco_gt), res, iou_type, ids, backend)
         metrics.update({f"{iou_type}_{s}": float(v) for s, v in zip(STAT_NAMES, stats)})
+        if class_agnostic:
+            fresh = _results_for(results, iou_type)  # loadRes wrote keys into the first copies
+            agnostic = _run_cocoeval(_gt_dataset(coco_gt), fresh, iou_type, ids, backend, use_cats=False)[0]
+            metrics.update({f"{iou_type}_agnostic_{s}": float(agnostic[STAT_NAMES.index(s)]) for s in AGNOSTIC_STATS})
         if per_class:
             keys = keys or _class_keys(coco_gt, cat_ids)
             classes[iou_type] = {keys[c]: ap for c, ap in zip(cat_ids, _per_class_ap(precision))}
@@ -273,12 +291,13 @@ def predict(model: nn.Module, loader: Iterable, categories: Sequence[dict[str, A
 
 def evaluate(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device | str,
              iou_types: Sequence[str] = IOU_TYPES, max_images: int | None = None, amp_dtype: torch.dtype | None = None,
-             progress: bool = False, per_class: bool = True, backend: Backend = "faster") -> EvalResult:
+             progress: bool = False, per_class: bool = True, backend: Backend = "faster",
+             class_agnostic: bool = False) -> EvalResult:
     """COCO-evaluate ``model`` on ``loader`` over ``dataset`` (``categories`` and ``coco()``, Dataset contract).
 
     Puts the model in eval mode under ``torch.inference_mode`` and restores every submodule's
     train/eval flag afterwards. Only the predicted images are scored (matters with
-    ``max_images``). ``metrics`` holds :func:`metric_names` ``(iou_types)`` plus
+    ``max_images``). ``metrics`` holds :func:`metric_names` ``(iou_types, class_agnostic)`` plus
     ``eval_images_per_s`` (images / pure forward time) and ``eval_time_s`` (wall time of the
     whole evaluation, scoring included).
     """
@@ -293,7 +312,7 @@ def evaluate(model: nn.Module, loader: Iterable, dataset: Any, device: torch.dev
         for m, training in modes:
             m.training = training
     metrics, classes = coco_metrics(dataset.coco(), pred.results, iou_types, per_class=per_class, backend=backend,
-                                    image_ids=pred.image_ids)
+                                    image_ids=pred.image_ids, class_agnostic=class_agnostic)
     metrics["eval_images_per_s"] = pred.num_images / pred.inference_time_s if pred.inference_time_s > 0 else 0.0
     metrics["eval_time_s"] = time.perf_counter() - started
     return EvalResult(metrics, classes)

@@ -15,7 +15,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from rcnn_lab.engine.evaluate import STAT_NAMES, coco_metrics, detections_to_coco, evaluate, metric_names
+from rcnn_lab.engine.evaluate import (
+    AGNOSTIC_STATS,
+    STAT_NAMES,
+    coco_metrics,
+    detections_to_coco,
+    evaluate,
+    metric_names,
+)
 
 # pycocotools' decode under numpy 2 warns about ``__array__(copy=...)``; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -102,13 +109,14 @@ def make_detections(gt: dict, seed: int) -> list[dict]:
     return out
 
 
-def reference_stats(gt: dict, results: list[dict], iou_type: str) -> np.ndarray:
+def reference_stats(gt: dict, results: list[dict], iou_type: str, use_cats: int = 1) -> np.ndarray:
     """pycocotools' own 12 stats; segm results without box, bbox results without mask (the module's convention)."""
     drop = "bbox" if iou_type == "segm" else "segmentation"
     res = [{k: v for k, v in r.items() if k != drop} for r in copy.deepcopy(results)]
     coco_gt = pyco_gt(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco_gt, coco_gt.loadRes(res), iouType=iou_type)
+        ev.params.useCats = use_cats
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -172,6 +180,38 @@ def test_coco_metrics_match_pycocotools(seed, backend):
     assert results == results_before and coco_gt.dataset == gt_before  # nothing mutated
 
 
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_class_agnostic_metrics_match_pycocotools_use_cats_0(backend):
+    gt = make_gt(1)
+    results = make_detections(gt, 101)
+    metrics, _ = coco_metrics(pyco_gt(gt), results, backend=backend, class_agnostic=True)
+    assert list(metrics) == metric_names(class_agnostic=True)
+    for iou_type in ("bbox", "segm"):
+        ref = reference_stats(gt, results, iou_type, use_cats=0)
+        ours = [metrics[f"{iou_type}_agnostic_{s}"] for s in AGNOSTIC_STATS]
+        np.testing.assert_allclose(ours, ref[:3], rtol=0, atol=1e-6, err_msg=f"{backend} {iou_type}")
+        np.testing.assert_allclose(metrics[f"{iou_type}_AP"], reference_stats(gt, results, iou_type)[0], atol=1e-6)
+
+
+def test_class_agnostic_ap_ignores_wrong_labels():
+    gt = make_gt(5)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+
+    def rle(a: dict) -> dict:  # the ground truth's polygon as the RLE a model's result would carry
+        seg = a["segmentation"]
+        return _rle(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, *sizes[a["image_id"]])))) if isinstance(seg, list) else seg
+
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": rle(a)} for a in gt["annotations"] if not a["iscrowd"]]
+    wrong = [{**r, "category_id": {3: 7, 7: 9, 9: 3}[r["category_id"]]} for r in perfect]
+    right, _ = coco_metrics(pyco_gt(gt), perfect, class_agnostic=True)
+    mislabelled, _ = coco_metrics(pyco_gt(gt), wrong, class_agnostic=True)
+    for t in ("bbox", "segm"):
+        assert right[f"{t}_AP"] == pytest.approx(1.0) and right[f"{t}_agnostic_AP"] == pytest.approx(1.0)
+        assert mislabelled[f"{t}_AP"] == 0.0  # every label wrong: nothing matches its class
+        assert mislabelled[f"{t}_agnostic_AP"] == pytest.approx(1.0)  # ... but every object is found and outlined
+
+
 def test_backends_agree_on_per_class_and_subsets():
     gt = make_gt(3)
     results = make_detections(gt, 7)
@@ -189,6 +229,7 @@ def test_empty_results_give_zeros():
     coco_gt = pyco_gt(make_gt(0))
     metrics, per_class = coco_metrics(coco_gt, [], per_class=True)
     assert metrics == dict.fromkeys(metric_names(), 0.0)
+    assert coco_metrics(coco_gt, [], class_agnostic=True)[0] == dict.fromkeys(metric_names(class_agnostic=True), 0.0)
     assert per_class == {t: {"circle": 0.0, "square": 0.0, "triangle": 0.0} for t in ("bbox", "segm")}
     bbox_only = [{"image_id": 10, "category_id": 3, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.5}]
     metrics, _ = coco_metrics(coco_gt, bbox_only, backend="pycocotools")

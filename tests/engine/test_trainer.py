@@ -225,6 +225,13 @@ def test_eval_per_class_is_passed_to_evaluate(tmp_path, monkeypatch):
     assert "bbox_AP" in result.metrics and "segm_AP" not in result.metrics
 
 
+def test_eval_class_agnostic_adds_the_agnostic_metrics(tmp_path):
+    config = tiny_config(tmp_path, "eval.class_agnostic=true", "eval.iou_types=[segm]", "eval.max_images=2")
+    metrics = Trainer(config, tmp_path / "out", resume=False).evaluate(0).metrics
+    assert [k for k in metrics if "agnostic" in k] == ["segm_agnostic_AP", "segm_agnostic_AP50", "segm_agnostic_AP75"]
+    assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if "agnostic" in k)
+
+
 @pytest.mark.parametrize("num_classes, categories", [(4, 5), (5, 5)])
 def test_num_classes_must_cover_the_dataset(tmp_path, num_classes, categories):
     config = tiny_config(tmp_path, f"model.num_classes={num_classes}")
