@@ -97,6 +97,21 @@ class ProgressHook(Hook):
                   f"data {record.data_time * 1e3:.0f}ms step {record.step_time * 1e3:.0f}ms  "
                   f"mem {record.peak_memory_mb:.0f}MB  eta {eta / 60:.1f}min", file=self.stream or sys.stderr, flush=True)
 
+    def after_eval(self, trainer, iteration, metrics, per_class):
+        """One line per evaluation: AP and AP50 per IoU type (and the class-agnostic AP50 when computed)."""
+        if not self.lines and self.bar is None:
+            return
+        parts = []
+        for t in ("bbox", "segm"):
+            if f"{t}_AP" in metrics:
+                agnostic = f" (agnostic {metrics[f'{t}_agnostic_AP50']:.3f})" if f"{t}_agnostic_AP50" in metrics else ""
+                parts.append(f"{t} AP {metrics[f'{t}_AP']:.3f} AP50 {metrics[f'{t}_AP50']:.3f}{agnostic}")
+        line = f"{self.desc} eval @{iteration}  " + "  ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream or sys.stderr)
+        else:
+            print(line, file=self.stream or sys.stderr, flush=True)
+
     def after_train(self, trainer, result):
         if self.bar is not None:
             self.bar.close()

@@ -47,3 +47,17 @@ def test_resumed_run_counts_from_its_start_and_lines_can_be_silenced():
     silent.before_train(trainer)
     silent.after_step(trainer, record(10))
     assert quiet.getvalue() == ""
+
+
+def test_each_evaluation_prints_one_line_with_ap_and_ap50():
+    out = io.StringIO()
+    hook, trainer = ProgressHook(bar=False, desc="quick seed=0", stream=out), fake_trainer(iterations=10, log_every=5)
+    hook.before_train(trainer)
+    metrics = {"bbox_AP": 0.25, "bbox_AP50": 0.5, "segm_AP": 0.125, "segm_AP50": 0.375, "segm_agnostic_AP50": 0.75}
+    hook.after_eval(trainer, 400, metrics, {})
+    assert out.getvalue() == ("quick seed=0 eval @400  bbox AP 0.250 AP50 0.500  "
+                              "segm AP 0.125 AP50 0.375 (agnostic 0.750)\n")
+    quiet = io.StringIO()
+    silent = ProgressHook(bar=False, lines=False, stream=quiet)
+    silent.after_eval(trainer, 400, metrics, {})
+    assert quiet.getvalue() == ""
