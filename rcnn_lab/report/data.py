@@ -26,7 +26,7 @@ RUN_COLUMNS = [
 ]
 # Leaf config keys without a dot (``name``, ``description``, ``plugins``); every other param key is dotted.
 _TOP_LEVEL_KEYS = frozenset(f.name for f in fields(RunConfig))
-_KEY_COLUMNS = ["experiment", "variant", "seed", "config_hash"]
+_KEY_COLUMNS = ["experiment", "variant", "seed"]
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,11 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
 
 
 def latest_finished(df: pd.DataFrame) -> pd.DataFrame:
-    """The newest FINISHED run per (experiment, variant, seed, config hash); older duplicates are dropped."""
+    """The newest FINISHED run per (experiment, variant, seed); older ones are dropped.
+
+    Older means a rerun (``--force``) or a run of an earlier config of that variant (edited YAML,
+    other ``--set``): averaging those in would mix two experiments, so the newest one stands.
+    """
     done = df[df["status"] == "FINISHED"]
     done = done.sort_values("start_time", ascending=False, kind="stable")
     return done.drop_duplicates(_KEY_COLUMNS, keep="first").sort_values("start_time", kind="stable")

@@ -136,6 +136,25 @@ def test_latest_finished_drops_older_duplicate_and_unfinished(uri):
     assert set(metric_columns(df)) == {"bbox_AP", "bbox_AP50", "segm_AP", "train_time_s", "eval_images_per_s"}
 
 
+def test_latest_finished_keeps_only_the_newest_config_of_a_variant_seed(tmp_path):
+    from mlflow import MlflowClient
+
+    from rcnn_lab.report import latest_finished, runs
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=store)
+    exp_id = c.create_experiment(EXP, artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = c.create_run(exp_id, start_time=T0, tags={"rcnn_lab.kind": "sweep"}).info.run_id
+    old = _log(c, exp_id, parent, T0 + 1, "base", 0, baseline=True, final={"bbox_AP": 0.1})
+    c.set_tag(old, "rcnn_lab.config_hash", "h-before-the-yaml-was-edited")
+    _log(c, exp_id, parent, T0 + 2, "base", 0, baseline=True, final={"bbox_AP": 0.3})
+    _log(c, exp_id, parent, T0 + 3, "base", 1, baseline=True, final={"bbox_AP": 0.5})
+    df = runs(EXP, tracking_uri=store)
+    assert len(df) == 3 and df["config_hash"].nunique() == 2
+    done = latest_finished(df)
+    assert sorted(zip(done["seed"], done["bbox_AP"])) == [(0, pytest.approx(0.3)), (1, pytest.approx(0.5))]
+
+
 def test_experiment_yaml_gives_name_and_store(uri, write_yaml):
     from rcnn_lab.report import runs
 
