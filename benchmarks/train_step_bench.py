@@ -12,7 +12,8 @@ Run from the repository root::
   with the config's kwargs, loaded with the framework model's initial ``state_dict`` (strict, so
   the module structure is identical), trained by a loop written the way torchvision's reference
   script does it: ``model(images, targets)``, ``sum``, ``.item()`` + finiteness check,
-  ``zero_grad``, ``backward``, SGD ``step``, LambdaLR ``step``.
+  ``zero_grad``, ``backward``, ``clip_grad_norm_`` when the config clips, ``step`` of the config's
+  optimizer class (SGD or AdamW, same lr, weight decay and ``fused``), LambdaLR ``step``.
 
 Both loops read the same batches (the same seeded ``build_loader`` stream, same transforms). The
 CPU may be shared, so the loops run interleaved in alternating blocks of ``--block`` steps (the
@@ -152,8 +153,12 @@ class PlainLoop:
         self.model, self.device = model.to(device).train(), device
         o = t.optimizer.kwargs
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=o.get("lr", 0.02), momentum=o.get("momentum", 0.9),
-                                         weight_decay=o.get("weight_decay", 1e-4))
+        if t.optimizer.type == "adamw":  # the config's optimizer class and settings, written out by hand
+            self.optimizer = torch.optim.AdamW(params, lr=o.get("lr", 1e-4), weight_decay=o.get("weight_decay", 0.05),
+                                               fused=o.get("fused") or None)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=o.get("lr", 0.02), momentum=o.get("momentum", 0.9),
+                                             weight_decay=o.get("weight_decay", 1e-4), fused=o.get("fused") or None)
         s = t.lr_scheduler.kwargs
         warmup, factor = s.get("warmup_iters", 0), s.get("warmup_factor", 0.001)
         steps = [int(x * t.iterations) for x in s.get("milestones", [0.67, 0.89])]
@@ -165,6 +170,7 @@ class PlainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         transforms = [TRANSFORMS.build(spec) for spec in d.transforms]
         self.stream = iter(build_loader(train_set, d.batch_size, shuffle=True, transforms=transforms, seed=t.seed, infinite=True))
+        self.params, self.clip = params, t.clip_grad_norm
         self.times = Times()
 
     def run(self, steps: int) -> None:
@@ -181,6 +187,8 @@ class PlainLoop:
                 sys.exit(f"plain loop: loss is {loss_value}")
             self.optimizer.zero_grad()
             losses.backward()
+            if self.clip is not None:  # torchvision's reference script: --clip-grad-norm
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
             self.optimizer.step()
             self.scheduler.step()
             self.times.add(time.perf_counter() - start, time.process_time() - cpu, loaded - start)
@@ -226,7 +234,7 @@ class StubDetector(torch.nn.Module):
 def interleaved(config, total: int, block: int, stub: bool = False):
     """Run both loops for ``total`` steps in alternating blocks; returns (timer, plain, model note, same outputs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        hooks = [ProgressHook(enabled=sys.stderr.isatty(), desc="framework")]
+        hooks = [ProgressHook(bar=sys.stderr.isatty(), lines=False, desc="framework")]
         if config.train.grad_probe_every and not stub:
             from rcnn_lab.runner.artifacts import GradNormHook
 
