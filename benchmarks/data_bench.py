@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _publish import publish
 
 from rcnn_lab.data.coco import CocoDataset
 from rcnn_lab.data.export import export_shapes
@@ -98,11 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     text = markdown(run(args.quick))
-    print(text)
-    if not args.no_write:
-        REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(text)
-        print(f"wrote {REPORT.relative_to(ROOT)}")
+    publish(text, REPORT, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from _publish import publish
 
 from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.engine.hooks import Hook
@@ -198,9 +199,7 @@ def main() -> None:
     cmd = "python benchmarks/mlflow_overhead_bench.py" + "".join(
         f" --{k} {getattr(args, k)}" for k in ("steps", "rounds", "every") if getattr(args, k) != parser.get_default(k))
     text = render(res, cmd)
-    print(text)
-    if not args.no_write:
-        REPORT.write_text(text)
+    publish(text, REPORT, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _publish import publish
 
 from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.models.builder import build_model
@@ -79,11 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     count, numel, table = run(ROOT / args.config, args.warmup, args.repeats)
     text = markdown(args.config, count, numel, table, torch.get_num_threads())
-    print(text)
-    if not args.no_write:
-        REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(text)
-        print(f"wrote {REPORT.relative_to(ROOT)}")
+    publish(text, REPORT, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _publish import publish
 
 import rcnn_lab
 from rcnn_lab.data.loader import build_loader
@@ -330,11 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "so it leaves out time the process waited for a core; on a shared machine it is the steadier measure.",
         "Wall-clock figures from a busy machine are noisy even interleaved.", "",
     ])
-    print(text)
-    if not args.no_write:
-        REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(text)
-        print(f"wrote {REPORT.relative_to(ROOT)}")
+    publish(text, REPORT, write=not args.no_write)
     return 0
 
 
