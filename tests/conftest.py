@@ -54,6 +54,32 @@ DIFF_POOLERS = [
 ]
 
 
+# the tiny detach-vs-backprop experiment shared by the proposal-gradient and probe tests
+DETACH_VS_BACKPROP = TINY_MODEL + """
+data:
+  train: {type: shapes, split: train, num_images: 4, image_size: 64, min_objects: 2}
+  val: {type: shapes, split: val, num_images: 2, image_size: 64}
+  batch_size: 2
+train: {iterations: 2, lr_scheduler: {type: multistep, milestones: [0.75], warmup_iters: 0}}
+variants:
+  detach: {model.rpn.proposal_gradient: detach}
+  backprop: {model.rpn.proposal_gradient: backprop}
+"""
+
+
+def detach_vs_backprop(folder: Path, name: str) -> tuple[dict, list, list]:
+    """Load :data:`DETACH_VS_BACKPROP` with :data:`DIFF_POOLERS`: ``({variant: config}, 2 train images, their targets)``."""
+    from rcnn_lab.config.loader import load_experiment
+    from rcnn_lab.registry import DATASETS
+
+    path = folder / "exp.yaml"
+    path.write_text(f"name: {name}\n" + DETACH_VS_BACKPROP)
+    configs = {v.name: v.config for v in load_experiment(path, DIFF_POOLERS).variants}
+    data = DATASETS.build(configs["detach"].data.train, "data.train")
+    images, targets = zip(*(data[i] for i in range(2)))
+    return configs, list(images), list(targets)
+
+
 @pytest.fixture
 def tiny_model_yaml() -> str:
     return TINY_MODEL

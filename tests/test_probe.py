@@ -8,11 +8,9 @@ import random
 import pytest
 import torch
 
-from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.models.builder import build_model, component_modules
 from rcnn_lab.probe import LOSSES, grad_norms, probe
-from rcnn_lab.registry import DATASETS
-from tests.conftest import DIFF_POOLERS, TINY_MODEL
+from tests.conftest import detach_vs_backprop
 
 COMPONENTS = ["backbone.body", "backbone.fpn", "rpn.head.conv", "rpn.head.cls_logits", "rpn.head.bbox_pred",
               "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_head", "roi_heads.mask_predictor"]
@@ -20,29 +18,11 @@ RPN_HEAD = ["rpn.head.conv", "rpn.head.cls_logits", "rpn.head.bbox_pred"]
 ROI_HEADS = ["roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_head", "roi_heads.mask_predictor"]
 ROI_LOSSES = ["loss_classifier", "loss_box_reg", "loss_mask"]
 
-EXPERIMENT = TINY_MODEL + """
-name: probe_test
-data:
-  train: {type: shapes, split: train, num_images: 4, image_size: 64, min_objects: 2}
-  val: {type: shapes, split: val, num_images: 2, image_size: 64}
-  batch_size: 2
-train: {iterations: 2, lr_scheduler: {type: multistep, milestones: [0.75], warmup_iters: 0}}
-variants:
-  detach: {model.rpn.proposal_gradient: detach}
-  backprop: {model.rpn.proposal_gradient: backprop}
-"""
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("probe") / "exp.yaml"
-    path.write_text(EXPERIMENT)
-    exp = load_experiment(path, DIFF_POOLERS)
-    assert exp.variants[0].config.model.transform.min_size == 64
-    configs = {v.name: v.config for v in exp.variants}
-    data = DATASETS.build(configs["detach"].data.train, "data.train")
-    images, targets = zip(*(data[i] for i in range(2)))
-    return configs, list(images), list(targets)
+    configs, images, targets = detach_vs_backprop(tmp_path_factory.mktemp("probe"), "probe_test")
+    assert configs["detach"].model.transform.min_size == 64
+    return configs, images, targets
 
 
 @pytest.fixture(scope="module")

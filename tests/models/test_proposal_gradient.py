@@ -15,34 +15,17 @@ import rcnn_lab.models.proposal_gradient as pg
 from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.errors import ConfigError
 from rcnn_lab.models.builder import build_model
-from rcnn_lab.registry import DATASETS
-from tests.conftest import DIFF_POOLERS, FIXTURES, TINY_MODEL
+from tests.conftest import FIXTURES, detach_vs_backprop
 
 ROI_LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask")
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 RPN_HEAD = ("conv", "cls_logits", "bbox_pred")
 
-EXPERIMENT = TINY_MODEL + """
-name: proposal_gradient_test
-data:
-  train: {type: shapes, split: train, num_images: 4, image_size: 64, min_objects: 2}
-  val: {type: shapes, split: val, num_images: 2, image_size: 64}
-variants:
-  detach: {model.rpn.proposal_gradient: detach}
-  backprop: {model.rpn.proposal_gradient: backprop}
-"""
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(detach config, backprop config, images, targets)."""
-    path = tmp_path_factory.mktemp("pg") / "exp.yaml"
-    path.write_text(EXPERIMENT)
-    exp = load_experiment(path, DIFF_POOLERS)
-    detach, backprop = (exp.variant(n).config for n in ("detach", "backprop"))
-    data = DATASETS.build(detach.data.train, "data.train")
-    images, targets = zip(*(data[i] for i in range(2)))
-    return detach, backprop, list(images), list(targets)
+    configs, images, targets = detach_vs_backprop(tmp_path_factory.mktemp("pg"), "proposal_gradient_test")
+    return configs["detach"], configs["backprop"], images, targets
 
 
 def twin_models(setup):
