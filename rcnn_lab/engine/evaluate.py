@@ -117,12 +117,15 @@ def _results_for(results: Sequence[dict], iou_type: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != drop} for r in results if need in r]
 
 
-def _run_cocoeval(gt: dict, results: list[dict], iou_type: str, image_ids: list[int] | None,
+def _run_cocoeval(coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int] | None,
                   backend: str, use_cats: bool = True) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Evaluate, accumulate, summarize; returns (12 stats, precision [T,R,K,A,M], category ids of K).
 
     ``use_cats=False`` is COCOeval's ``useCats = 0``: a detection may match ground truth of any category.
+    Works on shallow copies (``loadRes`` and COCOeval write keys into the dicts they get), so the
+    same ``results`` can be scored again.
     """
+    gt, results = _gt_dataset(coco_gt), [dict(r) for r in results]
     if backend == "faster":
         from faster_coco_eval import COCO, COCOeval_faster
 
@@ -209,11 +212,10 @@ def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_types: Sequence[str]
                 keys = keys or _class_keys(coco_gt, cat_ids)
                 classes[iou_type] = {keys[c]: 0.0 for c in cat_ids}
             continue
-        stats, precision, cat_ids = _run_cocoeval(_gt_dataset(coco_gt), res, iou_type, ids, backend)
+        stats, precision, cat_ids = _run_cocoeval(coco_gt, res, iou_type, ids, backend)
         metrics.update({f"{iou_type}_{s}": float(v) for s, v in zip(STAT_NAMES, stats)})
         if class_agnostic:
-            fresh = _results_for(results, iou_type)  # loadRes wrote keys into the first copies
-            agnostic = _run_cocoeval(_gt_dataset(coco_gt), fresh, iou_type, ids, backend, use_cats=False)[0]
+            agnostic = _run_cocoeval(coco_gt, res, iou_type, ids, backend, use_cats=False)[0]
             metrics.update({f"{iou_type}_agnostic_{s}": float(agnostic[STAT_NAMES.index(s)]) for s in AGNOSTIC_STATS})
         if per_class:
             keys = keys or _class_keys(coco_gt, cat_ids)
