@@ -9,6 +9,7 @@ import torch
 
 from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.engine import checkpoint as ckpt
+from rcnn_lab.engine import trainer as trainer_module
 from rcnn_lab.engine.hooks import Hook, StepRecord
 from rcnn_lab.engine.trainer import Trainer, TrainResult
 from rcnn_lab.errors import ConfigError, TrainingError
@@ -250,3 +251,26 @@ def test_val_categories_must_match_train(tmp_path):
         Trainer(config, tmp_path / "out")
     assert [p.path for p in info.value.problems] == ["data.val"]
     assert "label 5" in str(info.value)
+
+
+@pytest.mark.parametrize("amp, device, native, expected", [
+    ("none", "cpu", True, None), ("bf16", "cuda", False, torch.bfloat16), ("fp16", "cuda", False, torch.float16),
+    ("bf16", "cpu", True, torch.bfloat16), ("bf16", "cpu", False, None), ("fp16", "cpu", True, None),
+])
+def test_resolve_amp(amp, device, native, expected, monkeypatch, capsys):
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    assert trainer_module.resolve_amp(amp, torch.device(device)) is expected
+    notice = capsys.readouterr().err
+    assert ("training in float32" in notice) == (amp != "none" and expected is None)
+
+
+def test_bf16_on_cpu_trains_under_autocast(tmp_path, monkeypatch, uninterrupted):
+    """train.amp=bf16 on a CPU with native bf16 changes the losses (autocast is on) and stays finite."""
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)  # emulated where not native: slow, same maths
+    config = tiny_config(tmp_path, "train.amp=bf16", "train.checkpoint_every=0")
+    result = Trainer(config, tmp_path / "out", resume=False).fit()
+    fp32 = uninterrupted[1].history
+    assert len(result.history) == len(fp32) == ITERATIONS
+    assert all(math.isfinite(h[k]) for h in result.history for k in LOSSES)
+    assert result.history[0]["loss_classifier"] != fp32[0]["loss_classifier"]
+    assert result.history[0]["loss_classifier"] == pytest.approx(fp32[0]["loss_classifier"], rel=0.05)

@@ -90,3 +90,16 @@ def test_imagenet_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
         rcnn_lab.build_model(exp.variants[0].config.model)
     p = exc.value.problems[0]
     assert p.path == "model.backbone.weights" and "weights: /path/to/resnet18" in p.message
+
+
+@pytest.mark.parametrize("fpn_norm, kind", [("batchnorm", torch.nn.BatchNorm2d), ("groupnorm", torch.nn.GroupNorm)])
+def test_fpn_norm_normalises_every_fpn_convolution(fpn_norm, kind):
+    from rcnn_lab.models.backbones import resnet_fpn
+
+    plain = resnet_fpn(depth=18, returned_layers=[2, 3], out_channels=64)
+    normed = resnet_fpn(depth=18, returned_layers=[2, 3], out_channels=64, fpn_norm=fpn_norm)
+    assert not any(isinstance(m, kind) for m in plain.fpn.modules())
+    blocks = [*normed.fpn.inner_blocks, *normed.fpn.layer_blocks]
+    assert len(blocks) == 4 and all(isinstance(block[1], kind) for block in blocks)
+    out = normed(torch.rand(2, 3, 64, 64))
+    assert list(out) == ["0", "1", "pool"] and out["0"].shape == (2, 64, 8, 8)
