@@ -74,13 +74,13 @@ def resnet_fpn(
     returned_layers: list[int] = (1, 2, 3, 4),
     out_channels: int = 256,
     extra_block: Literal["maxpool", "none"] = "maxpool",
-    fpn_norm: Norm | None = None,
+    fpn_norm: Literal["none", "batchnorm", "groupnorm"] = "none",
 ) -> nn.Module:
     """ResNet body + FPN (torchvision's Mask R-CNN backbone); weights: null | imagenet | PATH.
 
     Defaults follow torchvision: without weights all 5 stages train with BatchNorm; with
     weights, 3 stages train and BatchNorm is frozen. ``fpn_norm`` normalises the FPN's lateral
-    and output convolutions too (torchvision's ``norm_layer``; none by default).
+    and output convolutions too (torchvision's ``norm_layer``; the heads' ``norm`` vocabulary).
     """
     trained = weights is not None
     trainable_layers = (3 if trained else 5) if trainable_layers is None else trainable_layers
@@ -105,7 +105,7 @@ def resnet_fpn(
     stage2 = body.inplanes // 8
     in_channels = [stage2 * 2 ** (i - 1) for i in returned_layers]
     model = BackboneWithFPN(body, return_layers, in_channels, out_channels, extra_blocks=extra,
-                            norm_layer=norm_layer(fpn_norm) if fpn_norm else None)
+                            norm_layer=None if fpn_norm == "none" else norm_layer(fpn_norm))
     model.featmap_names = [str(i) for i in range(len(returned_layers))] + (["pool"] if extra else [])
     return model
 
