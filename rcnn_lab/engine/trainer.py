@@ -116,7 +116,7 @@ class Trainer:
         check_num_classes(config.model.num_classes, self.train_set, self.val_set)
         seed_everything(t.seed)
         self.model = build_model(config.model).to(self.device)
-        if t.channels_last and self.device.type == "cuda":
+        if t.channels_last:  # CUDA: tensor-core layouts; CPU: oneDNN's native layout (fast max-pool)
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp_model = distributed.wrap(self.model, self.device)  # DistributedDataParallel, or the model itself
