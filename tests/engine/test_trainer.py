@@ -276,14 +276,21 @@ def test_bf16_on_cpu_trains_under_autocast(tmp_path, monkeypatch, uninterrupted)
     assert result.history[0]["loss_classifier"] == pytest.approx(fp32[0]["loss_classifier"], rel=0.05)
 
 
-def test_channels_last_on_cpu_trains_the_same_model(tmp_path, uninterrupted):
-    """train.channels_last applies on CPU too: NHWC weights, the same losses as NCHW up to rounding."""
-    config = tiny_config(tmp_path, "train.channels_last=true", "train.checkpoint_every=0")
-    trainer = Trainer(config, tmp_path / "out", resume=False)
+def test_channels_last_on_cpu_trains_the_same_model_and_resumes_exactly(tmp_path, uninterrupted):
+    """train.channels_last applies on CPU too: NHWC weights, NCHW's losses up to rounding, exact resume."""
+    overrides = ("train.channels_last=true",)
+    trainer = Trainer(tiny_config(tmp_path, *overrides), tmp_path / "full", resume=False)
     conv = trainer.model.backbone.body.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    result = trainer.fit()
+    full = trainer.fit()
     nchw = uninterrupted[1].history
-    assert len(result.history) == len(nchw) == ITERATIONS
+    assert len(full.history) == len(nchw) == ITERATIONS
     for k in LOSSES:
-        assert result.history[-1][k] == pytest.approx(nchw[-1][k], rel=1e-3, abs=1e-5)
+        assert full.history[-1][k] == pytest.approx(nchw[-1][k], rel=1e-3, abs=1e-5)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(tmp_path, *overrides), tmp_path / "cut", hooks=[Recorder(stop_after_checkpoint=CHECKPOINT_EVERY)]).fit()
+    resumed = Trainer(tiny_config(tmp_path, *overrides), tmp_path / "cut", resume=True)
+    assert resumed.start_iteration == CHECKPOINT_EVERY
+    assert resumed.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert _losses(resumed.fit().history) == _losses(full.history)
