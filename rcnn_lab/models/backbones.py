@@ -9,22 +9,14 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
-from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rcnn_lab.errors import ConfigError, Problem
+from rcnn_lab.models.norms import norm_layer
 from rcnn_lab.registry import BACKBONES
 
 Norm = Literal["batchnorm", "frozen_batchnorm", "groupnorm"]
 _RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
-
-
-def norm_layer(norm: Norm):
-    if norm == "batchnorm":
-        return nn.BatchNorm2d
-    if norm == "frozen_batchnorm":
-        return misc_nn_ops.FrozenBatchNorm2d
-    return lambda channels: nn.GroupNorm(32, channels)
 
 
 def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
@@ -105,7 +97,7 @@ def resnet_fpn(
     stage2 = body.inplanes // 8
     in_channels = [stage2 * 2 ** (i - 1) for i in returned_layers]
     model = BackboneWithFPN(body, return_layers, in_channels, out_channels, extra_blocks=extra,
-                            norm_layer=None if fpn_norm == "none" else norm_layer(fpn_norm))
+                            norm_layer=norm_layer(fpn_norm, [out_channels], "out_channels"))
     model.featmap_names = [str(i) for i in range(len(returned_layers))] + (["pool"] if extra else [])
     return model
 
@@ -114,7 +106,7 @@ def resnet_fpn(
 def mobilenet_v3_fpn(
     weights: str | None = None,
     trainable_layers: int | None = None,
-    norm: Norm | None = None,
+    norm: Literal["batchnorm", "frozen_batchnorm"] | None = None,  # its widths (16, 24, ...) rule out groupnorm
     size: Literal["large", "small"] = "large",
 ) -> nn.Module:
     """MobileNetV3 body + FPN on its last two stages (torchvision's fasterrcnn_mobilenet_v3 backbone)."""

@@ -7,11 +7,8 @@ from typing import Literal
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 
+from rcnn_lab.models.norms import norm_layer
 from rcnn_lab.registry import BOX_HEADS, BOX_PREDICTORS
-
-
-def norm_layer(norm: str):
-    return {"none": None, "batchnorm": nn.BatchNorm2d, "groupnorm": lambda c: nn.GroupNorm(32, c)}[norm]
 
 
 @BOX_HEADS.register("two_mlp")
@@ -31,7 +28,8 @@ def conv_fc(
     norm: Literal["none", "batchnorm", "groupnorm"] = "batchnorm",
 ) -> nn.Module:
     """FastRCNNConvFCHead: 3x3 convs then fully connected layers (detectron2's 4conv1fc)."""
-    head = FastRCNNConvFCHead((in_channels, *resolution), list(conv_layers), list(fc_layers), norm_layer(norm))
+    head = FastRCNNConvFCHead((in_channels, *resolution), list(conv_layers), list(fc_layers),
+                              norm_layer(norm, conv_layers, "conv_layers"))
     head.out_channels = list(fc_layers)[-1]
     return head
 

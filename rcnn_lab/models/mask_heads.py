@@ -7,7 +7,7 @@ from typing import Literal
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from rcnn_lab.models.box_heads import norm_layer
+from rcnn_lab.models.norms import norm_layer
 from rcnn_lab.registry import MASK_HEADS, MASK_PREDICTORS
 
 
@@ -19,7 +19,7 @@ def conv_stack(
     norm: Literal["none", "batchnorm", "groupnorm"] = "none",
 ) -> nn.Module:
     """MaskRCNNHeads: a stack of 3x3 convs (torchvision's default: 4 x 256)."""
-    head = MaskRCNNHeads(in_channels, list(layers), dilation, norm_layer(norm))
+    head = MaskRCNNHeads(in_channels, list(layers), dilation, norm_layer(norm, layers, "layers"))
     head.out_channels = list(layers)[-1]
     return head
 

@@ -75,6 +75,9 @@ def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
     (["--only", "bb"], "no variant 'bb'"),
     (["--set", "train.iterationz=3"], "did you mean 'iterations'"),
     (["--device", "tpu"], "train.device"),
+    (["--set", "model.roi_heads.mask_head.norm=groupnorm", "--set", "model.roi_heads.mask_head.layers=[48]"],
+     "model.roi_heads.mask_head.layers: norm groupnorm uses 32 groups"),
+    (["--set", "model.backbone.fpn_norm=groupnorm", "--set", "model.backbone.out_channels=48"], "model.backbone.out_channels: norm groupnorm"),
 ])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, args, words):
     exp = tiny_experiment(tmp_path, None)
