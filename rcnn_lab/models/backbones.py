@@ -12,10 +12,9 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobile
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rcnn_lab.errors import ConfigError, Problem
-from rcnn_lab.models.norms import norm_layer
+from rcnn_lab.models.norms import BodyNorm, FreshNorm, norm_layer
 from rcnn_lab.registry import BACKBONES
 
-Norm = Literal["batchnorm", "frozen_batchnorm", "groupnorm"]
 _RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
 
 
@@ -62,11 +61,11 @@ def resnet_fpn(
     depth: Literal[18, 34, 50, 101] = 50,
     weights: str | None = None,
     trainable_layers: int | None = None,
-    norm: Norm | None = None,
+    norm: BodyNorm | None = None,
     returned_layers: list[int] = (1, 2, 3, 4),
     out_channels: int = 256,
     extra_block: Literal["maxpool", "none"] = "maxpool",
-    fpn_norm: Literal["none", "batchnorm", "groupnorm"] = "none",
+    fpn_norm: FreshNorm = "none",
 ) -> nn.Module:
     """ResNet body + FPN (torchvision's Mask R-CNN backbone); weights: null | imagenet | PATH.
 

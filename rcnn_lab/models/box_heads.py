@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 
-from rcnn_lab.models.norms import norm_layer
+from rcnn_lab.models.norms import FreshNorm, norm_layer
 from rcnn_lab.registry import BOX_HEADS, BOX_PREDICTORS
 
 
@@ -25,7 +23,7 @@ def conv_fc(
     resolution: tuple[int, int],
     conv_layers: list[int] = (256, 256, 256, 256),
     fc_layers: list[int] = (1024,),
-    norm: Literal["none", "batchnorm", "groupnorm"] = "batchnorm",
+    norm: FreshNorm = "batchnorm",
 ) -> nn.Module:
     """FastRCNNConvFCHead: 3x3 convs then fully connected layers (detectron2's 4conv1fc)."""
     head = FastRCNNConvFCHead((in_channels, *resolution), list(conv_layers), list(fc_layers),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from rcnn_lab.models.norms import norm_layer
+from rcnn_lab.models.norms import FreshNorm, norm_layer
 from rcnn_lab.registry import MASK_HEADS, MASK_PREDICTORS
 
 
@@ -16,7 +14,7 @@ def conv_stack(
     in_channels: int,
     layers: list[int] = (256, 256, 256, 256),
     dilation: int = 1,
-    norm: Literal["none", "batchnorm", "groupnorm"] = "none",
+    norm: FreshNorm = "none",
 ) -> nn.Module:
     """MaskRCNNHeads: a stack of 3x3 convs (torchvision's default: 4 x 256)."""
     head = MaskRCNNHeads(in_channels, list(layers), dilation, norm_layer(norm, layers, "layers"))

@@ -17,6 +17,10 @@ from torchvision.ops import misc as misc_nn_ops
 from rcnn_lab.errors import ConfigError, Problem
 
 Norm = Literal["none", "batchnorm", "frozen_batchnorm", "groupnorm"]
+BodyNorm = Literal["batchnorm", "frozen_batchnorm", "groupnorm"]
+"""What a classification body (ResNet) may use; frozen_batchnorm is for pretrained weights."""
+FreshNorm = Literal["none", "batchnorm", "groupnorm"]
+"""What freshly built layers (FPN, heads) may use: frozen statistics mean nothing there."""
 GROUPS = 32
 
 
