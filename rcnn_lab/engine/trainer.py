@@ -38,12 +38,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+def resolve_amp(amp: str, device: torch.device, notify: bool = True) -> torch.dtype | None:
     """The autocast dtype of ``train.amp`` on ``device``, or None for float32.
 
     CUDA: bf16 or fp16. CPU: bf16 where the CPU computes it natively (AVX512-BF16 or AMX; oneDNN
     then runs convolutions and matmuls in bf16, about 1.5x faster training here); elsewhere, and
-    for fp16 (no fast CPU kernels), the run stays in float32 and says so.
+    for fp16 (no fast CPU kernels), the run stays in float32 and says so (``notify``: rank 0 only).
     """
     if amp == "none":
         return None
@@ -52,8 +52,9 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return dtype
     if device.type == "cpu" and amp == "bf16" and cpu_has_native_bf16():
         return dtype
-    why = "fp16 autocast has no fast CPU kernels" if amp == "fp16" else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
-    print(f"rcnn-lab: note: train.amp={amp} ignored on {device.type}: {why}; training in float32", file=sys.stderr, flush=True)
+    if notify:
+        why = "fp16 autocast has no fast CPU kernels" if amp == "fp16" else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+        print(f"rcnn-lab: note: train.amp={amp} ignored on {device.type}: {why}; training in float32", file=sys.stderr, flush=True)
     return None
 
 
@@ -122,7 +123,7 @@ class Trainer:
         self.ddp_model = distributed.wrap(self.model, self.device)  # DistributedDataParallel, or the model itself
         self.optimizer = OPTIMIZERS.build(t.optimizer, "train.optimizer", params=params)
         self.scheduler = LR_SCHEDULERS.build(t.lr_scheduler, "train.lr_scheduler", optimizer=self.optimizer, total_iters=t.iterations)
-        self.amp_dtype = resolve_amp(t.amp, self.device)
+        self.amp_dtype = resolve_amp(t.amp, self.device, notify=self.world.main)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
         transforms = [TRANSFORMS.build(s, f"data.transforms[{i}]") for i, s in enumerate(d.transforms)]

@@ -262,6 +262,8 @@ def test_resolve_amp(amp, device, native, expected, monkeypatch, capsys):
     assert trainer_module.resolve_amp(amp, torch.device(device)) is expected
     notice = capsys.readouterr().err
     assert ("training in float32" in notice) == (amp != "none" and expected is None)
+    assert trainer_module.resolve_amp(amp, torch.device(device), notify=False) is expected  # other ranks: same dtype, silent
+    assert capsys.readouterr().err == ""
 
 
 def test_bf16_on_cpu_trains_under_autocast(tmp_path, monkeypatch, uninterrupted):
