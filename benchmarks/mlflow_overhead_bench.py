@@ -142,11 +142,15 @@ def run(steps: int, rounds: int, every: int, config_path: Path) -> dict:
                write_wall=batch_wall / every, write_cpu=batch_cpu / every)
     res["bound_cpu"] = (res["hook_cpu"] + res["write_cpu"]) / step_cpu
     res["bound_wall"] = (res["hook_wall"] + res["write_wall"]) / step_wall
+    scale = every / res["log_every"]  # the same batch write, spread over the config's log_every steps
+    res["config_cpu"] = (res["hook_cpu"] + res["write_cpu"] * scale) / step_cpu
+    res["config_wall"] = (res["hook_wall"] + res["write_wall"] * scale) / step_wall
     return res
 
 
 def render(res: dict, command: str) -> str:
     ok = max(res["bound_cpu"], res["bound_wall"]) <= GOAL
+    ok_config = max(res["config_cpu"], res["config_wall"]) <= GOAL
     env = (f"CPU: {platform.machine()}, {os.cpu_count()} logical cores (1 torch thread), load average "
            f"{res['load']:.1f} at the end; Python {platform.python_version()}, torch {torch.__version__}, "
            f"mlflow {__import__('mlflow').__version__}")
@@ -173,7 +177,10 @@ folder, asynchronous `log_batch` every {res['every']} steps ({res['log_every'] /
 | **all logging work, even if it all ran on the training thread** | | | **{res['bound_wall'] * 100:.2f} % / {res['bound_cpu'] * 100:.2f} %** |
 | end to end: step with tracking minus without (noisy) | {ms(res['on_wall'] - res['step_wall'])} | {ms(res['on_cpu'] - res['step_cpu'])} | {pct(res['on_wall'] - res['step_wall'], res['step_wall'])} / {pct(res['on_cpu'] - res['step_cpu'], res['step_cpu'])} |
 
-Goal: at most {GOAL * 100:.0f} % of the step time for all logging work. **{'Met' if ok else 'NOT met'}.**
+Goal: at most {GOAL * 100:.0f} % of the step time for all logging work. At this cadence (a batch every
+{res['every']} steps): **{'met' if ok else 'NOT met'}**. At the config's own `log_every: {res['log_every']}` (the same hook
+cost per step, the batch write spread over {res['log_every']} steps): {res['config_wall'] * 100:.2f} % / {res['config_cpu'] * 100:.2f} %,
+**{'met' if ok_config else 'NOT met'}**.
 
 The training thread only builds `Metric` objects and queues one `log_batch` every
 `tracking.log_every` steps (default `train.log_every`); MLflow's logging thread writes them to the
