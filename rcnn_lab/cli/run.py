@@ -49,7 +49,7 @@ def preflight(plan) -> None:
         try:
             resolve_device(run.config.train.device)
         except ConfigError as exc:
-            problems += exc.problems
+            problems += [(run, p) for p in exc.problems]
         sets = []
         for key in ("train", "val"):
             spec = getattr(run.config.data, key)
@@ -59,13 +59,14 @@ def preflight(plan) -> None:
                     built[ident] = DATASETS.build(spec, f"data.{key}")
                 except ConfigError as exc:
                     built[ident] = None
-                    problems += exc.problems
+                    problems += [(run, p) for p in exc.problems]
             sets.append(built[ident])
         if None not in sets:
             try:
                 check_num_classes(run.config.model.num_classes, *sets)
             except ConfigError as exc:
-                problems += exc.problems
+                problems += [(run, p) for p in exc.problems]
+    problems = [p if p.file else Problem(p.path, p.message, run.variant.source_of(p.path)) for run, p in problems]
     unique = list({str(p): p for p in problems}.values())
     if unique:
         raise ConfigError(unique)
@@ -91,6 +92,13 @@ def cmd_run(args) -> int:
     from rcnn_lab.runner.plan import make_plan, parse_shard
     from rcnn_lab.runner.sweep import plan_actions, run_plan
 
+    if args.device:  # checked here so that the error names the flag the user typed
+        from rcnn_lab.engine.trainer import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ConfigError as exc:
+            raise ConfigError([Problem("--device", p.message) for p in exc.problems]) from None
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     exp = load_experiment(args.experiment, overrides)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None

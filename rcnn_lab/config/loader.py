@@ -161,6 +161,12 @@ class Variant:
     config: RunConfig
     changed: dict[str, Any] = field(default_factory=dict)  # dotted keys that differ from the base
     baseline: bool = False
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # dotted key -> file or --set
+    file: str = ""
+
+    def source_of(self, path: str) -> str:
+        """Where ``path`` (a dotted key) was set, for errors found after loading (e.g. by a dataset)."""
+        return _source_of(path, self.sources, self.file)
 
     def with_seed(self, seed: int) -> RunConfig:
         return replace(self.config, train=replace(self.config.train, seed=seed))
@@ -268,7 +274,7 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
             base_cfg = convert_dataclass(copy.deepcopy(base_raw), RunConfig, "", [])
             base_flat = flatten(to_plain(base_cfg)) if base_cfg is not None else flat
         changed = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v and k != "name"}
-        variants.append(Variant(name, cfg, changed, baseline=(name == baseline)))
+        variants.append(Variant(name, cfg, changed, baseline=(name == baseline), sources=vprov, file=file))
     if problems:
         raise ConfigError(problems)
     name = variants[0].config.name

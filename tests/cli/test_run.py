@@ -74,7 +74,11 @@ def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
     (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
     (["--only", "bb"], "no variant 'bb'"),
     (["--set", "train.iterationz=3"], "did you mean 'iterations'"),
-    (["--device", "tpu"], "train.device"),
+    (["--device", "tpu"], "error: --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--set", "train.device=tpu"], "error: --set: train.device: expected auto"),
+    # found by the dataset after loading, still attributed to where the key was set
+    (["--set", "data.train.min_objects=7"], "error: exp.yaml: data.train.max_objects: must be between min_objects (7)"),
+    (["--set", "model.num_classes=3"], "error: --set: model.num_classes: is 3 but data.train has 5 categories"),
     (["--set", "model.roi_heads.mask_head.norm=groupnorm", "--set", "model.roi_heads.mask_head.layers=[48]"],
      "model.roi_heads.mask_head.layers: norm groupnorm uses 32 groups"),
     (["--set", "model.backbone.fpn_norm=groupnorm", "--set", "model.backbone.out_channels=48"], "model.backbone.out_channels: norm groupnorm"),
