@@ -92,15 +92,7 @@ def cmd_run(args) -> int:
     from rcnn_lab.runner.plan import make_plan, parse_shard
     from rcnn_lab.runner.sweep import plan_actions, run_plan
 
-    if args.device:  # checked here so that the error names the flag the user typed
-        from rcnn_lab.engine.trainer import resolve_device
-
-        try:
-            resolve_device(args.device)
-        except ConfigError as exc:
-            raise ConfigError([Problem("--device", p.message) for p in exc.problems]) from None
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    exp = load_experiment(args.experiment, overrides)
+    exp = load_experiment(args.experiment, args.overrides, flags={"--device": ("train.device", args.device)} if args.device else None)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     plan = make_plan(exp, only, _seeds(args.seeds), parse_shard(args.shard))
     if args.dry_run:  # read-only: no store, no outputs

@@ -214,15 +214,21 @@ def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
-def load_experiment(path: str | Path, overrides: list[str] = (), check_models: bool = True) -> Experiment:
-    """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem."""
+def load_experiment(path: str | Path, overrides: list[str] = (), check_models: bool = True,
+                    flags: dict[str, tuple[str, Any]] | None = None) -> Experiment:
+    """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem.
+
+    ``overrides`` are ``--set`` texts; ``flags`` maps a command-line flag to the (dotted key, value)
+    it sets, applied last, so that errors about that key name the flag the user typed.
+    """
     from rcnn_lab.plugins import load_plugins
 
     path = Path(path)
     prov: dict[str, str] = {}
     raw = resolve_file(path, prov)
     file = display_path(path.resolve())
-    parsed = [parse_override(o) for o in overrides]
+    parsed = [(*parse_override(o), OVERRIDE_SOURCE) for o in overrides]
+    parsed += [(key, value, flag) for flag, (key, value) in (flags or {}).items()]
     plugins = raw.get("plugins") or []
     if not isinstance(plugins, list):
         raise ConfigError([Problem("plugins", "must be a list of plugin file paths", file)])
@@ -254,8 +260,8 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
         data = copy.deepcopy(base_raw)
         for key, value in over.items():
             set_dotted(data, key, value, vprov, prov.get("variants", prov.get("grid", file)))
-        for key, value in parsed:
-            set_dotted(data, key, value, vprov, OVERRIDE_SOURCE)
+        for key, value, source in parsed:
+            set_dotted(data, key, value, vprov, source)
         vproblems: list[Problem] = []
         cfg = convert_dataclass(data, RunConfig, "", vproblems)
         if cfg is not None and not vproblems and check_models:

@@ -24,13 +24,6 @@ def _unit(check: Check, key: str, value: float) -> None:
         check.append((key, f"must be in [0, 1], got {value}"))
 
 
-def device_problem(dev: str) -> str | None:
-    """What is wrong with a ``train.device`` / ``--device`` value's syntax, or None."""
-    if dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()):
-        return None
-    return f"expected auto, cpu, cuda or cuda:N, got {dev!r}"
-
-
 def _positive(check: Check, key: str, value: float) -> None:
     if value <= 0:
         check.append((key, f"must be positive, got {value}"))
@@ -194,8 +187,9 @@ class TrainConfig:
                 out.append((key, "must be >= 0 (0 disables)"))
         if self.clip_grad_norm is not None:
             _positive(out, "clip_grad_norm", self.clip_grad_norm)
-        if device_problem(self.device):
-            out.append(("device", device_problem(self.device)))
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            out.append(("device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}"))
         return out
 
 

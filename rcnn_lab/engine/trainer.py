@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rcnn_lab.config.schema import RunConfig, device_problem
+from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine import distributed
 from rcnn_lab.engine.hooks import Hook, Hooks, StepRecord
@@ -31,8 +31,6 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    if device_problem(name):
-        raise ConfigError([Problem("train.device", device_problem(name))])
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -74,7 +74,7 @@ def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
     (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
     (["--only", "bb"], "no variant 'bb'"),
     (["--set", "train.iterationz=3"], "did you mean 'iterations'"),
-    (["--device", "tpu"], "error: --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "tpu"], "error: --device: train.device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--set", "train.device=tpu"], "error: --set: train.device: expected auto"),
     # found by the dataset after loading, still attributed to where the key was set
     (["--set", "data.train.min_objects=7"], "error: exp.yaml: data.train.max_objects: must be between min_objects (7)"),
@@ -87,4 +87,12 @@ def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, args, wo
     exp = tiny_experiment(tmp_path, None)
     code, out, err = cli("run", str(exp), *args)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert files_under(tmp_path) == {"exp.yaml"}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_flag_problem_found_at_preflight_names_the_flag(tmp_path):
+    exp = tiny_experiment(tmp_path, None)
+    code, _, err = cli("run", str(exp), "--device", "cuda")
+    assert code == 2 and err.strip() == "rcnn-lab run: error: --device: train.device: cuda requested but CUDA is not available; use auto or cpu"
     assert files_under(tmp_path) == {"exp.yaml"}
