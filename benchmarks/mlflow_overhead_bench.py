@@ -38,8 +38,8 @@ from types import SimpleNamespace
 import torch
 from _publish import publish
 
-from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.engine.hooks import Hook
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.hooks import MLflowHook

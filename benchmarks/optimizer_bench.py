@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from _publish import publish
 
-from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.models.builder import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

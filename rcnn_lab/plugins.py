@@ -68,10 +68,11 @@ def load_entry_points() -> None:
 
 
 def load_plugins(experiment_file: str | Path | None = None, extra: list[str] = (), extra_base: Path | None = None) -> list[str]:
-    """Load registry/ plugins, entry points and ``extra`` files; return the loaded file names."""
-    from rcnn_lab.registry import FAMILIES
+    """Load registry/ plugins, entry points and ``extra`` files; return the loaded file names.
 
-    FAMILIES["backbone"].names()  # built-ins first so plugin name clashes are reported
+    Register the built-ins first (``rcnn_lab.components.register_builtins``) so that a plugin
+    reusing a built-in name is reported.
+    """
     folder = find_registry_dir(experiment_file)
     files = sorted(folder.glob("*.py")) if folder else []
     for f in files:

@@ -4,6 +4,10 @@ Factories register with a decorator; their signature *is* their config schema: Y
 checked against parameter names and annotations when an experiment is loaded. Arguments the
 model builder supplies (``in_channels``, ``num_classes``...) are declared with ``inject`` and
 cannot be set from YAML.
+
+A registry holds what has been registered so far: built-ins are registered by
+``rcnn_lab.components.register_builtins`` (the layer above, which imports them), plugins by
+``rcnn_lab.plugins``.
 """
 
 from __future__ import annotations
@@ -92,15 +96,12 @@ class Registry:
         self._entries.pop(name, None)
 
     def names(self) -> list[str]:
-        _ensure_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        _ensure_builtins()
         return name in self._entries
 
     def get(self, name: str, path: str = "") -> Entry:
-        _ensure_builtins()
         if name not in self._entries:
             raise ConfigError([Problem(path, self._unknown(name))])
         return self._entries[name]
@@ -113,7 +114,6 @@ class Registry:
 
     def check_spec(self, value: Any, path: str, problems: list[Problem]) -> Spec | None:
         """Validate a ``{type: NAME, **kwargs}`` mapping against the factory signature."""
-        _ensure_builtins()
         if isinstance(value, Spec):
             value = value.to_dict()
         if isinstance(value, str):  # shorthand: just the type name
@@ -140,7 +140,7 @@ class Registry:
                     f"unknown argument for {self.family} '{name}'" + did_you_mean(key, params) + f" (valid: {valid})",
                 ))
             else:
-                kwargs[key] = convert(val, params[key].annotation, join(path, key), problems)
+                kwargs[key] = convert(val, params[key].annotation, join(path, key), problems, registry_for)
         for p in params.values():
             if p.required and p.name not in kwargs:
                 problems.append(Problem(join(path, p.name), f"required argument of {self.family} '{name}' is missing"))
@@ -184,15 +184,3 @@ FAMILIES: dict[str, Registry] = {
 def registry_for(family: str) -> Registry:
     return FAMILIES[family]
 
-
-_loaded = False
-
-
-def _ensure_builtins() -> None:
-    """Register built-in components once (see ``rcnn_lab.components``)."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from rcnn_lab.components import register_builtins
-
-        register_builtins()

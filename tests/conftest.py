@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcnn_lab.components import register_builtins
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Tests build parts straight from the registries (DATASETS.build, build_model), as the loader and the
+# trainer do once they have registered the built-ins.
+register_builtins()
 
 
 @pytest.fixture
@@ -69,7 +75,7 @@ variants:
 
 def detach_vs_backprop(folder: Path, name: str) -> tuple[dict, list, list]:
     """Load :data:`DETACH_VS_BACKPROP` with :data:`DIFF_POOLERS`: ``({variant: config}, 2 train images, their targets)``."""
-    from rcnn_lab.config.loader import load_experiment
+    from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.registry import DATASETS
 
     path = folder / "exp.yaml"

@@ -7,6 +7,7 @@ import torchvision
 
 from rcnn_lab._check import BrokenInstallError, check_torchvision_ops
 from rcnn_lab.cli.main import main
+from tests.conftest import EXPERIMENTS
 
 
 def test_matching_install_passes():
@@ -27,10 +28,12 @@ def test_mismatched_ops_give_cause_and_fix(monkeypatch):
     assert "fresh venv" in message and "+cpu" in message
 
 
-def test_cli_exits_3_with_one_line_before_any_command_runs(monkeypatch, capsys, tmp_path):
+def test_cli_exits_3_with_one_line_before_any_component_is_used(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torchvision.ops, "nms", _broken_nms)
     monkeypatch.chdir(tmp_path)
-    assert main(["validate", "missing.yaml"]) == 3
+    assert main(["validate", str(EXPERIMENTS / "quickstart.yaml")]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rcnn-lab: error: torchvision")
+    assert main(["export-shapes", "--out", "shapes", "--num-images", "1"]) == 3
+    assert capsys.readouterr().err.startswith("rcnn-lab: error: torchvision")
     assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.errors import ConfigError
 from rcnn_lab.registry import BOX_HEADS, MASK_HEADS
 from tests.conftest import EXPERIMENTS, ROOT

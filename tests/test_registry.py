@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from rcnn_lab.components import register_builtins
 from rcnn_lab.config.types import Spec
 from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.registry import BOX_HEADS, FAMILIES, ROI_POOLERS, Registry
@@ -21,6 +22,7 @@ BUILTINS = {
 
 
 def test_every_family_exists_with_its_builtins():
+    register_builtins()
     assert REQUIRED_FAMILIES <= set(FAMILIES)
     for family, names in BUILTINS.items():
         assert names <= set(FAMILIES[family].names()), family

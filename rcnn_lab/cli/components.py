@@ -41,10 +41,12 @@ def _plain(v):
 
 
 def cmd_components(args) -> int:
+    from rcnn_lab.components import register_builtins
     from rcnn_lab.plugins import load_plugins
 
+    register_builtins()  # before the plugins, so that a plugin reusing a built-in name is reported
     if args.plugins:
-        from rcnn_lab.config.loader import load_experiment
+        from rcnn_lab.engine.preflight import load_experiment
 
         load_experiment(args.plugins, check_models=False)
     else:

@@ -15,12 +15,15 @@ def add_arguments_export_shapes(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export_shapes(args) -> int:
-    from rcnn_lab.data.export import export_shapes
+    from rcnn_lab._check import check_torchvision_ops
     from rcnn_lab.errors import ConfigError, Problem
 
     for flag, value in (("--num-images", args.num_images), ("--image-size", args.image_size)):
         if value < 1:
             raise ConfigError([Problem(flag, f"must be >= 1, got {value}")])
+    check_torchvision_ops()
+    from rcnn_lab.data.export import export_shapes
+
     path = export_shapes(args.out, split=args.split, num_images=args.num_images, image_size=args.image_size,
                          seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.num_images} {args.split} images and COCO annotations to {path}")

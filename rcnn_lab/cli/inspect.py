@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-import yaml
-
-from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.config.types import to_plain
+from rcnn_lab.engine.preflight import load_experiment
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,8 +31,10 @@ def meta_model(model_cfg):
     """The variant's model on the meta device: shapes and counts without memory or downloads."""
     from dataclasses import replace
 
+    import torch
+
     from rcnn_lab.config.types import Spec
-    from rcnn_lab.models.builder import build_model, check_model  # noqa: F401
+    from rcnn_lab.models.builder import build_model
 
     spec = model_cfg.backbone
     if spec.kwargs.get("weights") is not None:
@@ -64,6 +63,8 @@ def cmd_validate(args) -> int:
 
 def anchor_report(model, image_size: tuple[int, int] | None) -> dict:
     """Cell anchors per level (rounded as torchvision does), feature-map sizes and anchor counts."""
+    import torch
+
     t = model.transform
     if image_size is None:
         image_size = (int(t.min_size[-1]), int(t.min_size[-1]))
@@ -103,6 +104,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps({"experiment": exp.name, "variants": out}, indent=2, default=str))
         return 0
+    import yaml
+
     for v in out:
         print(f"=== variant {v['name']}{' (baseline)' if v['baseline'] else ''}")
         print(yaml.safe_dump(v["config"], sort_keys=False).rstrip())

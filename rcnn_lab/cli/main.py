@@ -1,23 +1,47 @@
-"""``rcnn-lab`` entry point: sub-commands, and one place that turns errors into exit codes."""
+"""``rcnn-lab`` entry point: the table of sub-commands, and one place that turns errors into exit codes.
+
+Parsing arguments imports no torch: command modules import it inside their handlers, and the
+check that torch and torchvision match runs where the built-in components are first needed
+(``rcnn_lab.components.register_builtins``), so ``--help`` and errors in the YAML answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from rcnn_lab import __version__
+from rcnn_lab._check import BrokenInstallError
+from rcnn_lab._version import __version__
+from rcnn_lab.cli import components, data, inspect, probe, report, run
 from rcnn_lab.errors import RcnnLabError
 
-COMMANDS = {
-    "components": ("rcnn_lab.cli.components", "list every registered component and its parameters"),
-    "validate": ("rcnn_lab.cli.inspect", "load every variant of an experiment and build its model"),
-    "inspect": ("rcnn_lab.cli.inspect", "resolved config, parameters per component and anchors of a variant"),
-    "run": ("rcnn_lab.cli.run", "train and evaluate every variant x seed, tracked in MLflow"),
-    "probe": ("rcnn_lab.cli.probe", "gradient norm each loss sends into each component"),
-    "report": ("rcnn_lab.cli.report", "aggregate finished runs into tables and plots"),
-    "ui": ("rcnn_lab.cli.run", "start the MLflow UI on the experiment store"),
-    "export-shapes": ("rcnn_lab.cli.data", "write a synthetic shapes split in COCO format"),
-}
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its name, one-line help, how it adds its arguments, and what runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("components", "list every registered component and its parameters",
+            components.add_arguments_components, components.cmd_components),
+    Command("validate", "load every variant of an experiment and build its model",
+            inspect.add_arguments_validate, inspect.cmd_validate),
+    Command("inspect", "resolved config, parameters per component and anchors of a variant",
+            inspect.add_arguments_inspect, inspect.cmd_inspect),
+    Command("run", "train and evaluate every variant x seed, tracked in MLflow", run.add_arguments_run, run.cmd_run),
+    Command("probe", "gradient norm each loss sends into each component", probe.add_arguments_probe, probe.cmd_probe),
+    Command("report", "aggregate finished runs into tables and plots", report.add_arguments_report, report.cmd_report),
+    Command("ui", "start the MLflow UI on the experiment store", run.add_arguments_ui, run.cmd_ui),
+    Command("export-shapes", "write a synthetic shapes split in COCO format",
+            data.add_arguments_export_shapes, data.cmd_export_shapes),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,33 +50,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = _Parser(prog="rcnn-lab", description="Mask R-CNN experiments and ablations.")
     parser.add_argument("--version", action="version", version=f"rcnn-lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        getattr(mod, "add_arguments_" + name.replace("-", "_"))(p)
-        p.set_defaults(handler=getattr(mod, "cmd_" + name.replace("-", "_")))
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(handler=command.handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rcnn_lab._check import check_torchvision_ops
-
-    try:  # before anything imports torchvision: a mismatched build fails at import
-        check_torchvision_ops()
-    except RcnnLabError as exc:
-        print(f"rcnn-lab: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --nproc/--parallel` relaunch this command line
     try:
         return int(args.handler(args) or 0)
+    except BrokenInstallError as exc:  # the install, not the command: one line before anything ran
+        print(f"rcnn-lab: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RcnnLabError as exc:
         for line in str(exc).splitlines():
             print(f"rcnn-lab {args.command}: error: {line}", file=sys.stderr)

@@ -17,7 +17,7 @@ def add_arguments_probe(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_probe(args) -> int:
-    from rcnn_lab.config.loader import load_experiment
+    from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.errors import ConfigError, Problem
     from rcnn_lab.probe import probe
 

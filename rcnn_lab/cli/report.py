@@ -86,12 +86,12 @@ def log_to_sweeps(df, files: list[Path], echo) -> None:
     """Attach ``files`` under ``report/`` to the latest sweep (parent) run of every experiment in ``df``."""
     from mlflow import MlflowClient
 
-    from rcnn_lab.runner.tracking import TAG
+    from rcnn_lab.runner import tags
 
     for name, uri in df.attrs.get("tracking_uris", {}).items():
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(name)
-        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}kind` = 'sweep'",
+        parents = client.search_runs([exp.experiment_id], filter_string=tags.filter_equals(tags.KIND, tags.SWEEP),
                                      order_by=["attributes.start_time DESC"], max_results=1) if exp else []
         if not parents:
             echo(f"note: experiment {name!r} has no sweep run to attach the report to")

@@ -39,39 +39,6 @@ def _seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def preflight(plan) -> None:
-    """Everything that can be wrong with the input, checked before any run is created."""
-    from rcnn_lab.engine.trainer import check_num_classes, resolve_device
-    from rcnn_lab.registry import DATASETS
-
-    problems, built = [], {}
-    for run in plan:
-        try:
-            resolve_device(run.config.train.device)
-        except ConfigError as exc:
-            problems += [(run, p) for p in exc.problems]
-        sets = []
-        for key in ("train", "val"):
-            spec = getattr(run.config.data, key)
-            ident = (spec.type, repr(sorted(spec.kwargs.items())))
-            if ident not in built:
-                try:
-                    built[ident] = DATASETS.build(spec, f"data.{key}")
-                except ConfigError as exc:
-                    built[ident] = None
-                    problems += [(run, p) for p in exc.problems]
-            sets.append(built[ident])
-        if None not in sets:
-            try:
-                check_num_classes(run.config.model.num_classes, *sets)
-            except ConfigError as exc:
-                problems += [(run, p) for p in exc.problems]
-    problems = [p if p.file else Problem(p.path, p.message, run.variant.source_of(p.path)) for run, p in problems]
-    unique = list({str(p): p for p in problems}.values())
-    if unique:
-        raise ConfigError(unique)
-
-
 def print_summary(outcomes, echo=print) -> None:
     keys = ["bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"]
     rows = [("variant", "seed", "status", *keys, "duration")]
@@ -85,9 +52,10 @@ def print_summary(outcomes, echo=print) -> None:
 
 
 def cmd_run(args) -> int:
-    from rcnn_lab.config.loader import load_experiment
     from rcnn_lab.engine.distributed import env_world
+    from rcnn_lab.engine.preflight import load_experiment, preflight
     from rcnn_lab.errors import display_path
+    from rcnn_lab.runner.outcome import Status
     from rcnn_lab.runner.parallel import check_world, launch_torchrun, run_parallel
     from rcnn_lab.runner.plan import make_plan, parse_shard
     from rcnn_lab.runner.sweep import plan_actions, run_plan
@@ -114,7 +82,7 @@ def cmd_run(args) -> int:
     outcomes = run_plan(exp, plan, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
     if env_world().main and not args.no_summary:
         print_summary(outcomes)
-    return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+    return 1 if any(o.status == Status.FAILED for o in outcomes) else 0
 
 
 def _check_scale_flags(args) -> None:
@@ -141,9 +109,9 @@ def cmd_ui(args) -> int:
 
     configured = args.uri
     if configured is None and args.experiment:
-        from rcnn_lab.config.loader import load_experiment
+        from rcnn_lab.engine.preflight import load_experiment
 
-        configured = load_experiment(args.experiment, check_models=False).variants[0].config.tracking.uri
+        configured = load_experiment(args.experiment, check_models=False).tracking.uri
     uri = resolve_uri(configured)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow server: it serves its own UI, open {uri} in a browser")

@@ -11,14 +11,15 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rcnn_lab.config.schema import EXPERIMENT_KEYS, RunConfig
-from rcnn_lab.config.types import convert_dataclass, to_plain
+from rcnn_lab.config.schema import EXPERIMENT_KEYS, RunConfig, TrackingConfig
+from rcnn_lab.config.types import Families, convert_dataclass, to_plain
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean, display_path
 
 OVERRIDE_SOURCE = "--set"
@@ -190,6 +191,16 @@ class Experiment:
     def baseline(self) -> Variant:
         return next(v for v in self.variants if v.baseline)
 
+    @property
+    def tracking(self) -> TrackingConfig:
+        """Where the experiment's runs are tracked (the first variant's ``tracking:``)."""
+        return self.variants[0].config.tracking
+
+    @property
+    def tracking_name(self) -> str:
+        """The MLflow experiment of its runs: ``tracking.experiment``, else the experiment's ``name``."""
+        return self.tracking.experiment or self.name
+
 
 def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]:
     """Expand ``variants:`` x ``grid:`` into (name, {dotted.key: value}) in file order."""
@@ -214,15 +225,19 @@ def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
-def load_experiment(path: str | Path, overrides: list[str] = (), check_models: bool = True,
-                    flags: dict[str, tuple[str, Any]] | None = None) -> Experiment:
+def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str, tuple[str, Any]] | None = None, *,
+                    families: Families, load_plugins: Callable[[Path, list[str], Path], Any] | None = None,
+                    check: Callable[[RunConfig], list[Problem]] | None = None) -> Experiment:
     """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem.
 
     ``overrides`` are ``--set`` texts; ``flags`` maps a command-line flag to the (dotted key, value)
     it sets, applied last, so that errors about that key name the flag the user typed.
-    """
-    from rcnn_lab.plugins import load_plugins
 
+    The layers above supply what this one cannot know: ``families`` checks component specs (see
+    ``config.types``), ``load_plugins(file, plugins, base)`` is called with the experiment's
+    ``plugins:`` list before any spec is checked, and ``check`` adds problems of each valid
+    variant (e.g. its model). Most callers want ``rcnn_lab.engine.preflight.load_experiment``.
+    """
     path = Path(path)
     prov: dict[str, str] = {}
     raw = resolve_file(path, prov)
@@ -232,8 +247,6 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
     plugins = raw.get("plugins") or []
     if not isinstance(plugins, list):
         raise ConfigError([Problem("plugins", "must be a list of plugin file paths", file)])
-    plugin_base = Path(prov.get("plugins", file)).parent
-    load_plugins(path, plugins, plugin_base)
 
     seeds = raw.get("seeds")
     if seeds is None:
@@ -250,6 +263,8 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
             raise ConfigError([Problem("baseline", f"no variant {baseline!r}{did_you_mean(str(baseline), choices)}", prov.get("baseline", file))])
         baseline = expansions[0]
 
+    if load_plugins is not None:
+        load_plugins(path, plugins, Path(prov.get("plugins", file)).parent)
     base_raw = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
     problems: list[Problem] = []
     seen: set[str] = set()
@@ -263,11 +278,9 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
         for key, value, source in parsed:
             set_dotted(data, key, value, vprov, source)
         vproblems: list[Problem] = []
-        cfg = convert_dataclass(data, RunConfig, "", vproblems)
-        if cfg is not None and not vproblems and check_models:
-            from rcnn_lab.models.builder import check_model
-
-            vproblems.extend(check_model(cfg.model, path="model"))
+        cfg = convert_dataclass(data, RunConfig, "", vproblems, families)
+        if cfg is not None and not vproblems and check is not None:
+            vproblems.extend(check(cfg))
         for p in vproblems:
             p = Problem(p.path, p.message, p.file or _source_of(p.path, vprov, file))
             if str(p) not in seen:
@@ -277,7 +290,7 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
             continue
         flat = flatten(to_plain(cfg))
         if base_flat is None:
-            base_cfg = convert_dataclass(copy.deepcopy(base_raw), RunConfig, "", [])
+            base_cfg = convert_dataclass(copy.deepcopy(base_raw), RunConfig, "", [], families)
             base_flat = flatten(to_plain(base_cfg)) if base_cfg is not None else flat
         changed = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v and k != "name"}
         variants.append(Variant(name, cfg, changed, baseline=(name == baseline), sources=vprov, file=file))

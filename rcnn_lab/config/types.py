@@ -3,6 +3,10 @@
 ``convert(value, annotation, path, problems)`` returns the value converted to the annotation
 (ints become floats where floats are expected, lists become tuples where tuples are expected,
 mappings become dataclasses or component specs) and appends one ``Problem`` per mismatch.
+
+Component specs are checked by the family's registry, which lives in a layer above this one: the
+caller hands in ``families`` (family name -> an object with ``check_spec``), usually
+``rcnn_lab.registry.registry_for``.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Protocol, Union
 
 from rcnn_lab.errors import Problem, did_you_mean, join
 
@@ -32,6 +37,15 @@ class Family:
     """Marks a schema field as a component spec of one registry family."""
 
     name: str
+
+
+class SpecChecker(Protocol):
+    """What converting a component spec needs from its family (``rcnn_lab.registry.Registry``)."""
+
+    def check_spec(self, value: Any, path: str, problems: list[Problem]) -> Spec | None: ...
+
+
+Families = Callable[[str], SpecChecker]
 
 
 def component(family: str):
@@ -75,16 +89,16 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
-    """Convert ``value`` to ``tp``; record problems under ``path``."""
+def convert(value: Any, tp: Any, path: str, problems: list[Problem], families: Families | None = None) -> Any:
+    """Convert ``value`` to ``tp``; record problems under ``path``; ``families`` checks component specs."""
     if tp is Any or tp is typing.Any or tp is object:
         return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Annotated:
-        from rcnn_lab.registry import registry_for  # late import: registry uses this module
-
-        return registry_for(args[1].name).check_spec(value, path, problems)
+        if families is None:
+            raise TypeError(f"{path}: converting a {args[1].name} spec needs `families` (e.g. rcnn_lab.registry.registry_for)")
+        return families(args[1].name).check_spec(value, path, problems)
     if tp is type(None) or tp is None:
         if value is not None:
             problems.append(Problem(path, f"expected null, got {_describe(value)}"))
@@ -94,12 +108,12 @@ def convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
             return None
         non_null = [a for a in args if a is not type(None)]
         if len(non_null) == 1:
-            return convert(value, non_null[0], path, problems)
+            return convert(value, non_null[0], path, problems, families)
         for arg in args:
             if arg is type(None):
                 continue
             trial: list[Problem] = []
-            out = convert(value, arg, path, trial)
+            out = convert(value, arg, path, trial, families)
             if not trial:
                 return out
         problems.append(Problem(path, f"expected {type_name(tp)}, got {_describe(value)}"))
@@ -137,18 +151,18 @@ def convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
             if len(value) != len(args):
                 problems.append(Problem(path, f"expected {len(args)} items, got {len(value)}"))
                 return value
-            return tuple(convert(v, a, join(path, i), problems) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(convert(v, a, join(path, i), problems, families) for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        out = [convert(v, inner, join(path, i), problems) for i, v in enumerate(value)]
+        out = [convert(v, inner, join(path, i), problems, families) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             problems.append(Problem(path, f"expected a mapping, got {_describe(value)}"))
             return value
         vt = args[1] if args else Any
-        return {k: convert(v, vt, join(path, k), problems) for k, v in value.items()}
+        return {k: convert(v, vt, join(path, k), problems, families) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return convert_dataclass(value, tp, path, problems)
+        return convert_dataclass(value, tp, path, problems, families)
     if isinstance(tp, type):
         if not isinstance(value, tp):
             problems.append(Problem(path, f"expected {type_name(tp)}, got {_describe(value)}"))
@@ -169,7 +183,7 @@ def _complete_spec(value: Any, f: dataclasses.Field, tp: Any) -> Any:
     return value
 
 
-def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem]) -> Any:
+def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem], families: Families | None = None) -> Any:
     """Build dataclass ``cls`` from a mapping strictly: unknown keys are problems."""
     if value is None:
         value = {}
@@ -185,7 +199,7 @@ def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem])
             problems.append(Problem(join(path, key), "unknown key" + did_you_mean(key, fields)))
             continue
         val = _complete_spec(val, fields[key], hints[key])
-        kwargs[key] = convert(val, hints[key], join(path, key), problems)
+        kwargs[key] = convert(val, hints[key], join(path, key), problems, families)
     for name, f in fields.items():
         if name in kwargs:
             continue
@@ -194,7 +208,7 @@ def convert_dataclass(value: Any, cls: type, path: str, problems: list[Problem])
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # defaults written as plain data are converted like user input
-        kwargs[name] = convert(default, hints[name], join(path, name), problems)
+        kwargs[name] = convert(default, hints[name], join(path, name), problems, families)
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:  # wrong types already reported

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)``."""
+"""Checkpoints: named here, written atomically, read with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 from rcnn_lab.errors import ConfigError, Problem, display_path
+
+FOLDER = "checkpoints"  # under a run's output folder
+PREFIX, SUFFIX = "iter_", ".pt"  # iter_0000200.pt: the state after 200 iterations
 
 
 def rng_state() -> dict:
@@ -69,8 +72,30 @@ def load(path: Path, key: str = "") -> dict:
     return payload
 
 
+def folder(out_dir: Path) -> Path:
+    """Where a run's checkpoints live, under its output folder."""
+    return Path(out_dir) / FOLDER
+
+
+def path_for(folder: Path, iteration: int) -> Path:
+    """The checkpoint after ``iteration`` finished iterations: ``iter_0000200.pt``."""
+    return Path(folder) / f"{PREFIX}{iteration:07d}{SUFFIX}"
+
+
+def iteration_of(path: Path) -> int | None:
+    """The iteration a checkpoint file name stands for (None for other names)."""
+    name = Path(path).name
+    digits = name[len(PREFIX):-len(SUFFIX)] if name.startswith(PREFIX) and name.endswith(SUFFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def saved(folder: Path) -> list[Path]:
+    """The checkpoints in ``folder``, oldest iteration first."""
+    found = [(iteration_of(p), p) for p in Path(folder).glob(f"{PREFIX}*{SUFFIX}")]
+    return [p for it, p in sorted((it, p) for it, p in found if it is not None)]
+
+
 def latest(folder: Path) -> Path | None:
-    """Newest ``iter_*.pt`` in ``folder`` (by iteration number)."""
-    folder = Path(folder)
-    cands = sorted(folder.glob("iter_*.pt"), key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1].isdigit() else -1)
-    return cands[-1] if cands else None
+    """Newest checkpoint in ``folder`` (by iteration number)."""
+    found = saved(folder)
+    return found[-1] if found else None

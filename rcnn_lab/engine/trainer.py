@@ -15,8 +15,10 @@ import torch
 from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine import distributed
+from rcnn_lab.engine.device import resolve_device
 from rcnn_lab.engine.hooks import Hook, Hooks, StepRecord
-from rcnn_lab.errors import ConfigError, Problem, TrainingError
+from rcnn_lab.engine.preflight import check_num_classes
+from rcnn_lab.errors import TrainingError
 from rcnn_lab.registry import DATASETS, LR_SCHEDULERS, OPTIMIZERS, TRANSFORMS
 
 
@@ -28,14 +30,6 @@ class TrainResult:
     train_time_s: float
     resumed_from: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError([Problem("train.device", f"{name} requested but CUDA is not available; use auto or cpu")])
-    return torch.device(name)
 
 
 def resolve_amp(amp: str, device: torch.device, notify: bool = True) -> torch.dtype | None:
@@ -75,39 +69,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_num_classes(num_classes: int, train_set, val_set) -> None:
-    """``model.num_classes`` must cover 1 + the categories of ``data.train``; val must share them.
-
-    Labels are contiguous (``i + 1`` is ``categories[i]``): fewer classes make the loss fail on
-    labels >= num_classes. More are allowed (``base.yaml`` keeps torchvision's 91): the spare
-    classes never see a positive, and evaluation ignores detections with no category.
-    """
-    cats = getattr(train_set, "categories", None)
-    if cats is None:
-        return
-    problems = []
-    names = ", ".join(str(c.get("name", c.get("id"))) for c in cats[:8]) + (", ..." if len(cats) > 8 else "")
-    if num_classes < len(cats) + 1:
-        problems.append(Problem("model.num_classes", f"is {num_classes} but data.train has {len(cats)} categories "
-                                f"({names}); set model.num_classes to {len(cats) + 1} (1 + {len(cats)} categories)"))
-    val_cats = getattr(val_set, "categories", None)
-    pairs = [[(c["id"], c.get("name")) for c in cs] for cs in (cats, val_cats or cats)]
-    if pairs[0] != pairs[1]:
-        i = next((i for i, (a, b) in enumerate(zip(*pairs)) if a != b), min(map(len, pairs)))
-        val, train = (str(ps[i]) if i < len(ps) else "none" for ps in (pairs[1], pairs[0]))
-        problems.append(Problem("data.val", f"categories differ from data.train's (label {i + 1} is {val} "
-                                f"in data.val, {train} in data.train); give both splits the same categories"))
-    if problems:
-        raise ConfigError(problems)
-
-
 class Trainer:
     """Train and evaluate one resolved config. Outputs (checkpoints) go to ``out_dir``."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path, hooks: list[Hook] = (), resume: bool = True):
+        from rcnn_lab.components import register_builtins
         from rcnn_lab.data.loader import build_loader
         from rcnn_lab.models.builder import build_model
 
+        register_builtins()
         self.config, self.out_dir = config, Path(out_dir)
         t, d = config.train, config.data
         self.world, self.device = distributed.setup(resolve_device(t.device))  # torchrun: this rank's device
@@ -129,7 +99,7 @@ class Trainer:
         transforms = [TRANSFORMS.build(s, f"data.transforms[{i}]") for i, s in enumerate(d.transforms)]
         self.start_iteration, self.history, self.elapsed_before = 0, [], 0.0
         self._started = time.perf_counter()
-        state = distributed.load_latest(self.out_dir / "checkpoints") if resume else None  # read by rank 0
+        state = distributed.load_latest(ckpt.folder(self.out_dir)) if resume else None  # read by rank 0
         if state is not None:
             self._restore(state)
         distributed.reseed(t.seed, self.start_iteration)  # per-rank sampler RNG (no-op for one process)
@@ -161,11 +131,11 @@ class Trainer:
         self.elapsed_before = float(state.get("train_time_s", 0.0))
 
     def save_checkpoint(self, iteration: int) -> Path:
-        path = self.out_dir / "checkpoints" / f"iter_{iteration:07d}.pt"
+        path = ckpt.path_for(ckpt.folder(self.out_dir), iteration)
         if not self.world.main:
             return path  # rank 0 alone writes checkpoints
         ckpt.save(path, self.state(iteration))
-        for old in sorted((self.out_dir / "checkpoints").glob("iter_*.pt")):
+        for old in ckpt.saved(path.parent):
             if old != path:
                 old.unlink(missing_ok=True)  # keep the newest only
         self.hooks.after_checkpoint(self, iteration, path)
@@ -232,7 +202,7 @@ class Trainer:
             tick = time.perf_counter()
 
         train_time = self.elapsed_before + time.perf_counter() - self._started
-        if self.start_iteration < t.iterations or not (self.out_dir / "checkpoints").exists():
+        if self.start_iteration < t.iterations or not ckpt.folder(self.out_dir).exists():
             self.save_checkpoint(t.iterations)
         final = self.evaluate(t.iterations)
         result = TrainResult({**final.metrics, "train_time_s": train_time}, final.per_class, t.iterations,

@@ -14,9 +14,9 @@ import pandas as pd
 
 from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean
+from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
 
-TAG = tr.TAG
 PathOrName = Union[str, "os.PathLike[str]"]
 
 # Columns every ``runs()`` frame starts with, in this order.
@@ -45,7 +45,7 @@ def resolve_sources(experiments: PathOrName | Sequence[PathOrName], tracking_uri
     A YAML file gives the name (``tracking.experiment`` or ``name``) and the store (``tracking.uri``);
     ``tracking_uri`` overrides the store for every item.
     """
-    from rcnn_lab.config.loader import load_experiment
+    from rcnn_lab.engine.preflight import load_experiment
 
     items = [experiments] if isinstance(experiments, (str, os.PathLike)) else list(experiments)
     if not items:
@@ -55,8 +55,7 @@ def resolve_sources(experiments: PathOrName | Sequence[PathOrName], tracking_uri
         text = os.fspath(item)
         if text.endswith((".yaml", ".yml")) or Path(text).is_file():
             exp = load_experiment(text, check_models=False)
-            cfg = exp.variants[0].config
-            out.append(Source(cfg.tracking.experiment or exp.name, tr.resolve_uri(tracking_uri or cfg.tracking.uri), text, text))
+            out.append(Source(exp.tracking_name, tr.resolve_uri(tracking_uri or exp.tracking.uri), text, text))
         else:
             out.append(Source(text, tr.resolve_uri(tracking_uri), text))
     return out
@@ -112,22 +111,23 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
     out = pd.DataFrame({
         "experiment": name,
         "run_id": raw["run_id"],
-        "parent_run_id": tag("mlflow.parentRunId"),
-        "variant": tag(f"{TAG}variant"),
-        "seed": pd.to_numeric(tag(f"{TAG}seed"), errors="coerce").astype("Int64"),
-        "config_hash": tag(f"{TAG}config_hash"),
-        "baseline": tag(f"{TAG}baseline").eq("true"),
+        "parent_run_id": tag(tags.PARENT),
+        "variant": tag(tags.VARIANT),
+        "seed": pd.to_numeric(tag(tags.SEED), errors="coerce").astype("Int64"),
+        "config_hash": tag(tags.CONFIG_HASH),
+        "baseline": tag(tags.BASELINE).eq("true"),
         "status": raw["status"],
         "start_time": raw["start_time"],
         "end_time": raw["end_time"],
-        "changed": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(f"{TAG}changed")],
-        "device": tag(f"{TAG}device"),
-        "error": tag(f"{TAG}error"),
+        "changed": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(tags.CHANGED)],
+        "device": tag(tags.DEVICE),
+        "error": tag(tags.ERROR),
     }, index=raw.index)
     extra: dict[str, pd.Series] = {}
-    for col in sorted(c for c in raw.columns if c.startswith("metrics.final/")):
-        extra[col[len("metrics.final/"):]] = raw[col].astype(float)
-    for col in sorted(c for c in raw.columns if c.startswith("params.") and not c.startswith(f"params.{TAG}")):
+    final = f"metrics.{tags.FINAL_PREFIX}"
+    for col in sorted(c for c in raw.columns if c.startswith(final)):
+        extra[col[len(final):]] = raw[col].astype(float)
+    for col in sorted(c for c in raw.columns if c.startswith("params.") and not tags.is_bookkeeping_param(c[len("params."):])):
         key = col[len("params."):]  # config keys only: rcnn_lab.* params are claim bookkeeping (runner.claims)
         extra[col if key in RUN_COLUMNS or key in extra else key] = raw[col].map(_decode)
     return pd.concat([out, pd.DataFrame(extra, index=raw.index)], axis=1).reset_index(drop=True)
@@ -159,7 +159,7 @@ def runs(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | Non
             uris[source.name] = uri
             with _using_uri(uri):
                 raw = mlflow.search_runs(
-                    experiment_ids=[exp_id], filter_string=f"tags.`{TAG}kind` = 'variant'",
+                    experiment_ids=[exp_id], filter_string=tags.filter_equals(tags.KIND, tags.VARIANT_RUN),
                     order_by=["attributes.start_time DESC"], output_format="pandas",
                 )
             if len(raw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine.hooks import Hook
 
 
@@ -47,9 +48,9 @@ def log_results(c, run_id: str, trainer, result, out: Path, log_checkpoint: bool
     c.log_figure(run_id, fig, "loss_curve.png")
     plt.close(fig)
     if log_checkpoint:
-        final = sorted((Path(out) / "checkpoints").glob("iter_*.pt"))
-        if final:
-            c.log_artifact(run_id, str(final[-1]), "checkpoint")
+        final = ckpt.latest(ckpt.folder(out))
+        if final is not None:
+            c.log_artifact(run_id, str(final), "checkpoint")
 
 
 class GradNormHook(Hook):

@@ -27,9 +27,8 @@ import os
 import socket
 import time
 
+from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
-
-TAKEOVER_PREFIX = f"{tr.TAG}takeover."
 
 
 def _order(run) -> tuple[int, str]:
@@ -59,9 +58,9 @@ def claim_key(run) -> str:
     Not the status: a winner sets RUNNING before its own claim tags, and a worker that reads the
     run in between must still compete for (and lose) the same key.
     """
-    tags = run.data.tags
-    seen = "|".join([run.info.run_id] + [tags.get(f"{tr.TAG}{k}", "") for k in ("host", "pid", "heartbeat")])
-    return TAKEOVER_PREFIX + hashlib.sha1(seen.encode()).hexdigest()[:12]
+    observed = run.data.tags
+    seen = "|".join([run.info.run_id] + [observed.get(k, "") for k in (tags.HOST, tags.PID, tags.HEARTBEAT)])
+    return tags.TAKEOVER_PREFIX + hashlib.sha1(seen.encode()).hexdigest()[:12]
 
 
 def take_over(c, run) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from rcnn_lab.engine.hooks import Hook, StepRecord
-from rcnn_lab.runner.tracking import TAG
+from rcnn_lab.runner import tags
 
 
 class MLflowHook(Hook):
@@ -32,7 +32,7 @@ class MLflowHook(Hook):
 
         if self.buffer or synchronous:
             batch, self.buffer = self.buffer, []
-            beat = [RunTag(f"{TAG}heartbeat", str(int(time.time())))]
+            beat = [RunTag(tags.HEARTBEAT, str(int(time.time())))]
             for i in range(0, max(len(batch), 1), 1000):  # MLflow accepts at most 1000 metrics per batch
                 op = self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], tags=beat if i == 0 else (),
                                            synchronous=not self.asynchronous)
@@ -59,6 +59,11 @@ class MLflowHook(Hook):
             self.flush(synchronous=True)
         elif step % self.every == 0:
             self.flush()
+
+    def log_final(self, metrics: dict[str, float], iteration: int) -> None:
+        """Log the final evaluation as ``final/<name>`` at ``iteration`` and wait until it is stored."""
+        self.buffer += [self._metric(f"{tags.FINAL_PREFIX}{k}", v, iteration) for k, v in metrics.items()]
+        self.flush(synchronous=True)
 
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
         self.buffer += [self._metric(k, v, iteration) for k, v in metrics.items()]

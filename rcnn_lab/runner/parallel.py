@@ -26,6 +26,10 @@ from pathlib import Path
 
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem, RcnnLabError
+from rcnn_lab.runner import tags
+from rcnn_lab.runner import tracking as tr
+from rcnn_lab.runner.outcome import Action, Outcome, Status
+from rcnn_lab.runner.plan import output_dir
 
 # --- DDP ranks (inside torchrun) ---------------------------------------------------------------
 
@@ -34,7 +38,7 @@ def join(config) -> distributed.World:
     w = distributed.env_world()
     if not w.active:
         return w
-    from rcnn_lab.engine.trainer import resolve_device
+    from rcnn_lab.engine.device import resolve_device
 
     w, _ = distributed.setup(resolve_device(config.train.device))
     if threading.current_thread() is threading.main_thread():
@@ -59,20 +63,19 @@ def must_abort(exc: BaseException) -> bool:
 def follow_plan(exp, plan, root: Path) -> list:
     """Ranks > 0: train what rank 0 announces, without tracking; returns outcomes for symmetry."""
     from rcnn_lab.engine.trainer import Trainer
-    from rcnn_lab.runner.sweep import Outcome, output_dir
 
     outcomes = []
     for run in plan:
         run_id = distributed.broadcast(None)
         if run_id is None:
-            outcomes.append(Outcome(run, "SKIPPED", "skip"))
+            outcomes.append(Outcome(run, Status.SKIPPED, Action.SKIP))
             continue
         started = time.perf_counter()
         try:
             result = Trainer(run.config, output_dir(root, exp, run)).fit()
-            outcomes.append(Outcome(run, "FINISHED", "run", result.metrics, time.perf_counter() - started, run_id))
+            outcomes.append(Outcome(run, Status.FINISHED, Action.RUN, result.metrics, time.perf_counter() - started, run_id))
         except RcnnLabError as exc:  # the same on every rank: rank 0 records it, every rank goes on
-            outcomes.append(Outcome(run, "FAILED", "run", {}, time.perf_counter() - started, run_id, str(exc)))
+            outcomes.append(Outcome(run, Status.FAILED, Action.RUN, {}, time.perf_counter() - started, run_id, str(exc)))
     return outcomes
 
 
@@ -158,17 +161,15 @@ def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> No
 
 def run_parallel(exp, plan, k: int, argv: list[str]) -> tuple[list, int]:
     """Train ``plan`` on ``k`` worker processes; (one outcome per planned run read from MLflow, exit code)."""
-    from rcnn_lab.engine.trainer import resolve_device
-    from rcnn_lab.runner import tracking as tr
+    from rcnn_lab.engine.device import resolve_device
 
     if k < 1:
         raise ConfigError([Problem("--parallel", f"must be >= 1, got {k}")])
     workers = max(1, min(k, len(plan)))
-    first = exp.variants[0].config
-    uri = tr.resolve_uri(first.tracking.uri)
+    uri = tr.resolve_uri(exp.tracking.uri)
     c = tr.client(uri)  # create the store and experiment once, before K workers race to
-    exp_id = tr.experiment_id(c, first.tracking.experiment or exp.name, tr.default_artifact_root(uri))
-    cuda = resolve_device(first.train.device).type == "cuda"
+    exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri))
+    cuda = resolve_device(exp.variants[0].config.train.device).type == "cuda"
     base = strip_option(argv, "--parallel") + ["--no-progress", "--no-summary"]
     started_ms = int(time.time() * 1000)
     lock, procs, pumps = threading.Lock(), [], []
@@ -190,7 +191,7 @@ def run_parallel(exp, plan, k: int, argv: list[str]) -> tuple[list, int]:
         pump.join()
     outcomes = outcomes_from_store(c, exp_id, plan, started_ms)
     code = max(codes)
-    if code == 0 and any(o.status in ("FAILED", "PLANNED", "KILLED") for o in outcomes):
+    if code == 0 and any(o.status in (Status.FAILED, Status.PLANNED, Status.KILLED) for o in outcomes):
         code = 1
     return outcomes, code
 
@@ -198,23 +199,20 @@ def run_parallel(exp, plan, k: int, argv: list[str]) -> tuple[list, int]:
 def outcomes_from_store(c, exp_id: str, plan, since_ms: int) -> list:
     """One outcome per planned run from MLflow: its FINISHED run (SKIPPED if it ended before
     ``since_ms``), else its newest run's status; PLANNED when no run exists."""
-    from rcnn_lab.runner import tracking as tr
-    from rcnn_lab.runner.sweep import Outcome, _final_metrics
-
     out = []
     for run in plan:
         runs = tr.runs_with_hash(c, exp_id, run.hash)
         done = [r for r in runs if r.info.status == "FINISHED"]
         r = done[0] if done else (runs[0] if runs else None)
         if r is None:
-            out.append(Outcome(run, "PLANNED", "none"))
+            out.append(Outcome(run, Status.PLANNED, Action.NONE))
             continue
-        status = r.info.status
-        if status == "FINISHED" and (r.info.end_time or 0) < since_ms:
-            status = "SKIPPED"
-        elif status == "RUNNING":
-            status = "RUNNING-ELSEWHERE"
-        duration = ((r.info.end_time or 0) - r.info.start_time) / 1000 if status == "FINISHED" else 0.0
-        out.append(Outcome(run, status, "run", _final_metrics(r), max(duration, 0.0), r.info.run_id,
-                           r.data.tags.get(f"{tr.TAG}error")))
+        status = Status(r.info.status) if r.info.status in Status.__members__ else r.info.status
+        if status == Status.FINISHED and (r.info.end_time or 0) < since_ms:
+            status = Status.SKIPPED
+        elif r.info.status == "RUNNING":
+            status = Status.RUNNING_ELSEWHERE
+        duration = ((r.info.end_time or 0) - r.info.start_time) / 1000 if status == Status.FINISHED else 0.0
+        out.append(Outcome(run, status, Action.RUN, tr.final_metrics(r), max(duration, 0.0), r.info.run_id,
+                           r.data.tags.get(tags.ERROR)))
     return out

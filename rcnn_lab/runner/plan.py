@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from rcnn_lab.config.loader import Experiment, Variant, config_hash
 from rcnn_lab.config.schema import RunConfig
@@ -55,3 +56,8 @@ def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] |
         i, n = shard
         runs = runs[i::n]
     return runs
+
+
+def output_dir(root: Path, exp: Experiment, run: PlannedRun) -> Path:
+    """A run's output folder (its checkpoints): ``<root>/outputs/<experiment>/<run slug>``."""
+    return Path(root) / "outputs" / exp.name / run.slug

@@ -6,7 +6,6 @@ import json
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -14,56 +13,45 @@ import yaml
 from rcnn_lab.config.loader import Experiment, flatten
 from rcnn_lab.config.types import to_plain
 from rcnn_lab.engine import distributed
-from rcnn_lab.runner import artifacts, claims, parallel
+from rcnn_lab.engine.device import device_name, resolve_device
+from rcnn_lab.engine.hooks import ProgressHook
+from rcnn_lab.engine.trainer import Trainer
+from rcnn_lab.runner import artifacts, claims, parallel, tags
 from rcnn_lab.runner import tracking as tr
-from rcnn_lab.runner.plan import PlannedRun
+from rcnn_lab.runner.hooks import MLflowHook
+from rcnn_lab.runner.outcome import Action, Outcome, Status
+from rcnn_lab.runner.plan import PlannedRun, output_dir
 
-TAG = tr.TAG
-
-
-@dataclass
-class Outcome:
-    run: PlannedRun
-    status: str  # FINISHED | FAILED | SKIPPED | RUNNING-ELSEWHERE | PLANNED | KILLED
-    action: str  # run | resume | skip | ...
-    metrics: dict = field(default_factory=dict)
-    duration_s: float = 0.0
-    run_id: str | None = None
-    error: str | None = None
+__all__ = ["Action", "Outcome", "Status", "decide", "plan_actions", "run_plan"]
 
 
-def decide(c, exp_id: str | None, run: PlannedRun, force: bool) -> tuple[str, object | None]:
+def decide(c, exp_id: str | None, run: PlannedRun, force: bool) -> tuple[Action, object | None]:
     """-> (action, existing run): run, resume, skip (finished), busy (claimed by a live worker).
 
     ``resume`` continues the newest interrupted run (KILLED, or RUNNING with a dead worker) from its
     last checkpoint; a FAILED newest run is kept as the record of the failure and a fresh run starts.
     """
     if force or c is None or exp_id is None:
-        return "run", None
+        return Action.RUN, None
     existing = tr.runs_with_hash(c, exp_id, run.hash)
     if any(r.info.status == "FINISHED" for r in existing):
-        return "skip", next(r for r in existing if r.info.status == "FINISHED")
+        return Action.SKIP, next(r for r in existing if r.info.status == "FINISHED")
     for r in existing:
         if r.info.status == "RUNNING" and not tr.claim_is_stale(r):
-            return "busy", r
+            return Action.BUSY, r
     if existing and existing[0].info.status in ("RUNNING", "KILLED"):
-        return "resume", existing[0]
-    return "run", None
-
-
-def output_dir(root: Path, exp: Experiment, run: PlannedRun) -> Path:
-    return root / "outputs" / exp.name / run.slug
+        return Action.RESUME, existing[0]
+    return Action.RUN, None
 
 
 def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool,
-                 root: Path | None = None) -> list[tuple[PlannedRun, str]]:
+                 root: Path | None = None) -> list[tuple[PlannedRun, Action]]:
     """What a run would do, read-only (``--dry-run``): never creates a store."""
-    uri = tr.resolve_uri(exp.variants[0].config.tracking.uri, root)
+    uri = tr.resolve_uri(exp.tracking.uri, root)
     if tr.local_store_missing(uri):
-        return [(r, "run") for r in plan]
+        return [(r, Action.RUN) for r in plan]
     c = tr.client(uri)
-    name = exp.variants[0].config.tracking.experiment or exp.name
-    e = c.get_experiment_by_name(name)
+    e = c.get_experiment_by_name(exp.tracking_name)
     return [(r, decide(c, e.experiment_id if e else None, r, force)[0]) for r in plan]
 
 
@@ -73,42 +61,36 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
 
     ``root`` holds outputs (``outputs/EXP/RUN``) and local artifacts; default ``tr.runs_root(uri)``.
     """
-    from rcnn_lab.engine.hooks import ProgressHook
-    from rcnn_lab.engine.trainer import Trainer
-    from rcnn_lab.runner.hooks import MLflowHook
-
-    first = exp.variants[0].config
-    uri = tr.resolve_uri(first.tracking.uri, root)
-    if not parallel.join(first).main:  # torchrun rank > 0: train what rank 0 announces, no tracking
+    uri = tr.resolve_uri(exp.tracking.uri, root)
+    if not parallel.join(exp.variants[0].config).main:  # torchrun rank > 0: train what rank 0 announces, no tracking
         return parallel.follow_plan(exp, plan, Path(root) if root is not None else tr.runs_root(uri))
     c = tr.client(uri)  # unreachable store: fails here, before any training
     root = Path(root) if root is not None else tr.runs_root(uri)
-    exp_name = first.tracking.experiment or exp.name
-    exp_id = tr.experiment_id(c, exp_name, tr.default_artifact_root(uri, root))
+    exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
     parent = None
     outcomes: list[Outcome] = []
-    common = {**tr.git_state(), **tr.versions(), f"{TAG}experiment_file": str(exp.path),
-              f"{TAG}world_size": str(distributed.world().size)}
+    common = {**tr.git_state(), **tr.versions(), tags.EXPERIMENT_FILE: str(exp.path),
+              tags.WORLD_SIZE: str(distributed.world().size)}
     try:
         for run in plan:
             action, existing = decide(c, exp_id, run, force)
-            if action == "resume" and not claims.take_over(c, existing):  # another worker took it first
-                action = "busy"
-            if action == "skip":
+            if action == Action.RESUME and not claims.take_over(c, existing):  # another worker took it first
+                action = Action.BUSY
+            if action == Action.SKIP:
                 echo(f"skip   {run.label} ({run.hash}): finished run {existing.info.run_id} (--force reruns)")
-                outcomes.append(Outcome(run, "SKIPPED", action, _final_metrics(existing), run_id=existing.info.run_id))
+                outcomes.append(Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id))
                 parallel.announce(None)
                 continue
-            if action == "busy":
+            if action == Action.BUSY:
                 echo(f"skip   {run.label} ({run.hash}): running in another worker ({existing.info.run_id})")
-                outcomes.append(Outcome(run, "RUNNING-ELSEWHERE", action, run_id=existing.info.run_id))
+                outcomes.append(Outcome(run, Status.RUNNING_ELSEWHERE, action, run_id=existing.info.run_id))
                 parallel.announce(None)
                 continue
             if parent is None:
                 parent = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                      tags={**common, f"{TAG}kind": "sweep", f"{TAG}plan_size": str(len(plan))})
+                                      tags={**common, tags.KIND: tags.SWEEP, tags.PLAN_SIZE: str(len(plan))})
             out = output_dir(root, exp, run)
-            if action == "resume":  # claims.take_over marked it RUNNING with our claim
+            if action == Action.RESUME:  # claims.take_over marked it RUNNING with our claim
                 run_id = existing.info.run_id
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
             else:
@@ -119,8 +101,9 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
                     busy = rival.info.status != "FINISHED"
                     echo(f"skip   {run.label} ({run.hash}): {'claimed by another worker' if busy else 'finished'} "
                          f"({rival.info.run_id})")
-                    outcomes.append(Outcome(run, "RUNNING-ELSEWHERE" if busy else "SKIPPED", "busy" if busy else "skip",
-                                            _final_metrics(rival), run_id=rival.info.run_id))
+                    outcomes.append(Outcome(run, Status.RUNNING_ELSEWHERE if busy else Status.SKIPPED,
+                                            Action.BUSY if busy else Action.SKIP, tr.final_metrics(rival),
+                                            run_id=rival.info.run_id))
                     parallel.announce(None)
                     continue
                 if out.exists():
@@ -128,32 +111,27 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
                 echo(f"run    {run.label} ({run.hash}) as run {run_id}")
             parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
-                outcomes.append(_train_one(c, run_id, run, out, progress, Trainer, ProgressHook, MLflowHook, echo, action))
+                outcomes.append(_train_one(c, run_id, run, out, action, progress=progress, echo=echo))
     except KeyboardInterrupt:
         if parent is not None:
-            c.set_terminated(parent.info.run_id, "KILLED")
+            c.set_terminated(parent.info.run_id, Status.KILLED.value)
         raise
     if parent is not None:
-        failed = any(o.status == "FAILED" for o in outcomes)
-        c.set_terminated(parent.info.run_id, "FAILED" if failed else "FINISHED")
-        echo(f"tracked in {uri}: experiment {exp_name!r}, parent run {parent.info.run_id} (rcnn-lab ui to browse)")
+        failed = any(o.status == Status.FAILED for o in outcomes)
+        c.set_terminated(parent.info.run_id, (Status.FAILED if failed else Status.FINISHED).value)
+        echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent.info.run_id} (rcnn-lab ui to browse)")
     return outcomes
 
 
 def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, common: dict) -> str:
-    import torch
-
-    from rcnn_lab.engine.trainer import resolve_device
-
-    device = str(resolve_device(run.config.train.device))
-    tags = {
-        **common, **tr.claim_tags(), "mlflow.parentRunId": parent_id, f"{TAG}kind": "variant",
-        f"{TAG}variant": run.variant.name, f"{TAG}seed": str(run.seed), f"{TAG}config_hash": run.hash,
-        f"{TAG}baseline": str(run.variant.baseline).lower(), f"{TAG}device": device,
-        f"{TAG}changed": json.dumps(run.variant.changed)[:5000],
-        f"{TAG}device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    device = resolve_device(run.config.train.device)
+    run_tags = {
+        **common, **tr.claim_tags(), tags.PARENT: parent_id, tags.KIND: tags.VARIANT_RUN,
+        tags.VARIANT: run.variant.name, tags.SEED: str(run.seed), tags.CONFIG_HASH: run.hash,
+        tags.BASELINE: str(run.variant.baseline).lower(), tags.DEVICE: str(device),
+        tags.CHANGED: json.dumps(run.variant.changed)[:5000], tags.DEVICE_NAME: device_name(device),
     }
-    r = c.create_run(exp_id, run_name=f"{run.variant.name} s{run.seed}", tags=tags)
+    r = c.create_run(exp_id, run_name=f"{run.variant.name} s{run.seed}", tags=run_tags)
     params = tr.flatten_params(flatten(to_plain(run.config)))
     for i in range(0, len(params), 100):
         c.log_batch(r.info.run_id, params=params[i:i + 100])
@@ -161,12 +139,7 @@ def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, common: dict) 
     return r.info.run_id
 
 
-def _final_metrics(run) -> dict:
-    return {k[len("final/"):]: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("final/")}
-
-
-def _train_one(c, run_id, run: PlannedRun, out: Path, progress, Trainer, ProgressHook, MLflowHook, echo,
-               action: str = "run") -> Outcome:
+def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, *, progress: bool, echo) -> Outcome:
     started = time.perf_counter()
     t = run.config.tracking
     hook = MLflowHook(c, run_id, t.log_every or run.config.train.log_every, t.async_logging)
@@ -176,26 +149,24 @@ def _train_one(c, run_id, run: PlannedRun, out: Path, progress, Trainer, Progres
         if trainer.start_iteration == 0:
             c.log_text(run_id, artifacts.model_summary(trainer.model), "model_summary.txt")
         result = trainer.fit()
-        final = {f"final/{k}": v for k, v in result.metrics.items()}
-        hook.buffer += [hook._metric(k, v, result.iterations) for k, v in final.items()]
-        hook.flush(synchronous=True)
+        hook.log_final(result.metrics, result.iterations)
         artifacts.log_results(c, run_id, trainer, result, out, t.log_checkpoint)
-        c.set_terminated(run_id, "FINISHED")
-        return Outcome(run, "FINISHED", action, result.metrics, time.perf_counter() - started, run_id)
+        c.set_terminated(run_id, Status.FINISHED.value)
+        return Outcome(run, Status.FINISHED, action, result.metrics, time.perf_counter() - started, run_id)
     except KeyboardInterrupt:  # Ctrl-C: keep what was measured, mark KILLED; the next invocation resumes
         _flush_quietly(hook)
-        c.set_terminated(run_id, "KILLED")
+        c.set_terminated(run_id, Status.KILLED.value)
         raise
     except Exception as exc:  # recorded, not swallowed: tag + artifact, and the sweep goes on
         _flush_quietly(hook)
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        c.set_tag(run_id, f"{TAG}error", message)
+        c.set_tag(run_id, tags.ERROR, message)
         c.log_text(run_id, traceback.format_exc(), "error.txt")
-        c.set_terminated(run_id, "FAILED")
+        c.set_terminated(run_id, Status.FAILED.value)
         echo(f"FAILED {run.label}: {message}")
         if parallel.must_abort(exc):  # not known to be the same on every rank: end the distributed job
             raise
-        return Outcome(run, "FAILED", action, {}, time.perf_counter() - started, run_id, message)
+        return Outcome(run, Status.FAILED, action, {}, time.perf_counter() - started, run_id, message)
 
 
 def _flush_quietly(hook) -> None:

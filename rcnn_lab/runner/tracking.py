@@ -10,10 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rcnn_lab.errors import RcnnLabError
+from rcnn_lab.runner import tags
 
 DEFAULT_ROOT = Path("runs")
 ROOT_ENV = "RCNN_LAB_RUNS"  # folder for the default store, artifacts and outputs (default: ./runs)
-TAG = "rcnn_lab."  # every rcnn-lab tag starts with this
 STALE_AFTER_S = 600  # a RUNNING claim whose heartbeat is older than this may be taken over
 
 
@@ -144,7 +144,7 @@ def experiment_id(c, name: str, artifact_root: str | None) -> str:
 def runs_with_hash(c, exp_id: str, config_hash: str) -> list:
     """Child runs of this config hash, newest first."""
     return c.search_runs(
-        [exp_id], filter_string=f"tags.`{TAG}config_hash` = '{config_hash}'", order_by=["attributes.start_time DESC"],
+        [exp_id], filter_string=tags.filter_equals(tags.CONFIG_HASH, config_hash), order_by=["attributes.start_time DESC"],
     )
 
 
@@ -161,7 +161,7 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
         if head.returncode != 0 or (cwd is None and Path(top.stdout.strip()).resolve() / package.name != package):
             return {}
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
-        return {f"{TAG}git_commit": head.stdout.strip(), f"{TAG}git_dirty": str(dirty).lower()}
+        return {tags.GIT_COMMIT: head.stdout.strip(), tags.GIT_DIRTY: str(dirty).lower()}
     except (OSError, subprocess.SubprocessError):
         return {}
 
@@ -170,13 +170,13 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    from rcnn_lab import __version__
+    from rcnn_lab._version import __version__
 
-    return {f"{TAG}version": __version__, f"{TAG}torch": torch.__version__, f"{TAG}torchvision": torchvision.__version__}
+    return {tags.VERSION: __version__, tags.TORCH: torch.__version__, tags.TORCHVISION: torchvision.__version__}
 
 
 def claim_tags() -> dict[str, str]:
-    return {f"{TAG}host": socket.gethostname(), f"{TAG}pid": str(os.getpid()), f"{TAG}heartbeat": str(int(time.time()))}
+    return {tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()), tags.HEARTBEAT: str(int(time.time()))}
 
 
 class Heartbeat:
@@ -193,7 +193,7 @@ class Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                self.c.set_tag(self.run_id, f"{TAG}heartbeat", str(int(time.time())))
+                self.c.set_tag(self.run_id, tags.HEARTBEAT, str(int(time.time())))
             except Exception:  # a store hiccup must not kill training; the next beat retries
                 pass
 
@@ -208,8 +208,8 @@ class Heartbeat:
 
 def claim_is_stale(run) -> bool:
     """A RUNNING run whose worker is gone: same host and dead pid, or a heartbeat older than STALE_AFTER_S."""
-    tags = run.data.tags
-    host, pid, beat = tags.get(f"{TAG}host"), tags.get(f"{TAG}pid"), tags.get(f"{TAG}heartbeat")
+    seen = run.data.tags
+    host, pid, beat = seen.get(tags.HOST), seen.get(tags.PID), seen.get(tags.HEARTBEAT)
     if host == socket.gethostname() and pid and pid.isdigit():
         if int(pid) == os.getpid():
             return False
@@ -234,3 +234,9 @@ def flatten_params(flat: dict) -> list:
         text = v if isinstance(v, str) else json.dumps(v)
         out.append(Param(k, text[:6000]))
     return out
+
+
+def final_metrics(run) -> dict:
+    """The final evaluation a run logged (``final/<name>``), by name; {} for no run."""
+    metrics = run.data.metrics if run else {}
+    return {k[len(tags.FINAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(tags.FINAL_PREFIX)}

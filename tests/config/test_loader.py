@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rcnn_lab.config.loader import config_hash, load_experiment
+from rcnn_lab.config.loader import config_hash
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.errors import ConfigError
 from tests.conftest import EXPERIMENTS, FIXTURES
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.config.types import Spec
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.registry import LR_SCHEDULERS, OPTIMIZERS
 from tests.conftest import EXPERIMENTS

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from rcnn_lab.config.loader import load_experiment
 from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine import trainer as trainer_module
 from rcnn_lab.engine.hooks import Hook, StepRecord
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.engine.trainer import Trainer, TrainResult
 from rcnn_lab.errors import ConfigError, TrainingError
 from tests.conftest import EXPERIMENTS, TINY_MODEL

@@ -12,7 +12,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 import rcnn_lab.models.proposal_gradient as pg
-from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.errors import ConfigError
 from rcnn_lab.models.builder import build_model
 from tests.conftest import FIXTURES, detach_vs_backprop

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from rcnn_lab.config.loader import load_experiment
-from rcnn_lab.runner import claims
+from rcnn_lab.engine.preflight import load_experiment
+from rcnn_lab.runner import claims, tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.plan import make_plan
 from tests.runner.conftest import tiny_experiment
@@ -33,9 +33,9 @@ def _store(tmp_path):
 
 
 def _claimed_run(c, exp_id, pid: int, beat: float, start_time: int | None = None, status: str | None = None) -> str:
-    tags = {f"{tr.TAG}config_hash": HASH, f"{tr.TAG}kind": "variant", f"{tr.TAG}host": socket.gethostname(),
-            f"{tr.TAG}pid": str(pid), f"{tr.TAG}heartbeat": str(int(beat))}
-    run_id = c.create_run(exp_id, start_time=start_time, tags=tags).info.run_id
+    run_tags = {tags.CONFIG_HASH: HASH, tags.KIND: tags.VARIANT_RUN, tags.HOST: socket.gethostname(),
+            tags.PID: str(pid), tags.HEARTBEAT: str(int(beat))}
+    run_id = c.create_run(exp_id, start_time=start_time, tags=run_tags).info.run_id
     if status:
         c.set_terminated(run_id, status)
     return run_id
@@ -69,7 +69,7 @@ def test_a_claim_is_taken_over_by_exactly_one_worker(tmp_path):
     assert claims.take_over(c, seen_by_a) is True
     assert claims.take_over(c, seen_by_b) is False
     run = c.get_run(run_id)
-    assert run.info.status == "RUNNING" and run.data.tags[f"{tr.TAG}pid"] == str(os.getpid())
+    assert run.info.status == "RUNNING" and run.data.tags[tags.PID] == str(os.getpid())
     assert not tr.claim_is_stale(run)
     assert claims.take_over(c, run) is True  # a later, different claim is a new key
 
@@ -83,9 +83,9 @@ def test_hand_made_stale_claim_is_resumed_into(tmp_path):
     (planned,) = make_plan(exp)
     c = tr.client(uri)
     exp_id = tr.experiment_id(c, "stale", None)
-    tags = {f"{tr.TAG}config_hash": planned.hash, f"{tr.TAG}kind": "variant", f"{tr.TAG}host": socket.gethostname(),
-            f"{tr.TAG}pid": str(_dead_pid()), f"{tr.TAG}heartbeat": str(int(time.time()))}
-    stale = c.create_run(exp_id, tags=tags).info.run_id  # RUNNING, fresh heartbeat, but its process is gone
+    run_tags = {tags.CONFIG_HASH: planned.hash, tags.KIND: tags.VARIANT_RUN, tags.HOST: socket.gethostname(),
+            tags.PID: str(_dead_pid()), tags.HEARTBEAT: str(int(time.time()))}
+    stale = c.create_run(exp_id, tags=run_tags).info.run_id  # RUNNING, fresh heartbeat, but its process is gone
     lines: list[str] = []
     (outcome,) = run_plan(exp, [planned], progress=False, echo=lines.append)
     assert (outcome.action, outcome.status, outcome.run_id) == ("resume", "FINISHED", stale), lines

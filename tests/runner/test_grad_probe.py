@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.probe import LOSSES
 from rcnn_lab.runner.plan import make_plan
 from rcnn_lab.runner.sweep import run_plan

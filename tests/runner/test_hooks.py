@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from rcnn_lab.engine.hooks import StepRecord
+from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.hooks import MLflowHook
 
@@ -33,4 +34,4 @@ def test_metrics_are_stored_before_each_checkpoint_and_batched_between(tmp_path,
     hook.after_train(trainer, None)
     assert [m.step for m in c.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
     assert {"images_per_s", "lr", "step_time_s", "peak_memory_mb"} <= set(c.get_run(run_id).data.metrics)
-    assert f"{tr.TAG}heartbeat" in c.get_run(run_id).data.tags
+    assert tags.HEARTBEAT in c.get_run(run_id).data.tags

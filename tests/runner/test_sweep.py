@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.runner.plan import make_plan
 from tests.runner.conftest import cli, files_under, tiny_experiment
 

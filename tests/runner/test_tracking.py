@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from rcnn_lab.config.loader import load_experiment
+from rcnn_lab.engine.preflight import load_experiment
+from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.plan import make_plan
 from rcnn_lab.runner.sweep import decide
@@ -60,9 +61,9 @@ def store(shared, request):
 
 
 def _run(c, exp_id, planned, status="RUNNING", **claim):
-    tags = {f"{tr.TAG}config_hash": planned.hash, f"{tr.TAG}kind": "variant"}
-    tags.update({f"{tr.TAG}{k}": str(v) for k, v in claim.items()})
-    r = c.create_run(exp_id, tags=tags)
+    run_tags = {tags.CONFIG_HASH: planned.hash, tags.KIND: tags.VARIANT_RUN}
+    run_tags.update({getattr(tags, k.upper()): str(v) for k, v in claim.items()})
+    r = c.create_run(exp_id, tags=run_tags)
     if status != "RUNNING":
         c.set_terminated(r.info.run_id, status)
     return c.get_run(r.info.run_id)
@@ -106,7 +107,7 @@ def test_decide_on_this_host_looks_at_the_pid(store):
     finally:
         live.kill()
         live.wait()
-    c.set_tag(r.info.run_id, f"{tr.TAG}pid", str(_dead_pid()))  # the worker died (kill -9): fresh beat, dead pid
+    c.set_tag(r.info.run_id, tags.PID, str(_dead_pid()))  # the worker died (kill -9): fresh beat, dead pid
     action, existing = decide(c, exp_id, planned, force=False)
     assert action == "resume" and existing.info.run_id == r.info.run_id
 
@@ -126,6 +127,6 @@ def test_heartbeat_thread_refreshes_the_tag(store):
     r = _run(c, exp_id, planned, heartbeat=0)
     with tr.Heartbeat(c, r.info.run_id, every_s=0.05):
         deadline = time.time() + 10
-        while c.get_run(r.info.run_id).data.tags[f"{tr.TAG}heartbeat"] == "0" and time.time() < deadline:
+        while c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT] == "0" and time.time() < deadline:
             time.sleep(0.05)
-    assert abs(int(c.get_run(r.info.run_id).data.tags[f"{tr.TAG}heartbeat"]) - time.time()) < 15
+    assert abs(int(c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT]) - time.time()) < 15

@@ -1,0 +1,108 @@
+"""Input checks, in one place: an experiment loaded against the registries, and a plan checked before any run.
+
+:func:`load_experiment` is the configuration as commands and the library load it: the YAML
+(``rcnn_lab.config.loader``, pure) with the built-in components and plugins registered, every
+component spec checked against its factory and every variant's model built on the meta device.
+:func:`preflight` checks what only the data and the machine can tell (the device, every
+dataset, ``model.num_classes`` against the datasets' categories) for a whole plan, before any
+run is created. This module imports torch only when a check needs it, so that errors found in
+the YAML itself answer at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rcnn_lab.config import loader
+from rcnn_lab.config.schema import RunConfig
+from rcnn_lab.errors import ConfigError, Problem
+
+
+def load_experiment(path: str | Path, overrides: list[str] = (), check_models: bool = True,
+                    flags: dict[str, tuple[str, Any]] | None = None) -> loader.Experiment:
+    """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem.
+
+    ``overrides`` are ``--set`` texts; ``flags`` maps a command-line flag to the (dotted key, value)
+    it sets (errors about that key name the flag). ``check_models`` builds each variant's model on
+    the meta device (no memory, no downloads) to find problems only the parts can see.
+    """
+    from rcnn_lab.components import builtin_families
+
+    families = builtin_families()
+
+    def plugins(file: Path, extra: list[str], base: Path) -> None:
+        from rcnn_lab.plugins import load_plugins
+
+        families("backbone")  # the built-ins first, so a plugin reusing a built-in name is reported
+        load_plugins(file, extra, base)
+
+    return loader.load_experiment(path, list(overrides), flags, families=families, load_plugins=plugins,
+                                  check=_check_model if check_models else None)
+
+
+def _check_model(config: RunConfig) -> list[Problem]:
+    from rcnn_lab.models.builder import check_model
+
+    return check_model(config.model, path="model")
+
+
+def check_num_classes(num_classes: int, train_set, val_set) -> None:
+    """``model.num_classes`` must cover 1 + the categories of ``data.train``; val must share them.
+
+    Labels are contiguous (``i + 1`` is ``categories[i]``): fewer classes make the loss fail on
+    labels >= num_classes. More are allowed (``base.yaml`` keeps torchvision's 91): the spare
+    classes never see a positive, and evaluation ignores detections with no category.
+    """
+    cats = getattr(train_set, "categories", None)
+    if cats is None:
+        return
+    problems = []
+    names = ", ".join(str(c.get("name", c.get("id"))) for c in cats[:8]) + (", ..." if len(cats) > 8 else "")
+    if num_classes < len(cats) + 1:
+        problems.append(Problem("model.num_classes", f"is {num_classes} but data.train has {len(cats)} categories "
+                                f"({names}); set model.num_classes to {len(cats) + 1} (1 + {len(cats)} categories)"))
+    val_cats = getattr(val_set, "categories", None)
+    pairs = [[(c["id"], c.get("name")) for c in cs] for cs in (cats, val_cats or cats)]
+    if pairs[0] != pairs[1]:
+        i = next((i for i, (a, b) in enumerate(zip(*pairs)) if a != b), min(map(len, pairs)))
+        val, train = (str(ps[i]) if i < len(ps) else "none" for ps in (pairs[1], pairs[0]))
+        problems.append(Problem("data.val", f"categories differ from data.train's (label {i + 1} is {val} "
+                                f"in data.val, {train} in data.train); give both splits the same categories"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def preflight(plan) -> None:
+    """Everything that can be wrong with the input of ``plan``, checked before any run is created."""
+    from rcnn_lab.components import register_builtins
+    from rcnn_lab.engine.device import resolve_device
+    from rcnn_lab.registry import DATASETS
+
+    register_builtins()
+    problems, built = [], {}
+    for run in plan:
+        try:
+            resolve_device(run.config.train.device)
+        except ConfigError as exc:
+            problems += [(run, p) for p in exc.problems]
+        sets = []
+        for key in ("train", "val"):
+            spec = getattr(run.config.data, key)
+            ident = (spec.type, repr(sorted(spec.kwargs.items())))
+            if ident not in built:
+                try:
+                    built[ident] = DATASETS.build(spec, f"data.{key}")
+                except ConfigError as exc:
+                    built[ident] = None
+                    problems += [(run, p) for p in exc.problems]
+            sets.append(built[ident])
+        if None not in sets:
+            try:
+                check_num_classes(run.config.model.num_classes, *sets)
+            except ConfigError as exc:
+                problems += [(run, p) for p in exc.problems]
+    problems = [p if p.file else Problem(p.path, p.message, run.variant.source_of(p.path)) for run, p in problems]
+    unique = list({str(p): p for p in problems}.values())
+    if unique:
+        raise ConfigError(unique)

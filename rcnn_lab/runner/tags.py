@@ -1,0 +1,57 @@
+"""Every MLflow name rcnn-lab writes and reads: tags, param prefixes, metric prefixes, run kinds.
+
+The runner writes runs with these names and the reports read them back; both import them from
+here, so a name is typed once. Everything rcnn-lab tags starts with :data:`PREFIX`.
+"""
+
+from __future__ import annotations
+
+PREFIX = "rcnn_lab."
+
+# What a run is (tag KIND): the parent run of one invocation, or one variant x seed child run.
+KIND = f"{PREFIX}kind"
+SWEEP = "sweep"
+VARIANT_RUN = "variant"
+
+# Parent (sweep) runs.
+PLAN_SIZE = f"{PREFIX}plan_size"
+
+# Every run of an invocation (the ``common`` tags).
+EXPERIMENT_FILE = f"{PREFIX}experiment_file"
+WORLD_SIZE = f"{PREFIX}world_size"
+GIT_COMMIT = f"{PREFIX}git_commit"
+GIT_DIRTY = f"{PREFIX}git_dirty"
+VERSION = f"{PREFIX}version"
+TORCH = f"{PREFIX}torch"
+TORCHVISION = f"{PREFIX}torchvision"
+
+# Child (variant x seed) runs.
+PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+VARIANT = f"{PREFIX}variant"
+SEED = f"{PREFIX}seed"
+CONFIG_HASH = f"{PREFIX}config_hash"
+BASELINE = f"{PREFIX}baseline"
+DEVICE = f"{PREFIX}device"
+DEVICE_NAME = f"{PREFIX}device_name"
+CHANGED = f"{PREFIX}changed"  # JSON {dotted.key: value} of what the variant changes
+ERROR = f"{PREFIX}error"  # first line of the exception of a FAILED run
+
+# Claims (``runner.claims``): who trains a run, and whether that worker is alive.
+HOST = f"{PREFIX}host"
+PID = f"{PREFIX}pid"
+HEARTBEAT = f"{PREFIX}heartbeat"
+TAKEOVER_PREFIX = f"{PREFIX}takeover."  # params: one per claim taken over
+
+# Params: the resolved config under its dotted keys; params starting with PREFIX are bookkeeping.
+# Metrics: per-step names as logged, and the final evaluation under FINAL_PREFIX.
+FINAL_PREFIX = "final/"
+
+
+def is_bookkeeping_param(key: str) -> bool:
+    """True for params rcnn-lab logs for itself (claims), not config keys."""
+    return key.startswith(PREFIX)
+
+
+def filter_equals(tag: str, value: str) -> str:
+    """An MLflow ``search_runs`` filter on one tag's value."""
+    return f"tags.`{tag}` = '{value}'"
