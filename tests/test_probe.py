@@ -112,3 +112,52 @@ def test_probe_trains_between_batches_and_restores_the_callers_rng(setup):
     assert two["loss_objectness"]["rpn.head.cls_logits"] != one["loss_objectness"]["rpn.head.cls_logits"]
     with pytest.raises(ValueError, match="steps"):
         probe(configs["detach"], steps=0)
+
+
+def _backprop(configs, **rpn):
+    """The backprop variant's model config with ``model.rpn`` fields replaced."""
+    from dataclasses import replace
+
+    model = configs["backprop"].model
+    return replace(model, rpn=replace(model.rpn, **rpn))
+
+
+@pytest.fixture(scope="module")
+def variant_norms(setup):
+    """Probe norms at initialisation (same seed, weights and batch as ``norms``) for scale / from variants."""
+    configs, images, targets = setup
+    out = {}
+    for name, rpn in {"scale_0.25": {"proposal_gradient_scale": 0.25}, "scale_0.1": {"proposal_gradient_scale": 0.1},
+                      "box": {"proposal_gradient_from": ["box"]}, "mask": {"proposal_gradient_from": ["mask"]}}.items():
+        torch.manual_seed(0)
+        out[name] = grad_norms(build_model(_backprop(configs, **rpn)), images, targets)
+    return out
+
+
+def test_scale_multiplies_the_roi_losses_norms_into_the_rpn_head_exactly(norms, variant_norms):
+    full = norms["backprop"]
+    for loss in ROI_LOSSES:
+        assert full[loss]["rpn.head.bbox_pred"] > 0, loss
+        for comp in ("rpn.head.bbox_pred", "rpn.head.conv"):  # conv hears the RoI losses only through bbox_pred
+            # a power of two scales every float exactly: the norm is exactly 0.25x
+            assert variant_norms["scale_0.25"][loss][comp] == 0.25 * full[loss][comp], (loss, comp)
+            assert variant_norms["scale_0.1"][loss][comp] == pytest.approx(0.1 * full[loss][comp], rel=1e-5)
+        assert variant_norms["scale_0.25"][loss]["rpn.head.cls_logits"] == 0.0
+        # the heads' own gradients and the RPN losses are untouched (forward and sampling unchanged)
+        for comp in ROI_HEADS:
+            assert variant_norms["scale_0.25"][loss][comp] == full[loss][comp], (loss, comp)
+    for loss in ("loss_objectness", "loss_rpn_box_reg"):
+        assert variant_norms["scale_0.25"][loss] == full[loss]
+
+
+def test_from_names_the_heads_whose_losses_reach_the_rpn_head(norms, variant_norms):
+    full, mask_only, box_only = norms["backprop"], variant_norms["mask"], variant_norms["box"]
+    for comp in RPN_HEAD:
+        assert mask_only["loss_classifier"][comp] == 0.0 and mask_only["loss_box_reg"][comp] == 0.0, comp
+        assert box_only["loss_mask"][comp] == 0.0, comp
+    for comp in ("rpn.head.bbox_pred", "rpn.head.conv"):
+        assert mask_only["loss_mask"][comp] == full["loss_mask"][comp] > 0
+        assert box_only["loss_classifier"][comp] == full["loss_classifier"][comp] > 0
+        assert box_only["loss_box_reg"][comp] == full["loss_box_reg"][comp] > 0
+    # a detached pooler still trains the backbone and the FPN through the pooled features
+    assert mask_only["loss_box_reg"]["backbone.fpn"] > 0 and box_only["loss_mask"]["backbone.fpn"] > 0

@@ -7,6 +7,7 @@ registered factory's signature (see ``rcnn_lab.registry``). Defaults reproduce t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,6 +77,10 @@ class RPNConfig:
     positive_fraction: float = 0.5
     score_thresh: float = 0.0
     proposal_gradient: Literal["detach", "backprop"] = "detach"
+    # backprop only: factor on the gradient the RoI heads send to the proposal coordinates (forward unchanged)
+    proposal_gradient_scale: float = 1.0
+    # backprop only: the RoI poolers that pool at the live proposals (the others get detached ones)
+    proposal_gradient_from: list[Literal["box", "mask"]] = _default(["box", "mask"])
 
     def check(self) -> Check:
         out: Check = []
@@ -84,6 +89,28 @@ class RPNConfig:
         _positive(out, "batch_size_per_image", self.batch_size_per_image)
         if self.bg_iou_thresh > self.fg_iou_thresh:
             out.append(("bg_iou_thresh", f"must not exceed fg_iou_thresh ({self.fg_iou_thresh})"))
+        out.extend(self._check_proposal_gradient())
+        return out
+
+    def _check_proposal_gradient(self) -> Check:
+        scale, sources = self.proposal_gradient_scale, self.proposal_gradient_from
+        if self.proposal_gradient == "detach":
+            if scale != 1.0:
+                return [("proposal_gradient_scale", "applies to proposal_gradient: backprop only (here detach, "
+                         "where no RoI gradient reaches the proposals); remove it or set proposal_gradient: backprop")]
+            if sorted(sources) != ["box", "mask"]:
+                return [("proposal_gradient_from", "applies to proposal_gradient: backprop only (here detach); "
+                         "remove it or set proposal_gradient: backprop")]
+            return []
+        out: Check = []
+        if not math.isfinite(scale) or scale <= 0:
+            out.append(("proposal_gradient_scale", f"must be a finite number > 0, got {scale}; "
+                        "use e.g. 0.1, or proposal_gradient: detach for no gradient"))
+        if not sources:
+            out.append(("proposal_gradient_from", "must name at least one of box, mask; "
+                        "use proposal_gradient: detach for none"))
+        elif len(set(sources)) != len(sources):
+            out.append(("proposal_gradient_from", f"names a pooler twice ({sources}); list box and/or mask once"))
         return out
 
 
@@ -140,6 +167,10 @@ class ModelConfig:
         out: Check = []
         if self.num_classes < 2:
             out.append(("num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}"))
+        if (self.rpn.proposal_gradient == "backprop" and "mask" in self.rpn.proposal_gradient_from
+                and self.roi_heads.mask_head is None):
+            out.append(("rpn.proposal_gradient_from", "names mask but the model has no mask head "
+                        "(roi_heads.mask_head is null); use [box]"))
         return out
 
 

@@ -82,10 +82,21 @@ def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
             f"anchors per location differ across levels ({per_level}); the RPN head is shared across "
             "levels, so every level needs the same count of sizes x aspect ratios",
         )])
+    # parameters are initialised in torchvision's order (MaskRCNN builds the mask parts before
+    # FasterRCNN builds the RPN head and the box parts), so the same seed gives torchvision's weights
+    h = cfg.roi_heads
+    roi_names = [n for n in names if n != "pool"]
+    mask_parts = {}
+    if h.mask_head is not None:
+        mask_parts["mask_roi_pool"] = _build(ROI_POOLERS, h.mask_pooler, f"{path}.roi_heads.mask_pooler", featmap_names=roi_names)
+        mask_head = _build(MASK_HEADS, h.mask_head, f"{path}.roi_heads.mask_head", in_channels=backbone.out_channels)
+        mask_parts["mask_head"] = mask_head
+        mask_parts["mask_predictor"] = _build(MASK_PREDICTORS, h.mask_predictor, f"{path}.roi_heads.mask_predictor", in_channels=mask_head.out_channels, num_classes=cfg.num_classes)
     rpn_head = _build(RPN_HEADS, cfg.rpn.head, f"{path}.rpn.head", in_channels=backbone.out_channels, num_anchors=per_level[0])
 
     r = cfg.rpn
-    rpn_cls = ProposalGradientRPN if r.proposal_gradient == "backprop" else RegionProposalNetwork
+    backprop = r.proposal_gradient == "backprop"
+    rpn_cls = ProposalGradientRPN if backprop else RegionProposalNetwork
     rpn = rpn_cls(
         anchors, rpn_head, r.fg_iou_thresh, r.bg_iou_thresh, r.batch_size_per_image, r.positive_fraction,
         {"training": r.pre_nms_top_n.train, "testing": r.pre_nms_top_n.test},
@@ -93,21 +104,17 @@ def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
         r.nms_thresh, score_thresh=r.score_thresh,
     )
 
-    h = cfg.roi_heads
-    roi_names = [n for n in names if n != "pool"]
     box_pool = _build(ROI_POOLERS, h.box_pooler, f"{path}.roi_heads.box_pooler", featmap_names=roi_names)
     box_head = _build(BOX_HEADS, h.box_head, f"{path}.roi_heads.box_head", in_channels=backbone.out_channels, resolution=_resolution(box_pool))
     box_predictor = _build(BOX_PREDICTORS, h.box_predictor, f"{path}.roi_heads.box_predictor", in_channels=box_head.out_channels, num_classes=cfg.num_classes)
-    mask_parts = {}
-    if h.mask_head is not None:
-        mask_parts["mask_roi_pool"] = _build(ROI_POOLERS, h.mask_pooler, f"{path}.roi_heads.mask_pooler", featmap_names=roi_names)
-        mask_head = _build(MASK_HEADS, h.mask_head, f"{path}.roi_heads.mask_head", in_channels=backbone.out_channels)
-        mask_parts["mask_head"] = mask_head
-        mask_parts["mask_predictor"] = _build(MASK_PREDICTORS, h.mask_predictor, f"{path}.roi_heads.mask_predictor", in_channels=mask_head.out_channels, num_classes=cfg.num_classes)
-    heads_cls = ProposalGradientRoIHeads if r.proposal_gradient == "backprop" else RoIHeads
+    heads_cls, extra = RoIHeads, {}
+    if backprop:
+        heads_cls = ProposalGradientRoIHeads
+        extra = {"gradient_scale": r.proposal_gradient_scale, "gradient_from": tuple(r.proposal_gradient_from)}
     roi_heads = heads_cls(
         box_pool, box_head, box_predictor, h.fg_iou_thresh, h.bg_iou_thresh, h.batch_size_per_image,
         h.positive_fraction, h.bbox_reg_weights, h.score_thresh, h.nms_thresh, h.detections_per_img, **mask_parts,
+        **extra,
     )
     t = cfg.transform
     min_size = tuple(t.min_size) if isinstance(t.min_size, list) else t.min_size
@@ -116,11 +123,13 @@ def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
 
 
 def proposal_gradient_problems(cfg: ModelConfig, path: str = "model") -> list[Problem]:
-    """``backprop`` needs poolers that are differentiable with respect to box coordinates."""
+    """``backprop`` needs the poolers of ``proposal_gradient_from`` to be differentiable with respect to boxes."""
     if cfg.rpn.proposal_gradient != "backprop":
         return []
     out = []
     for key in ("box_pooler", "mask_pooler"):
+        if key.split("_")[0] not in cfg.rpn.proposal_gradient_from:
+            continue  # pools at detached proposals: any pooler will do
         spec = getattr(cfg.roi_heads, key)
         if spec is None:
             continue

@@ -13,6 +13,13 @@ back into it. Pooling is the only new gradient path:
 * proposal scores are detached by torchvision's ``filter_proposals`` (top-k and NMS are discrete),
   so ``rpn.head.cls_logits`` still learns from the RPN loss alone.
 
+Two knobs weaken that path without touching the forward pass:
+
+* ``gradient_scale`` multiplies the gradient that reaches the proposal coordinates from the RoI
+  heads (:class:`ScaleGradient`: identity forward, ``scale * grad`` backward);
+* ``gradient_from`` names the poolers that pool at the live proposals (``box``, ``mask``); the
+  others pool at detached copies, so their losses reach the RPN only through the shared features.
+
 The forward values (losses, detections) are those of ``detach`` mode: only the graph differs.
 """
 
@@ -22,6 +29,24 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+
+
+class ScaleGradient(torch.autograd.Function):
+    """Identity in the forward pass (the same tensor values, bit for bit); multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+def scale_gradient(x: Tensor, scale: float) -> Tensor:
+    """``x`` whose gradient is multiplied by ``scale`` on the way back (``x`` itself when ``scale == 1``)."""
+    return x if scale == 1.0 else ScaleGradient.apply(x, scale)
 
 
 class ProposalGradientRPN(RegionProposalNetwork):
@@ -53,7 +78,22 @@ class ProposalGradientRoIHeads(RoIHeads):
 
     Evaluation is torchvision's ``RoIHeads.forward`` unchanged; training is the same computation
     with the mask targets cropped at detached proposals. Keypoint heads are not supported.
+
+    ``gradient_scale`` multiplies the gradient the RoI losses send to the proposal coordinates;
+    ``gradient_from`` (``"box"``, ``"mask"``) names the poolers that get the live proposals, the
+    others get detached ones. The remaining arguments are torchvision's ``RoIHeads``'.
     """
+
+    def __init__(self, *args, gradient_scale: float = 1.0, gradient_from: tuple[str, ...] = ("box", "mask"),
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if not gradient_scale > 0 or gradient_scale == float("inf"):
+            raise ValueError(f"gradient_scale must be a finite number > 0, got {gradient_scale}")
+        unknown = set(gradient_from) - {"box", "mask"}
+        if unknown or not gradient_from:
+            raise ValueError(f"gradient_from must name box and/or mask, got {list(gradient_from)}")
+        self.gradient_scale = float(gradient_scale)
+        self.gradient_from = tuple(gradient_from)
 
     def subsample(self, labels: list[Tensor]) -> list[Tensor]:
         sampled = super().subsample(labels)
@@ -88,14 +128,16 @@ class ProposalGradientRoIHeads(RoIHeads):
             if t["labels"].dtype != torch.int64:
                 raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
 
+        proposals = [scale_gradient(p, self.gradient_scale) for p in proposals]
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        box_proposals = proposals if "box" in self.gradient_from else [p.detach() for p in proposals]
+        box_features = self.box_head(self.box_roi_pool(features, box_proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if self.has_mask():
             pos = [torch.where(lab > 0)[0] for lab in labels]
-            mask_proposals = [p[i] for p, i in zip(proposals, pos)]
+            mask_proposals = [p[i] if "mask" in self.gradient_from else p[i].detach() for p, i in zip(proposals, pos)]
             pos_matched_idxs = [m[i] for m, i in zip(matched_idxs, pos)]
             mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
             mask_logits = self.mask_predictor(mask_features)

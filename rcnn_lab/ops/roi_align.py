@@ -102,7 +102,7 @@ def roi_align(
         gh, gw = int(grid_h[idx[0]]), int(grid_w[idx[0]])
         members.append(idx)
         if gh == 0 or gw == 0:  # empty RoI (aligned, size <= 0): no samples, 0 as in torchvision
-            pieces.append(input.new_zeros((idx.shape[0], input.shape[1], pooled_h, pooled_w)))
+            pieces.append(_connected_zeros(input, rois, (idx.shape[0], input.shape[1], pooled_h, pooled_w)))
         else:
             pieces.append(_roi_align_grid(input, batch_idx[idx], start_h[idx], start_w[idx], bin_h[idx], bin_w[idx],
                                           pooled_h, pooled_w, gh, gw))
@@ -110,6 +110,16 @@ def roi_align(
     position = torch.empty_like(order)
     position[order] = torch.arange(order.shape[0], device=order.device)
     return torch.cat(pieces).index_select(0, position)
+
+
+def _connected_zeros(input: Tensor, rois: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Zeros of ``shape`` that stay in the graph of ``input`` and ``rois`` (zero gradient for both).
+
+    As torchvision's kernel: its output for RoIs without sampling points is 0 but still has a
+    ``grad_fn``, so ``backward()`` works. Sums of empty slices are exactly 0 even if the inputs hold
+    inf or NaN.
+    """
+    return input.new_zeros(shape) + (input.flatten()[:0].sum() + rois.flatten()[:0].sum())
 
 
 def _sample_coords(start: Tensor, bin_size: Tensor, pooled: int, grid: int, size: int) -> Tensor:

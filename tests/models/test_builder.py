@@ -29,6 +29,17 @@ def test_base_yaml_is_module_for_module_torchvision(base_pair):
     assert frozen == [n for n, p in ref.named_parameters() if not p.requires_grad]
 
 
+def test_same_seed_gives_torchvision_initial_weights():
+    # the parts are built (and initialised from the RNG) in torchvision's order
+    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml")
+    torch.manual_seed(7)
+    ours = rcnn_lab.build_model(exp.variants[0].config.model).state_dict()
+    torch.manual_seed(7)
+    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    assert list(ours) == list(ref) and len(ours) == 360
+    assert [k for k in ours if not torch.equal(ours[k], ref[k])] == []
+
+
 def torchvision_maskrcnn():
     from torchvision.models.detection import MaskRCNN
 

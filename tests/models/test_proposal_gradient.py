@@ -186,3 +186,68 @@ def test_backprop_with_cpp_pooler_is_a_config_error(overrides, poolers):
         assert f"roi_heads.{key}" in p.message and "returns none for them" in p.message
         assert "'multiscale_roi_align'" in p.message and "differentiable_roi_align" in p.message
         assert p.file.endswith("backprop_cpp_pooler.yaml")
+
+
+def test_scale_gradient_is_identity_forward_and_scales_backward():
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = pg.scale_gradient(x, 0.1)
+    assert torch.equal(y, x) and y.grad_fn is not None
+    (y * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(x.grad, 0.1 * torch.arange(4.0).expand(5, 4), rtol=0, atol=0)
+    assert pg.scale_gradient(x, 1.0) is x  # the default adds no node to the graph
+
+
+@pytest.mark.parametrize("rpn", [{"proposal_gradient_scale": 0.1}, {"proposal_gradient_from": ["box"]},
+                                 {"proposal_gradient_from": ["mask"]}])
+def test_scale_and_from_leave_the_forward_pass_bit_identical(setup, trained_forward, rpn):
+    from dataclasses import replace
+
+    _, backprop, images, targets = setup
+    md, ld, rng_d = trained_forward["detach"]
+    model = build_model(replace(backprop.model, rpn=replace(backprop.model.rpn, **rpn)))
+    model.load_state_dict(md.state_dict())
+    model.train()
+    torch.manual_seed(1)
+    losses = model(images, targets)
+    assert all(torch.equal(ld[k].detach(), losses[k].detach()) for k in ld)
+    assert torch.equal(torch.get_rng_state(), rng_d)
+    assert (model.roi_heads.gradient_scale, model.roi_heads.gradient_from) == (
+        rpn.get("proposal_gradient_scale", 1.0), tuple(rpn.get("proposal_gradient_from", ["box", "mask"])))
+
+
+BACKPROP = "model.rpn.proposal_gradient=backprop"
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["model.rpn.proposal_gradient_scale=0.1"], "proposal_gradient_scale", "applies to proposal_gradient: backprop only"),
+    (["model.rpn.proposal_gradient_from=[box]"], "proposal_gradient_from", "applies to proposal_gradient: backprop only"),
+    ([BACKPROP, "model.rpn.proposal_gradient_scale=0"], "proposal_gradient_scale", "must be a finite number > 0, got 0.0"),
+    ([BACKPROP, "model.rpn.proposal_gradient_scale=-0.5"], "proposal_gradient_scale", "must be a finite number > 0"),
+    ([BACKPROP, "model.rpn.proposal_gradient_scale=.nan"], "proposal_gradient_scale", "must be a finite number > 0"),
+    ([BACKPROP, "model.rpn.proposal_gradient_scale=.inf"], "proposal_gradient_scale", "must be a finite number > 0"),
+    ([BACKPROP, "model.rpn.proposal_gradient_scale=small"], "proposal_gradient_scale", "expected float"),
+    ([BACKPROP, "model.rpn.proposal_gradient_from=[]"], "proposal_gradient_from", "at least one of box, mask"),
+    ([BACKPROP, "model.rpn.proposal_gradient_from=[box, box]"], "proposal_gradient_from", "names a pooler twice"),
+    ([BACKPROP, "model.rpn.proposal_gradient_from=[box, cls]"], "proposal_gradient_from[1]", "expected one of 'box', 'mask'"),
+    ([BACKPROP, "model.roi_heads.mask_pooler=null", "model.roi_heads.mask_head=null",
+      "model.roi_heads.mask_predictor=null", "eval.iou_types=[bbox]"], "proposal_gradient_from", "no mask head"),
+])
+def test_invalid_scale_and_from_fail_at_load_at_their_key(tmp_path, overrides, key, message):
+    from tests.conftest import DIFF_POOLERS, TINY_MODEL
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: pg_keys\n" + TINY_MODEL)
+    with pytest.raises(ConfigError) as exc:
+        load_experiment(path, DIFF_POOLERS + overrides)
+    assert [p.path for p in exc.value.problems] == [f"model.rpn.{key}"]
+    assert message in exc.value.problems[0].message and "\n" not in exc.value.problems[0].message
+
+
+def test_a_cpp_pooler_is_fine_where_the_proposals_are_detached():
+    # from: [box] pools the masks at detached proposals, so the mask pooler needs no box gradient
+    exp = load_experiment(FIXTURES / "configs" / "backprop_cpp_pooler.yaml", [
+        "model.roi_heads.box_pooler.type=differentiable_roi_align", "model.rpn.proposal_gradient_from=[box]"])
+    assert exp.variants[0].config.model.rpn.proposal_gradient_from == ["box"]
+    with pytest.raises(ConfigError, match="roi_heads.box_pooler"):
+        load_experiment(FIXTURES / "configs" / "backprop_cpp_pooler.yaml", [
+            "model.roi_heads.mask_pooler.type=differentiable_roi_align", "model.rpn.proposal_gradient_from=[box]"])

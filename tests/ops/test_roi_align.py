@@ -123,3 +123,39 @@ def test_feature_gradient_matches_torchvision_and_boxes_get_one(features):
     inside = (centre > 0).all(1) & (centre[:, 0] < 31) & (centre[:, 1] < 23)
     assert inside.sum() > 20
     assert (boxes.grad[inside, 1:].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_degenerate_rois_give_zeros_that_stay_in_the_graph(aligned):
+    # aligned + adaptive sampling: a RoI of zero width has no sampling points; torchvision returns
+    # zeros with a grad_fn, so backward() works and gives zero gradients
+    x = torch.randn(1, 3, 24, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    boxes = torch.tensor([[0, 5.0, 5.0, 5.0, 9.0], [0, 7.0, 3.0, 2.0, 3.0]], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = torchvision.ops.roi_align(x_ref, boxes.detach(), 7, 1.0, 0, aligned)
+    out = roi_align(x, boxes, 7, 1.0, 0, aligned)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert out.grad_fn is not None and expected.grad_fn is not None
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=0)
+    if aligned:
+        assert (out == 0).all() and (x.grad == 0).all() and (boxes.grad == 0).all()
+
+
+@pytest.mark.parametrize(("aligned", "sampling_ratio"), [(False, 2), (True, 2), (True, 0)])
+def test_large_map_float32_error_grows_with_the_map_size(aligned, sampling_ratio):
+    # float32 sample coordinates carry a rounding error proportional to their magnitude, so the
+    # float32 error (of this op and of torchvision's own kernel) against float64 grows with the map
+    # size: bounded by max(H, W) * 2**-23 * max|x| (the tolerance docs/proposal_gradient.md states)
+    h, w = 200, 272
+    x = torch.randn(2, 8, h, w, generator=torch.Generator().manual_seed(1))
+    rois = random_rois(200, 2, w, h, seed=2)
+    reference = torchvision.ops.roi_align(x.double(), rois.double(), 7, 1.0, sampling_ratio, aligned)
+    torch.testing.assert_close(roi_align(x.double(), rois.double(), 7, 1.0, sampling_ratio, aligned), reference,
+                               atol=1e-12, rtol=0)
+    bound = max(h, w) * 2.0**-23 * float(x.abs().max())
+    error = (roi_align(x, rois, 7, 1.0, sampling_ratio, aligned).double() - reference).abs().max()
+    tv_error = (torchvision.ops.roi_align(x, rois, 7, 1.0, sampling_ratio, aligned).double() - reference).abs().max()
+    assert error <= bound and tv_error <= bound
+    assert error > 1e-5  # larger than the 1e-5 the small-map tests allow: the size dependence is real
