@@ -117,7 +117,8 @@ def cmd_inspect(args) -> int:
               f"(resized {a['resized'][0]}x{a['resized'][1]}, padded {a['padded'][0]}x{a['padded'][1]}):")
         for lv, cell in zip(a["per_level"], a["cell_anchors"]):
             fh, fw = lv["feature_size"]
-            print(f"  level {lv['name']:<5} {fh:>4}x{fw:<4} stride {lv['stride'][0]:>3}  "
+            stride = f"({lv['stride'][0]}, {lv['stride'][1]})"  # (h, w), as torchvision's AnchorGenerator
+            print(f"  level {lv['name']:<5} {fh:>4}x{fw:<4} stride {stride:<9}  "
                   f"{lv['anchors_per_location']} x {fh * fw:>6} = {lv['anchors']:>7}  cell {cell}")
         print(f"  total anchors: {a['total']:,}\n")
     return 0

@@ -36,6 +36,15 @@ def test_inspect_json_anchor_counts_match_torchvision(capsys):
     assert a["total"] == 217413
     assert a["cell_anchors"][0] == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0], [-11.0, -23.0, 11.0, 23.0]]
     assert v["components"]["rpn.head.bbox_pred"] == 256 * 12 + 12
+    assert [lv["stride"] for lv in a["per_level"]] == [[4, 4], [8, 8], [16, 16], [32, 32], [61, 64]]
+
+
+def test_inspect_text_prints_each_level_stride_as_torchvision_does(capsys):
+    # torchvision's AnchorGenerator: strides = (padded_h // feature_h, padded_w // feature_w); the
+    # max-pooled level of an 800x1088 image is 13x17, so (61, 64), not one number
+    assert main(["inspect", str(EXPERIMENTS / "base.yaml"), "--image-size", "800", "1088"]) == 0
+    out = capsys.readouterr().out
+    assert "13x17   stride (61, 64)" in out and "200x272  stride (4, 4)" in out
 
 
 def test_inspect_counts_real_anchor_generator_output(capsys):
