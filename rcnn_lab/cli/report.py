@@ -64,18 +64,25 @@ def grid_keys(table, group_by: str | None) -> list[str]:
 
 
 def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None) -> list[Path]:
-    """PNG plots named ``<stem>_<what>.png``: one per metric, loss curves, and metric-vs-value for grids."""
-    from rcnn_lab.report import plot_grid, plot_losses, plot_metric
+    """PNG plots named ``<stem>_<what>.png``: one per metric, loss curves, and metric-vs-value for grids.
+
+    When the variants set one numeric key to several values (a scan, e.g. ``proposal_gradient_scale``),
+    its metric-vs-value plot is ``plot_param``'s: the variants that keep the key are reference lines.
+    """
+    from rcnn_lab.report import param_key, plot_grid, plot_losses, plot_metric, plot_param
     from rcnn_lab.report.stats import summary_metrics
 
     written = []
     metrics = summary_metrics(table)
     for m in metrics:
         written.append(plot_metric(table, m, f"{stem}_{m}.png"))
-    for key in grid_keys(table, group_by):
+    scan = param_key(table) if group_by is None else None
+    keys = grid_keys(table, group_by)
+    for key in ([scan] if scan else []) + [k for k in keys if k != scan]:
         short = key.replace(".", "_")
         for m in metrics:
-            written.append(plot_grid(table, m, key, f"{stem}_{m}_vs_{short}.png"))
+            plot = plot_param if key == scan else plot_grid
+            written.append(plot(table, m, key, f"{stem}_{m}_vs_{short}.png"))
     losses = plot_losses(df, f"{stem}_losses.png", uri)
     if losses is not None:
         written.append(losses)

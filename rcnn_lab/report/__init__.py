@@ -12,11 +12,11 @@ plot_metric(table, "segm_AP", "reports/segm_AP.png")
 from __future__ import annotations
 
 from rcnn_lab.report.data import latest_finished, metric_columns, runs
-from rcnn_lab.report.plots import plot_grid, plot_losses, plot_metric
+from rcnn_lab.report.plots import param_key, plot_grid, plot_losses, plot_metric, plot_param
 from rcnn_lab.report.render import render
 from rcnn_lab.report.stats import DEFAULT_METRICS, describe, paired_p, summary
 
 __all__ = [
-    "DEFAULT_METRICS", "describe", "latest_finished", "metric_columns", "paired_p", "plot_grid", "plot_losses",
-    "plot_metric", "render", "runs", "summary",
+    "DEFAULT_METRICS", "describe", "latest_finished", "metric_columns", "paired_p", "param_key", "plot_grid",
+    "plot_losses", "plot_metric", "plot_param", "render", "runs", "summary",
 ]

@@ -182,3 +182,106 @@ def plot_losses(runs_df: pd.DataFrame, path: str | Path, tracking_uri: str | Non
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _sets(changed: Any, key: str) -> bool:
+    """Whether a summary row's ``changed`` text (``k=v, k2=v2``) sets ``key``."""
+    return isinstance(changed, str) and f", {key}=" in f", {changed}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(float(value))
+
+
+def param_key(summary: pd.DataFrame) -> str | None:
+    """The one numeric config key that the variants set to two or more values (None if none or several).
+
+    Only keys a variant *sets* count (its ``changed`` entries): a variant that keeps the base value
+    of the key (e.g. a ``detach`` baseline next to ``proposal_gradient_scale`` variants) is not a point
+    of the scan but a reference, see :func:`param_series`.
+    """
+    if "changed" not in summary.columns:
+        return None
+    found = []
+    for key in summary.attrs.get("changed_keys", []):
+        if key not in summary.columns:
+            continue
+        values = [v for v, c in zip(summary[key], summary["changed"]) if _sets(c, key)]
+        if values and all(_is_number(v) for v in values) and len(set(values)) >= 2:
+            found.append(key)
+    return found[0] if len(found) == 1 else None
+
+
+def param_series(summary: pd.DataFrame, metric: str, key: str) -> tuple[list[dict], list[dict]]:
+    """What :func:`plot_param` draws: ``(series, references)``.
+
+    ``series``: the rows that set ``key`` to a number, grouped by the values of the other changed keys
+    (``{"label", "x", "mean", "low", "high", "names"}``, sorted by ``x``). ``references``: the rows that do
+    not set it (``{"label", "mean", "low", "high", "baseline"}``), drawn as horizontal lines.
+    """
+    _check_metric(summary, metric)
+    if key not in summary.columns:
+        raise ConfigError([Problem(key, "no variant sets this key; nothing to plot against it")])
+    label = _label_column(summary)
+    names = _names(summary, label)
+    sets = [_sets(c, key) and _is_number(v) for c, v in zip(summary.get("changed", [None] * len(summary)), summary[key])]
+    others = [k for k in summary.attrs.get("changed_keys", []) if k != key and k in summary.columns]
+    points = summary[sets]
+    varying = [k for k in others if points[k].map(_cell).nunique(dropna=False) > 1]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, row) in enumerate(summary.iterrows()):
+        if sets[i]:
+            groups.setdefault(tuple(_cell(row[k]) for k in varying), []).append(i)
+    series = []
+    for combo, rows in groups.items():
+        rows = sorted(rows, key=lambda i: float(summary[key].iloc[i]))
+        sub = summary.iloc[rows]
+        series.append({
+            "label": ", ".join(f"{_short(k)}={v}" for k, v in zip(varying, combo)) or f"variants setting {_short(key)}",
+            "x": sub[key].to_numpy(float), "mean": sub[f"{metric}_mean"].to_numpy(float),
+            "low": sub[f"{metric}_ci_low"].to_numpy(float), "high": sub[f"{metric}_ci_high"].to_numpy(float),
+            "names": [names[i] for i in rows],
+        })
+    base = summary["baseline"].to_numpy(bool) if "baseline" in summary.columns else np.zeros(len(summary), bool)
+    references = [{"label": names[i] + (" (baseline)" if base[i] else ""), "baseline": bool(base[i]),
+                   "mean": float(summary[f"{metric}_mean"].iloc[i]), "low": float(summary[f"{metric}_ci_low"].iloc[i]),
+                   "high": float(summary[f"{metric}_ci_high"].iloc[i])}
+                  for i in range(len(summary)) if not sets[i]]
+    return series, references
+
+
+def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -> Path:
+    """``metric`` (mean and CI) against the numeric config key ``key`` (e.g. ``model.rpn.proposal_gradient_scale``).
+
+    Variants that set ``key`` are points, one line per combination of their other changed keys; variants
+    that do not set it (e.g. the baseline) are horizontal lines with their CI as a band. The x axis is
+    logarithmic when the values are positive and span a factor of 10 or more.
+    """
+    series, references = param_series(summary, metric, key)
+    if not series:
+        raise ConfigError([Problem(key, "no variant sets this key to a number; nothing to plot against it")])
+    fig, ax = _figure(9.5, 4.4)
+    xs = np.concatenate([s["x"] for s in series])
+    log = bool((xs > 0).all() and xs.max() / xs.min() >= 10)
+    for s in series:
+        yerr = np.vstack([np.nan_to_num(s["mean"] - s["low"]), np.nan_to_num(s["high"] - s["mean"])])
+        ax.errorbar(s["x"], s["mean"], yerr=yerr, marker="o", capsize=3, label=s["label"])
+    colours = iter(["black", "tab:gray", "tab:brown", "tab:olive", "tab:pink", "tab:cyan"])  # not the series' colours
+    for r in references:
+        colour = next(colours, "black")
+        ax.axhline(r["mean"], color=colour, linestyle="--", linewidth=1.2, label=r["label"])
+        if math.isfinite(r["low"]) and math.isfinite(r["high"]):
+            ax.axhspan(r["low"], r["high"], color=colour, alpha=0.12)
+    if log:
+        ax.set_xscale("log")
+    ticks = sorted(set(xs.tolist()))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)}; dashed: variants that keep it)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
