@@ -216,29 +216,36 @@ def param_key(summary: pd.DataFrame) -> str | None:
 def param_series(summary: pd.DataFrame, metric: str, key: str) -> tuple[list[dict], list[dict]]:
     """What :func:`plot_param` draws: ``(series, references)``.
 
-    ``series``: the rows that set ``key`` to a number, grouped by the values of the other changed keys
-    (``{"label", "x", "mean", "low", "high", "names"}``, sorted by ``x``). ``references``: the rows that do
-    not set it (``{"label", "mean", "low", "high", "baseline"}``), drawn as horizontal lines.
+    ``series``: the rows that set ``key`` to a number, one series per combination of the other changed
+    keys' values (``{"label", "x", "mean", "low", "high", "names"}``, sorted by ``x``); a row that keeps the
+    base value of ``key`` joins the series whose other keys it shares (the scan's base point: ``changed``
+    only lists keys that differ from the base). ``references``: every other row
+    (``{"label", "mean", "low", "high", "baseline"}``), e.g. a ``detach`` variant for which the key does not
+    apply, drawn as horizontal lines.
     """
     _check_metric(summary, metric)
     if key not in summary.columns:
         raise ConfigError([Problem(key, "no variant sets this key; nothing to plot against it")])
     label = _label_column(summary)
     names = _names(summary, label)
-    sets = [_sets(c, key) and _is_number(v) for c, v in zip(summary.get("changed", [None] * len(summary)), summary[key])]
+    changed = summary["changed"] if "changed" in summary.columns else pd.Series([None] * len(summary))
     others = [k for k in summary.attrs.get("changed_keys", []) if k != key and k in summary.columns]
-    points = summary[sets]
-    varying = [k for k in others if points[k].map(_cell).nunique(dropna=False) > 1]
+    combos = [tuple(_cell(summary[k].iloc[i]) for k in others) for i in range(len(summary))]
+    numeric = [_is_number(v) for v in summary[key]]
+    sets = [_sets(c, key) and n for c, n in zip(changed, numeric)]
+    scanned = {c for c, s in zip(combos, sets) if s}
+    point = [s or (n and c in scanned) for s, n, c in zip(sets, numeric, combos)]
+    varying = [j for j, k in enumerate(others) if len({c[j] for c, p in zip(combos, point) if p}) > 1]
     groups: dict[tuple, list[int]] = {}
-    for i, (_, row) in enumerate(summary.iterrows()):
-        if sets[i]:
-            groups.setdefault(tuple(_cell(row[k]) for k in varying), []).append(i)
+    for i, c in enumerate(combos):
+        if point[i]:
+            groups.setdefault(tuple(c[j] for j in varying), []).append(i)
     series = []
     for combo, rows in groups.items():
         rows = sorted(rows, key=lambda i: float(summary[key].iloc[i]))
         sub = summary.iloc[rows]
         series.append({
-            "label": ", ".join(f"{_short(k)}={v}" for k, v in zip(varying, combo)) or f"variants setting {_short(key)}",
+            "label": ", ".join(f"{_short(others[j])}={v}" for j, v in zip(varying, combo)) or f"varying {_short(key)}",
             "x": sub[key].to_numpy(float), "mean": sub[f"{metric}_mean"].to_numpy(float),
             "low": sub[f"{metric}_ci_low"].to_numpy(float), "high": sub[f"{metric}_ci_high"].to_numpy(float),
             "names": [names[i] for i in rows],
@@ -247,7 +254,7 @@ def param_series(summary: pd.DataFrame, metric: str, key: str) -> tuple[list[dic
     references = [{"label": names[i] + (" (baseline)" if base[i] else ""), "baseline": bool(base[i]),
                    "mean": float(summary[f"{metric}_mean"].iloc[i]), "low": float(summary[f"{metric}_ci_low"].iloc[i]),
                    "high": float(summary[f"{metric}_ci_high"].iloc[i])}
-                  for i in range(len(summary)) if not sets[i]]
+                  for i in range(len(summary)) if not point[i]]
     return series, references
 
 
@@ -255,7 +262,8 @@ def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -
     """``metric`` (mean and CI) against the numeric config key ``key`` (e.g. ``model.rpn.proposal_gradient_scale``).
 
     Variants that set ``key`` are points, one line per combination of their other changed keys; variants
-    that do not set it (e.g. the baseline) are horizontal lines with their CI as a band. The x axis is
+    outside the scan (e.g. a baseline the key does not apply to) are horizontal lines with their CI as a band
+    (:func:`param_series` says which is which). The x axis is
     logarithmic when the values are positive and span a factor of 10 or more.
     """
     series, references = param_series(summary, metric, key)
@@ -280,7 +288,7 @@ def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -
     ax.minorticks_off()
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)}; dashed: variants that keep it)",
+    ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)}; dashed: variants outside the scan)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)

@@ -15,8 +15,9 @@ BACKPROP = {MODE: "backprop"}
 VARIANTS = {
     "detach": ({}, [0.60, 0.62, 0.64]),
     "scale_0.01": ({**BACKPROP, SCALE: 0.01}, [0.58, 0.60, 0.62]),
+    "mask_only": ({**BACKPROP, FROM: ["mask"]}, [0.40, 0.41, 0.42]),  # at the base scale, the only [mask] row
     "scale_0.1": ({**BACKPROP, SCALE: 0.1}, [0.50, 0.52, 0.54]),
-    "scale_1": ({**BACKPROP, SCALE: 1.0}, [0.20, 0.30, 0.40]),
+    "scale_1": (BACKPROP, [0.20, 0.30, 0.40]),  # 1.0 is the base value: the runner does not list it as changed
     "box_only": ({**BACKPROP, SCALE: 0.1, FROM: ["box"]}, [0.55, 0.56, 0.57]),
     "detach_2x": ({ITERS: 3000}, [0.70, 0.71, 0.72]),
     "best_2x": ({**BACKPROP, SCALE: 0.1, ITERS: 3000}, [0.65, 0.66, 0.67]),
@@ -68,9 +69,12 @@ def test_param_series_points_per_other_keys_and_references_for_the_rest(table):
     row = table.set_index("variant").loc["scale_1"]
     assert (scan["low"][-1], scan["high"][-1]) == (row["segm_AP_ci_low"], row["segm_AP_ci_high"])
     assert by_label["rpn.proposal_gradient_from=['box'], train.iterations=1500"]["names"] == ["box_only"]
-    # variants that keep the base value of the key (1.0 for detach) are not points at x = 1.0
-    assert [(r["label"], r["baseline"]) for r in references] == [("detach (baseline)", True), ("detach_2x", False)]
-    assert [r["mean"] for r in references] == pytest.approx([0.62, 0.71])
+    # scale_1 keeps the base value but shares the scan's other keys: the scan's point at 1.0; the detach
+    # variants keep it too, but differ in proposal_gradient from every scanned variant: references
+    # mask_only keeps the base scale and shares its other keys with no variant that sets it: a reference too
+    assert [(r["label"], r["baseline"]) for r in references] == [
+        ("detach (baseline)", True), ("mask_only", False), ("detach_2x", False)]
+    assert [r["mean"] for r in references] == pytest.approx([0.62, 0.41, 0.71])
 
 
 def test_plot_param_writes_a_png_and_rejects_a_key_no_variant_sets(table, tmp_path):
