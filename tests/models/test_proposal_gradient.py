@@ -251,3 +251,19 @@ def test_a_cpp_pooler_is_fine_where_the_proposals_are_detached():
     with pytest.raises(ConfigError, match="roi_heads.box_pooler"):
         load_experiment(FIXTURES / "configs" / "backprop_cpp_pooler.yaml", [
             "model.roi_heads.mask_pooler.type=differentiable_roi_align", "model.rpn.proposal_gradient_from=[box]"])
+
+
+def test_round_2_experiment_file_scans_the_scale_and_shares_one_best_scale():
+    from tests.conftest import EXPERIMENTS
+
+    exp = load_experiment(EXPERIMENTS / "proposal_gradient_scale.yaml")
+    rpn = {v.name: v.config.model.rpn for v in exp.variants}
+    assert exp.baseline.name == "detach" and exp.seeds == [0, 1, 2] and len(rpn) == 10
+    assert [(r.proposal_gradient, r.proposal_gradient_scale) for n, r in rpn.items() if n.startswith("scale_")] == [
+        ("backprop", s) for s in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    best = {rpn[n].proposal_gradient_scale for n in ("box_only", "mask_only", "best_2x")}
+    assert len(best) == 1 and best <= {0.01, 0.03, 0.1, 0.3, 1.0}  # one value, written once (a YAML anchor)
+    assert (rpn["box_only"].proposal_gradient_from, rpn["mask_only"].proposal_gradient_from) == (["box"], ["mask"])
+    iterations = {v.name: v.config.train.iterations for v in exp.variants}
+    assert iterations["detach_2x"] == iterations["best_2x"] == 2 * iterations["detach"]
+    assert rpn["detach_2x"].proposal_gradient == "detach"
