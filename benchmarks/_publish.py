@@ -13,4 +13,4 @@ def publish(text: str, report: Path, write: bool = True) -> None:
     if write:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(text)
-        print(f"wrote {report.relative_to(ROOT)}")
+        print(f"wrote {report.relative_to(ROOT) if report.is_relative_to(ROOT) else report}")

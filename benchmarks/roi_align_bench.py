@@ -169,7 +169,8 @@ def machine(device: torch.device) -> list[tuple[str, str]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The command line (``sys.argv[1:]`` by default) -> (arguments, the raw list)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--rois", type=int, default=512, help="RoIs per image (Mask R-CNN samples 512)")
@@ -189,16 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if args.memory_child:
-        print(json.dumps({"peak": peak_memory(args.memory_child, args, device)}))
-        return
+    return args, raw
 
+
+def measure(args: argparse.Namespace, device: torch.device, deadline: float | None = None) -> dict[str, dict]:
+    """Median forward and forward + backward milliseconds per method (rounds interleaved).
+
+    ``deadline`` (a ``time.perf_counter()`` value): stop after the first timed round past it.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     feats, boxes, shapes = make_inputs(args, device)
     poolers = {method: make_pooler(method, args) for method in args.methods}
@@ -208,12 +209,27 @@ def main(argv: list[str] | None = None) -> None:
             timing = step(method, poolers[method], feats, boxes, shapes, sync)
             if i >= args.warmup:
                 runs[method].append(timing)
+        if deadline is not None and i >= args.warmup and time.perf_counter() > deadline:
+            break
     results = {}
     for method in args.methods:
         fwd = statistics.median(r[0] for r in runs[method]) * 1e3
         total = statistics.median(r[0] + r[1] for r in runs[method]) * 1e3
-        results[method] = {"forward_ms": fwd, "total_ms": total}
+        results[method] = {"forward_ms": fwd, "total_ms": total, "runs": len(runs[method])}
         print(f"{method:22s} forward {fwd:9.2f} ms   forward+backward {total:9.2f} ms", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, raw = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.memory_child:
+        print(json.dumps({"peak": peak_memory(args.memory_child, args, device)}))
+        return
+
+    results = measure(args, device)
     if not args.no_memory:
         child_argv = [a for a in raw if a != "--no-memory"]
         if "--device" not in child_argv:
@@ -222,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             results[method]["peak_bytes"] = child_memory(method, child_argv)
             print(f"{method:22s} peak memory {_mb(results[method]['peak_bytes'])} MB", flush=True)
 
+    feats, boxes, shapes = make_inputs(args, device)
     report = markdown(args, raw, device, results, level_counts(args, feats, boxes, shapes))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -127,12 +127,14 @@ def torchvision_model(config, reference: torch.nn.Module) -> tuple[torch.nn.Modu
 
 
 class Times:
-    """Per-step wall time, process CPU time (all threads) and data wall time."""
+    """Per-step wall time, process CPU time (all threads), data wall time and, on CUDA, memory and the AMP scale."""
 
     def __init__(self):
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.data: list[float] = []
+        self.peak: list[int] = []  # CUDA: bytes this loop alone would peak at during the step (see Memory)
+        self.scale: list[float] = []  # fp16: the GradScaler's scale after the step
 
     def add(self, wall: float, cpu: float, data: float) -> None:
         self.wall.append(wall)
@@ -142,17 +144,59 @@ class Times:
     def skip(self, warmup: int) -> Times:
         out = Times()
         out.wall, out.cpu, out.data = self.wall[warmup:], self.cpu[warmup:], self.data[warmup:]
+        out.peak, out.scale = self.peak[warmup:], self.scale[warmup:]
         return out
 
 
+def device_sync(device: torch.device):
+    """A function that waits for ``device``'s queued work (a no-op on CPU): step times must include it."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+class Memory:
+    """Per-step CUDA peak of one training loop while another loop's model stays resident in the process.
+
+    ``start()`` before a step resets the peak counter and notes what is allocated; ``stop()`` after
+    it returns ``own + (peak - allocated at start)``, where ``own`` is this loop's parameters,
+    gradients and optimizer state at the start: what the loop would peak at alone. None on CPU.
+    """
+
+    def __init__(self, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.device, self.model, self.optimizer = device, model, optimizer
+        self.base = self.own = 0
+
+    def start(self) -> None:
+        if self.device.type != "cuda":
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+        tensors = [t for p in self.model.parameters() for t in (p, p.grad) if t is not None]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        self.own = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+
+    def stop(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return self.own + torch.cuda.max_memory_allocated(self.device) - self.base
+
+
 class PlainLoop:
-    """A hand-written torchvision training loop over the same batch stream as the trainer."""
+    """A hand-written torchvision training loop over the same batch stream as the trainer.
+
+    As torchvision's reference script: autocast around the forward, and with fp16 a ``GradScaler``
+    (``scale(loss).backward()``, ``unscale_`` before clipping, ``step``, ``update``); the model in
+    channels_last when the config asks for it.
+    """
 
     def __init__(self, config, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None):
         t, d = config.train, config.data
         self.amp_dtype = amp_dtype  # the trainer's resolved train.amp (reference script: autocast around the forward)
         train_set = DATASETS.build(d.train, "data.train")  # its own instance: no shared image cache
         self.model, self.device = model.to(device).train(), device
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        self.sync = device_sync(device)
         o = t.optimizer.kwargs
         params = [p for p in model.parameters() if p.requires_grad]
         if t.optimizer.type == "adamw":  # the config's optimizer class and settings, written out by hand
@@ -171,12 +215,16 @@ class PlainLoop:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         transforms = [TRANSFORMS.build(spec) for spec in d.transforms]
-        self.stream = iter(build_loader(train_set, d.batch_size, shuffle=True, transforms=transforms, seed=t.seed, infinite=True))
+        self.stream = iter(build_loader(train_set, d.batch_size, shuffle=True, transforms=transforms, seed=t.seed, infinite=True,
+                                        pin_memory=device.type == "cuda"))  # the trainer's loader pins on CUDA too
         self.params, self.clip = params, t.clip_grad_norm
         self.times = Times()
+        self.memory = Memory(device, self.model, self.optimizer)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
+            self.sync()
+            self.memory.start()
             start, cpu = time.perf_counter(), time.process_time()
             images, targets = next(self.stream)
             images = [img.to(self.device) for img in images]
@@ -189,33 +237,61 @@ class PlainLoop:
             if not math.isfinite(loss_value):
                 sys.exit(f"plain loop: loss is {loss_value}")
             self.optimizer.zero_grad()
-            losses.backward()
-            if self.clip is not None:  # torchvision's reference script: --clip-grad-norm
-                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-            self.optimizer.step()
+            if self.scaler.is_enabled():  # torchvision's reference script with --amp (fp16)
+                self.scaler.scale(losses).backward()
+                if self.clip is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                losses.backward()
+                if self.clip is not None:  # torchvision's reference script: --clip-grad-norm
+                    torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+                self.optimizer.step()
             self.scheduler.step()
+            self.sync()
             self.times.add(time.perf_counter() - start, time.process_time() - cpu, loaded - start)
+            self.times.peak.append(self.memory.stop())
+            if self.scaler.is_enabled():
+                self.times.scale.append(self.scaler.get_scale())
 
 
 class Interleave(Hook):
-    """Times framework steps and runs a plain block after every ``block`` framework steps."""
+    """Times framework steps and runs a plain block after every ``block`` framework steps.
 
-    def __init__(self, plain: PlainLoop, total: int, block: int):
-        self.plain, self.total, self.block = plain, total, block
+    ``deadline`` (a ``time.perf_counter()`` value): the run ends at the first block boundary after
+    it once ``at_least`` framework steps are done, both loops having run the same number of steps.
+    """
+
+    def __init__(self, plain: PlainLoop, total: int, block: int, deadline: float | None = None, at_least: int = 1):
+        self.plain, self.total, self.block, self.deadline, self.at_least = plain, total, block, deadline, at_least
         self.times = Times()
         self.last_exit = (0.0, 0.0)
+        self.memory: Memory | None = None
 
     def before_train(self, trainer) -> None:
+        self.sync = device_sync(trainer.device)
+        self.memory = Memory(trainer.device, trainer.model, trainer.optimizer)
+        self.memory.start()
         self.last_exit = (time.perf_counter(), time.process_time())
 
     def after_step(self, trainer, record) -> None:
+        self.sync()  # the step's queued GPU work belongs to the step
         wall, cpu = time.perf_counter(), time.process_time()
         self.times.add(wall - self.last_exit[0], cpu - self.last_exit[1], record.data_time)
+        self.times.peak.append(self.memory.stop())
+        if trainer.scaler.is_enabled():
+            self.times.scale.append(trainer.scaler.get_scale())
         done = len(self.times.wall)
+        if self.deadline is not None and done >= self.at_least and done % self.block == 0 and time.perf_counter() > self.deadline:
+            self.total = done
         if done % self.block == 0 or done == self.total:
             self.plain.run(min(self.block, self.total - len(self.plain.times.wall)))
         if done == self.total:
             raise _Done
+        self.sync()
+        self.memory.start()
         self.last_exit = (time.perf_counter(), time.process_time())
 
 
@@ -234,8 +310,13 @@ class StubDetector(torch.nn.Module):
         return dict(zip(LOSS_NAMES, x.unbind()))
 
 
-def interleaved(config, total: int, block: int, stub: bool = False):
-    """Run both loops for ``total`` steps in alternating blocks; returns (timer, plain, model note, same outputs)."""
+def interleaved(config, total: int, block: int, stub: bool = False, deadline: float | None = None, at_least: int = 1,
+                growth_interval: int | None = None):
+    """Run both loops for ``total`` steps in alternating blocks; returns (timer, plain, model note, same outputs).
+
+    ``deadline``/``at_least``: see :class:`Interleave`. ``growth_interval``: both loops' fp16
+    ``GradScaler`` grow their scale after that many overflow-free steps (torch's default: 2000).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         hooks = [ProgressHook(bar=sys.stderr.isatty(), lines=False, desc="framework")]
         if config.train.grad_probe_every and not stub:
@@ -252,13 +333,18 @@ def interleaved(config, total: int, block: int, stub: bool = False):
         else:
             plain_model, how = torchvision_model(config, trainer.model)
         plain = PlainLoop(config, plain_model, trainer.device, trainer.amp_dtype)
+        if growth_interval is not None:
+            for loop in (trainer, plain):
+                loop.scaler = torch.amp.GradScaler(trainer.device.type, growth_interval=growth_interval,
+                                                   enabled=loop.scaler.is_enabled())
         if not stub:
-            check = next(iter(build_loader(trainer.val_set, 2)))[0]
+            check = [img.to(trainer.device) for img in next(iter(build_loader(trainer.val_set, 2)))[0]]
             with torch.no_grad():  # same structure and weights: same predictions
                 a, b = trainer.model.eval()(check), plain.model.eval()(check)
-            same = all(torch.allclose(x["boxes"], y["boxes"], atol=1e-4) for x, y in zip(a, b))
+            same = all(x["boxes"].shape == y["boxes"].shape and torch.allclose(x["boxes"], y["boxes"], atol=1e-4)
+                       for x, y in zip(a, b))
             trainer.model.train(), plain.model.train()
-        timer = Interleave(plain, total, block)
+        timer = Interleave(plain, total, block, deadline, at_least)
         trainer.hooks.hooks.append(timer)  # last: the trainer's own hooks are inside its timed steps
         try:
             trainer.fit()

@@ -103,14 +103,15 @@ class Trainer:
         if state is not None:
             self._restore(state)
         distributed.reseed(t.seed, self.start_iteration)  # per-rank sampler RNG (no-op for one process)
+        pin = self.device.type == "cuda"  # page-locked batches: the .to(device, non_blocking=True) copies are then asynchronous
         self.train_loader = build_loader(
             self.train_set, d.batch_size, shuffle=True, num_workers=d.num_workers, transforms=transforms,
             group_aspect_ratio=d.group_aspect_ratio, seed=t.seed, infinite=True, start_iter=self.start_iteration,
-            rank=self.world.rank, world_size=self.world.size,
+            rank=self.world.rank, world_size=self.world.size, pin_memory=pin,
         )
         val_images = distributed.eval_shard(self.val_set, config.eval.max_images)  # this rank's share (all of it alone)
         self.val_loader = build_loader(val_images, config.eval.batch_size, shuffle=False, num_workers=d.num_workers,
-                                       transforms=[], group_aspect_ratio=False, seed=t.seed, infinite=False)
+                                       transforms=[], group_aspect_ratio=False, seed=t.seed, infinite=False, pin_memory=pin)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self, iteration: int) -> dict:
