@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-GRACE_S = 20.0  # after its deadline, a section is interrupted
+GRACE_S = 10.0  # this long after its deadline, a section is interrupted
 
 
 class SectionTimeout(BaseException):

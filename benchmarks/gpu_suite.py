@@ -1,9 +1,10 @@
 """rcnn-lab on one GPU, side by side in one process: training, inference, RoIAlign, the quickstart end to end.
 
-The prepared command (from the repository root; at most 8 minutes on one GPU, writes
-docs/benchmarks/gpu.md after every section, so a run cut short still leaves what it measured)::
+The prepared command (from the repository root, with the project's dependencies installed: 7 minutes
+of planned sections, 8 at most; it rewrites docs/benchmarks/gpu.md after every section, so a run cut
+short still leaves what it measured)::
 
-    PYTHONUNBUFFERED=1 timeout 600 python benchmarks/gpu_suite.py
+    PYTHONUNBUFFERED=1 timeout 480 python benchmarks/gpu_suite.py
 
     python benchmarks/gpu_suite.py --smoke      # tiny sizes on the CPU, under a minute; prints only
 
@@ -49,14 +50,15 @@ import roi_align_bench  # noqa: E402
 import train_step_bench  # noqa: E402
 from _publish import ROOT, publish  # noqa: E402
 from _suite import Context, Section, run_sections, status_table  # noqa: E402
+from _timing import device_sync  # noqa: E402
 
 import rcnn_lab  # noqa: E402
 
 REPORT = ROOT / "docs" / "benchmarks" / "gpu.md"
-COMMAND = "PYTHONUNBUFFERED=1 timeout 600 python benchmarks/gpu_suite.py"
+COMMAND = "PYTHONUNBUFFERED=1 timeout 480 python benchmarks/gpu_suite.py"
 FULL_RUN_MARK = "<!-- gpu_suite: full run -->"
 ANCHORS = [
-    "NVIDIA DeepLearningExamples Mask R-CNN (PyTorch, A100 80GB, AMP): 23-24 training images/s per GPU",
+    "NVIDIA DeepLearningExamples Mask R-CNN (PyTorch, A100, AMP): 23-24 training images/s per GPU",
     "torchvision's detection reference (Mask R-CNN R50-FPN): 0.2728 s/iteration on V100 at 2 images per GPU (7.3 images/s)",
     "goal on an H100/H200-class GPU, bf16: at least twice the A100 figure, >= 48 training images/s per GPU",
 ]
@@ -82,7 +84,7 @@ class Plan:
 
 
 FULL = Plan(800, 1333, 8, 16, 3, 10, 10, (), (), (), tuple(range(7)),
-            {"environment": 10, "roi_align": 35, "train": 230, "inference": 40, "quickstart": 120}, 450)
+            {"environment": 5, "roi_align": 30, "train": 210, "inference": 35, "quickstart": 120}, 420)
 SMOKE = Plan(64, 107, 2, 2, 1, 1, 1,
              ("--rois", "8", "--image", "128", "--channels", "8", "--repeat", "1", "--warmup", "0"),
              ("train.iterations=2", "data.train.num_images=4", "data.val.num_images=2", "train.log_every=1",
@@ -105,7 +107,7 @@ GROWTH_INTERVAL = 4  # both loops' GradScaler grow the scale after 4 overflow-fr
 class Suite:
     def __init__(self, plan: Plan, device: torch.device, smoke: bool):
         self.plan, self.device, self.smoke = plan, device, smoke
-        self.sync = train_step_bench.device_sync(device)
+        self.sync = device_sync(device)
         self.stamp = ""
 
     # --- configs ---------------------------------------------------------------------------------
@@ -160,6 +162,12 @@ class Suite:
             ctx.lines.append(f"| {method} | {'yes' if method.endswith('boxes') else 'no'} | {r['forward_ms']:.2f} | "
                              f"{r['total_ms']:.2f} | {r['total_ms'] / ref['total_ms']:.2f}x | "
                              f"{'n/a' if peak is None else f'{peak / 2**20:.0f}'} | {mem} |")
+        for method in ("differentiable", "differentiable+boxes"):
+            r = results[method]
+            time_goal = "met" if r["total_ms"] <= 1.5 * ref["total_ms"] else "not met"
+            mem_goal = ("not measured" if not r.get("peak_bytes") or not ref.get("peak_bytes")
+                        else "met" if r["peak_bytes"] <= 2 * ref["peak_bytes"] else "not met")
+            ctx.lines.append(f"\nGoals, {method}: time <= 1.5x {time_goal}; memory <= 2x {mem_goal}.")
 
     def train(self, ctx: Context) -> None:
         p = self.plan
@@ -178,16 +186,25 @@ class Suite:
                       "framework peak GiB | plain peak GiB | data ms | fp16 scale framework / plain |",
                       "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         settings = [SETTINGS[i] for i in p.settings]
+        figures: list[tuple[str, float, float]] = []  # (autocast, framework images/s, ratio)
         for i, (label, amp, channels_last, extra) in enumerate(settings):
             share = (ctx.deadline - time.perf_counter()) / (len(settings) - i)
             try:
-                ctx.lines.append(self._train_row(label, amp, channels_last, extra, time.perf_counter() + share))
+                row, fig = self._train_row(label, amp, channels_last, extra, time.perf_counter() + share)
+                ctx.lines.append(row)
+                figures.append(fig)
             except Exception as exc:  # one setting's failure (an fp16 overflow, out of memory) leaves the others
                 ctx.lines.append(f"| {label} | {amp} | {channels_last} | failed: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:160] if str(exc) else ''} | | | | | | | |")
             finally:
                 self.free()
             ctx.flush()
+        if figures:
+            met = sum(r <= 1.02 for _, _, r in figures)
+            bf16 = [x for a, x, _ in figures if a == "bfloat16"]
+            best = f"{max(bf16):.1f} images/s ({'met' if max(bf16) >= 48 else 'not met'})" if bf16 else "no bf16 figure"
+            ctx.lines += ["", f"Goals: framework / plain <= 1.02 in {met} of {len(figures)} settings; "
+                              f"bf16 training >= 48 images/s per GPU: best {best}."]
 
     def _train_row(self, label, amp, channels_last, extra, deadline) -> str:
         p = self.plan
@@ -204,7 +221,7 @@ class Suite:
                f"{' / '.join(scales) if scales[0] else 'n/a'} |")
         print(row, f"(plain model: {how}; same eval predictions: {same})", flush=True)
         del timer, plain
-        return row
+        return row, (dtype, p.batch / med(fw.wall), ratio)
 
     def inference(self, ctx: Context) -> None:
         from rcnn_lab.models.builder import build_model
@@ -325,7 +342,7 @@ def render(suite: Suite, outcomes, command: str) -> str:
         status = f"GPU run, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
     lines = [FULL_RUN_MARK] if not suite.smoke else []
     lines += ["# GPU benchmark suite", "", status, "",
-              f"Prepared command (repository root, about 7.5 minutes on one GPU): `{COMMAND}`", "",
+              f"Prepared command (repository root, one GPU, 7 minutes planned, 8 at most): `{COMMAND}`", "",
               f"This file was written by: `{command}`", "", "Anchors:", "", *[f"* {a}" for a in ANCHORS], "",
               "## Sections", "", *status_table(outcomes), ""]
     for o in outcomes:

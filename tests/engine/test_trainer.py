@@ -300,3 +300,32 @@ def test_channels_last_on_cpu_trains_the_same_model_and_resumes_exactly(tmp_path
     assert resumed.start_iteration == CHECKPOINT_EVERY
     assert resumed.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert _losses(resumed.fit().history) == _losses(full.history)
+
+
+class Quadratic(torch.nn.Module):
+    """One loss, 0.5 * |w|^2, so its gradient is w (norm 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+
+    def forward(self, images, targets=None):
+        return {"loss_objectness": 0.5 * (self.w ** 2).sum()}
+
+
+@pytest.mark.parametrize("clip, expected", [(10.0, [2.7, 3.6]), (1.0, [2.94, 3.92])])
+def test_grad_scaler_unscales_before_clipping(tmp_path, clip, expected):
+    """The fp16 path (a GradScaler; on CPU here): clip_grad_norm sees the true gradient, and the step is taken.
+
+    Clipping the scaled gradient (norm 5 x 1024) instead would shrink every update to almost nothing.
+    """
+    config = tiny_config(tmp_path, f"train.clip_grad_norm={clip}", "train.checkpoint_every=0")
+    trainer = Trainer(config, tmp_path / "out", hooks=[Recorder(stop_after_step=1)], resume=False)
+    trainer.model = trainer.ddp_model = model = Quadratic()
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda it: 1.0)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert torch.allclose(model.w.detach(), torch.tensor(expected))  # w - 0.1 * (the gradient, clipped to norm clip)
+    assert trainer.scaler.get_scale() == 1024.0  # finite gradients: no back-off (growth only after 2000 steps)

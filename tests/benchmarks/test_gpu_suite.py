@@ -1,0 +1,46 @@
+"""benchmarks/gpu_suite.py: its --smoke mode runs every section on the CPU, and never passes for GPU figures."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = str(ROOT / "benchmarks" / "gpu_suite.py")
+
+
+def _run(*args, tmp_path):
+    env = {**os.environ, "RCNN_LAB_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_section_and_labels_itself(tmp_path):
+    out = tmp_path / "gpu.md"
+    before = sorted((ROOT / "docs" / "benchmarks").iterdir())
+    done = _run("--smoke", "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert "CPU smoke run: these are not GPU figures" in text and "No GPU run has been made yet" in text
+    statuses = re.findall(r"^\| (.+?) \| (ok|failed|timed out|not run|running) \|", text, re.M)
+    assert len(statuses) == 5 and all(s == "ok" for _, s in statuses), statuses
+    train = text.split("## Training")[1].split("## Inference")[0]
+    rows = [line for line in train.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split(" | ")[0] for r in rows] == ["| fp32", "| bf16", "| bf16, box-gradient path"]
+    assert rows[0].split(" | ")[1] == "off (float32)" and all("failed" not in r for r in rows)
+    quick = text.split("## Quickstart")[1]
+    assert "| FINISHED |" in quick  # the run reached MLflow's store and finished
+    assert sorted((ROOT / "docs" / "benchmarks").iterdir()) == before  # --out only
+
+
+def test_smoke_refuses_to_overwrite_gpu_figures(tmp_path):
+    out = tmp_path / "gpu.md"
+    out.write_text("<!-- gpu_suite: full run -->\n# GPU benchmark suite\nfigures\n")
+    done = _run("--smoke", "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 2 and "holds a GPU run" in done.stderr
+    assert out.read_text().endswith("figures\n")
