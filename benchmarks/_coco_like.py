@@ -9,8 +9,9 @@ at ~640x480; an image resized for Mask R-CNN (shorter side 800) is ~1.67x larger
 Each image here: noise over a colour ramp, ``Geometric(1 / mean_objects)`` instances (at most
 ``max_objects``), each an ellipse filling its box, its size class drawn with COCO's shares and
 its side log-uniform within the class (scaled by ``scale``), aspect ratio log-uniform in [1/3, 3].
-``pool`` distinct images are generated once and cycled (index ``i`` is image ``i % pool``), held
-as float tensors (page-locked with ``pin``), so loading a batch costs no drawing and no copy.
+``pool`` distinct images are generated once per process and cycled (index ``i`` is image
+``i % pool``), held as float tensors (page-locked with ``pin``) that every instance with the same
+parameters shares, so loading a batch costs no drawing and no copy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 from rcnn_lab.registry import DATASETS
 
+_POOLS: dict[tuple, tuple[torch.Tensor, dict]] = {}  # shared by every instance: a suite builds many with the same images
 AREA_SHARES = {"small": 0.41, "medium": 0.34, "large": 0.25}  # COCO train2017 instances by area range
 SIDES = {"small": (6.0, 32.0), "medium": (32.0, 96.0), "large": (96.0, 400.0)}  # sqrt(area) ranges at COCO scale
 
@@ -72,14 +74,14 @@ class CocoLikeDataset(Dataset):
         self.args = (mean_objects, max_objects, scale, num_classes)
         self.seed = seed + (0 if split == "train" else 1)
         self.categories = [{"id": i + 1, "name": f"class{i + 1}", "supercategory": "synthetic"} for i in range(num_classes)]
-        self._items: dict[int, tuple[torch.Tensor, dict]] = {}
         self._coco = None
 
     def __len__(self) -> int:
         return self.num_images
 
     def _item(self, slot: int) -> tuple[torch.Tensor, dict]:
-        if slot not in self._items:
+        key = (self.seed, slot, self.height, self.width, self.args, self.pin)
+        if key not in _POOLS:
             rng = np.random.default_rng([self.seed, slot])
             image, boxes, labels, masks = draw(rng, self.height, self.width, *self.args)
             tensors = {"image": torch.from_numpy(image).float().div_(255.0), "boxes": torch.from_numpy(boxes),
@@ -87,10 +89,10 @@ class CocoLikeDataset(Dataset):
             if self.pin:
                 tensors = {k: v.pin_memory() for k, v in tensors.items()}
             areas = torch.from_numpy(masks.reshape(len(labels), -1).sum(1).astype(np.float32))
-            self._items[slot] = (tensors["image"], {"boxes": tensors["boxes"], "labels": tensors["labels"],
+            _POOLS[key] = (tensors["image"], {"boxes": tensors["boxes"], "labels": tensors["labels"],
                                                     "masks": tensors["masks"], "area": areas,
                                                     "iscrowd": torch.zeros(len(labels), dtype=torch.int64)})
-        return self._items[slot]
+        return _POOLS[key]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image, target = self._item(index % self.pool)

@@ -167,7 +167,7 @@ class Suite:
             time_goal = "met" if r["total_ms"] <= 1.5 * ref["total_ms"] else "not met"
             mem_goal = ("not measured" if not r.get("peak_bytes") or not ref.get("peak_bytes")
                         else "met" if r["peak_bytes"] <= 2 * ref["peak_bytes"] else "not met")
-            ctx.lines.append(f"\nGoals, {method}: time <= 1.5x {time_goal}; memory <= 2x {mem_goal}.")
+            ctx.lines.append(f"\n{self.goals()}, {method}: time <= 1.5x {time_goal}; memory <= 2x {mem_goal}.")
 
     def train(self, ctx: Context) -> None:
         p = self.plan
@@ -176,7 +176,7 @@ class Suite:
                       f"{p.batch} synthetic {p.height}x{p.width} images per step with COCO's instance counts and sizes "
                       f"(`benchmarks/_coco_like.py`: {p.pool} distinct images held in {'page-locked ' if self.device.type == 'cuda' else ''}"
                       f"memory, no augmentation). Both loops run interleaved step by step on the same batches "
-                      f"(`benchmarks/train_step_bench.py`); {p.warmup} warm-up steps, then up to {p.steps} timed steps each, "
+                      f"(`benchmarks/train_step_bench.py`); {p.warmup} warm-up step(s), then up to {p.steps} timed step(s) each, "
                       "every step ended by a device synchronisation. Images/s: batch / median step. Ratio: median over "
                       "steps of framework / plain step time (goal <= 1.02). Peak: the loop's own parameters, gradients and "
                       "optimizer state plus the most its step allocated above the start (the other loop's model stays "
@@ -203,7 +203,7 @@ class Suite:
             met = sum(r <= 1.02 for _, _, r in figures)
             bf16 = [x for a, x, _ in figures if a == "bfloat16"]
             best = f"{max(bf16):.1f} images/s ({'met' if max(bf16) >= 48 else 'not met'})" if bf16 else "no bf16 figure"
-            ctx.lines += ["", f"Goals: framework / plain <= 1.02 in {met} of {len(figures)} settings; "
+            ctx.lines += ["", f"{self.goals()}: framework / plain <= 1.02 in {met} of {len(figures)} settings; "
                               f"bf16 training >= 48 images/s per GPU: best {best}."]
 
     def _train_row(self, label, amp, channels_last, extra, deadline) -> str:
@@ -224,6 +224,7 @@ class Suite:
         return row, (dtype, p.batch / med(fw.wall), ratio)
 
     def inference(self, ctx: Context) -> None:
+        from rcnn_lab.engine.trainer import resolve_amp
         from rcnn_lab.models.builder import build_model
         from rcnn_lab.registry import DATASETS
 
@@ -241,8 +242,6 @@ class Suite:
             model = build_model(config.model).to(self.device).eval()
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            from rcnn_lab.engine.trainer import resolve_amp
-
             dtype = resolve_amp(amp, self.device, notify=False)
             times = []
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
@@ -301,6 +300,9 @@ class Suite:
                       f"{get('bbox_AP50')} | {get('bbox_AP')} | {get('eval_images_per_s')} |"]
 
     # --- plumbing --------------------------------------------------------------------------------
+    def goals(self) -> str:
+        return "Goals (read them on a GPU run only)" if self.smoke else "Goals"
+
     def model_note(self) -> str:
         return f" Model overrides: `{'`, `'.join(self.plan.model_sets)}`." if self.plan.model_sets else ""
 
