@@ -16,7 +16,7 @@ SCRIPT = str(ROOT / "benchmarks" / "gpu_suite.py")
 
 def _run(*args, tmp_path):
     env = {**os.environ, "RCNN_LAB_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.slow
