@@ -226,7 +226,6 @@ class Suite:
 
     def inference(self, ctx: Context) -> None:
         from rcnn_lab.engine.trainer import resolve_amp
-        from rcnn_lab.models.builder import build_model
         from rcnn_lab.registry import DATASETS
 
         p = self.plan
@@ -240,7 +239,7 @@ class Suite:
             config = self.config(amp, channels_last, ("model.roi_heads.score_thresh=0.0",))
             data = DATASETS.build(config.data.val, "data.val")
             images = [data[i][0].to(self.device) for i in range(p.batch)]
-            model = build_model(config.model).to(self.device).eval()
+            model = rcnn_lab.build_model(config.model).to(self.device).eval()
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             dtype = resolve_amp(amp, self.device, notify=False)
