@@ -129,5 +129,5 @@ def coco_like(split: str = "train", num_images: int = 10000, height: int = 800, 
     return CocoLikeDataset(split, num_images, height, width, mean_objects, max_objects, scale, num_classes, pool, pin, seed)
 
 
-if "coco_like" not in DATASETS:  # imported twice (as a script's helper and by a test): register once
+if "coco_like" not in DATASETS:  # register once, however often the module is loaded
     DATASETS.register("coco_like")(coco_like)
