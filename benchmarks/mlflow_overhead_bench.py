@@ -33,12 +33,11 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from _publish import publish
 
-from rcnn_lab.engine.hooks import Hook
+from rcnn_lab.engine.hooks import Hook, Periods
 from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import tracking as tr
@@ -87,7 +86,8 @@ def one_round(config, out: Path, client=None, exp_id=None, every: int = 20) -> t
     timer, timed = StepTimer(), None
     if client is not None:
         run = client.create_run(exp_id)
-        timed = Timed(MLflowHook(client, run.info.run_id, every, asynchronous=config.tracking.async_logging))
+        timed = Timed(MLflowHook(client, run.info.run_id, every, Periods.of(config.train),
+                                 asynchronous=config.tracking.async_logging))
     Trainer(config, out, hooks=[*([timed] if timed else []), timer], resume=False).fit()
     if timed is not None:
         client.set_terminated(timed.inner.run_id)
@@ -98,8 +98,8 @@ def write_cost(client, exp_id: str, record, every: int, batches: int = 30) -> tu
     """(wall, CPU) seconds of writing one batch of ``every`` steps synchronously: all the work MLflow's
     logging thread does for those steps."""
     run_id = client.create_run(exp_id).info.run_id
-    hook = MLflowHook(client, run_id, every, asynchronous=False)
-    trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(iterations=10**9, checkpoint_every=0)))
+    hook = MLflowHook(client, run_id, every, Periods(iterations=10**9), asynchronous=False)
+    trainer = None  # the hook reads nothing from the trainer
     wall = cpu = 0.0
     for b in range(batches):
         for i in range(1, every):

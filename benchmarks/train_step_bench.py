@@ -48,7 +48,7 @@ from _timing import Memory, Times, device_sync
 
 import rcnn_lab
 from rcnn_lab.data.loader import build_loader
-from rcnn_lab.engine.hooks import Hook, ProgressHook
+from rcnn_lab.engine.hooks import Hook, Periods, ProgressHook
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.registry import DATASETS, TRANSFORMS
 
@@ -265,7 +265,7 @@ def interleaved(config, total: int, block: int, stub: bool = False, deadline: fl
     ``GradScaler`` grow their scale after that many overflow-free steps (torch's default: 2000).
     """
     with tempfile.TemporaryDirectory() as tmp:
-        hooks = [ProgressHook(bar=sys.stderr.isatty(), lines=False, desc="framework")]
+        hooks = [ProgressHook(Periods.of(config.train), bar=sys.stderr.isatty(), lines=False, desc="framework")]
         if config.train.grad_probe_every and not stub:
             from rcnn_lab.runner.artifacts import GradNormHook
 

@@ -38,10 +38,6 @@ class ConfigError(RcnnLabError):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 
-    def with_file(self, file: str | None) -> ConfigError:
-        """Return a copy whose problems without a file name ``file``."""
-        return ConfigError([p if p.file else Problem(p.path, p.message, file) for p in self.problems])
-
 
 class TrainingError(RcnnLabError):
     """A run that cannot go on (non-finite loss, ...)."""

@@ -63,12 +63,13 @@ def probe(config, steps: int = 1) -> dict[str, dict[str, float]]:
     """Probe a freshly built model of ``config`` (a ``RunConfig``) on ``steps`` training batches.
 
     Builds the model, optimizer, scheduler and training stream as the trainer does (seeded by
-    ``train.seed``); probes batch 1, trains on it (one optimizer step, fp32, with
+    ``train.seed``); probes batch 1, trains on it (``Trainer.step`` in float32, with
     ``train.clip_grad_norm`` if set), probes batch 2, and so on: ``steps`` probes and
     ``steps - 1`` training steps. Returns the norms averaged over the probes. Writes nothing, and
     the caller's RNG state (torch, Python ``random``) is restored.
     """
     import tempfile
+    from dataclasses import replace
 
     from rcnn_lab.engine.trainer import Trainer
 
@@ -76,30 +77,22 @@ def probe(config, steps: int = 1) -> dict[str, dict[str, float]]:
         raise ValueError(f"steps must be >= 1, got {steps}")
     py_rng, rng = random.getstate(), torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    fp32 = replace(config, train=replace(config.train, amp="none"))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(config, tmp, resume=False)  # writes nothing until a checkpoint
-        model, device, clip = trainer.model, trainer.device, config.train.clip_grad_norm
+            trainer = Trainer(fp32, tmp, resume=False)  # writes nothing until a checkpoint
         stream = iter(trainer.train_loader)
         total: dict[str, dict[str, float]] = {}
-        for step in range(steps):
-            images, targets = next(stream)
-            images = [i.to(device) for i in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            for loss, comps in grad_norms(model, images, targets).items():
+        for step in range(1, steps + 1):
+            images, targets = trainer.to_device(*next(stream))
+            for loss, comps in grad_norms(trainer.model, images, targets).items():
                 for comp, v in comps.items():
                     total.setdefault(loss, {}).setdefault(comp, 0.0)
                     total[loss][comp] += v / steps
-            if step == steps - 1:
+            if step == steps:
                 break
-            model.train()
-            loss = sum(model(images, targets).values())
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            trainer.optimizer.step()
-            trainer.scheduler.step()
+            trainer.model.train()
+            trainer.step(images, targets, step)
         return total
     finally:
         random.setstate(py_rng)

@@ -44,9 +44,9 @@ def meta_model(model_cfg):
 
 
 def cmd_validate(args) -> int:
-    from rcnn_lab.models.builder import count_parameters
-
     exp = load_experiment(args.experiment, args.overrides)
+    from rcnn_lab.models.builder import count_parameters  # torch: only once the experiment is valid
+
     rows = []
     for v in exp.variants:
         params = count_parameters(meta_model(v.config.model))
@@ -89,9 +89,9 @@ def anchor_report(model, image_size: tuple[int, int] | None) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from rcnn_lab.models.builder import count_parameters, parameter_groups
-
     exp = load_experiment(args.experiment, args.overrides)
+    from rcnn_lab.models.builder import count_parameters, parameter_groups  # torch: only once the experiment is valid
+
     variants = [exp.variant(args.variant)] if args.variant else exp.variants
     out = []
     for v in variants:

@@ -19,11 +19,12 @@ def add_arguments_probe(p: argparse.ArgumentParser) -> None:
 def cmd_probe(args) -> int:
     from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.errors import ConfigError, Problem
-    from rcnn_lab.probe import probe
 
     if args.steps < 1:
         raise ConfigError([Problem("--steps", f"must be >= 1, got {args.steps}")])
     exp = load_experiment(args.experiment, args.overrides)
+    from rcnn_lab.probe import probe  # torch: only once the experiment is valid
+
     variants = [exp.variant(args.variant)] if args.variant else exp.variants
     results = []
     for v in variants:

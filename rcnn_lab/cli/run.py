@@ -52,17 +52,19 @@ def print_summary(outcomes, echo=print) -> None:
 
 
 def cmd_run(args) -> int:
-    from rcnn_lab.engine.distributed import env_world
     from rcnn_lab.engine.preflight import load_experiment, preflight
     from rcnn_lab.errors import display_path
-    from rcnn_lab.runner.outcome import Status
-    from rcnn_lab.runner.parallel import check_world, launch_torchrun, run_parallel
     from rcnn_lab.runner.plan import make_plan, parse_shard
-    from rcnn_lab.runner.sweep import plan_actions, run_plan
 
     exp = load_experiment(args.experiment, args.overrides, flags={"--device": ("train.device", args.device)} if args.device else None)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     plan = make_plan(exp, only, _seeds(args.seeds), parse_shard(args.shard))
+    # torch and MLflow from here on: the experiment and the plan are valid
+    from rcnn_lab.engine.distributed import env_world
+    from rcnn_lab.runner.outcome import Status
+    from rcnn_lab.runner.parallel import check_world, launch_torchrun, run_parallel
+    from rcnn_lab.runner.sweep import plan_actions, run_plan
+
     if args.dry_run:  # read-only: no store, no outputs
         actions = plan_actions(exp, plan, args.force)
         print(f"{exp.name}: {len(plan)} run(s) ({exp.path})")
@@ -70,16 +72,19 @@ def cmd_run(args) -> int:
             print(f"  {action:<7}{run.variant.name:<40} seed={run.seed:<4} {run.hash}")
         return 0
     _check_scale_flags(args)
-    preflight(plan)
+    inputs = preflight(plan)  # every run's device and datasets, checked once
     check_world(plan, args.nproc, display_path(exp.path))
     argv = getattr(args, "argv", None) or sys.argv[1:]
     if args.nproc and args.nproc > 1:
         return launch_torchrun(args.nproc, argv)
     if args.parallel and args.parallel > 1:
-        outcomes, code = run_parallel(exp, plan, args.parallel, argv)
+        cuda = bool(plan) and inputs[plan[0].hash].device.type == "cuda"
+        del inputs  # the workers check and load their own runs
+        outcomes, code = run_parallel(exp, plan, args.parallel, argv, cuda)
         print_summary(outcomes)
         return code
-    outcomes = run_plan(exp, plan, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+    outcomes = run_plan(exp, plan, inputs=inputs, force=args.force,
+                        progress=not args.no_progress and sys.stderr.isatty())
     if env_world().main and not args.no_summary:
         print_summary(outcomes)
     return 1 if any(o.status == Status.FAILED for o in outcomes) else 0

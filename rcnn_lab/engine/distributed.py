@@ -3,8 +3,7 @@
 A process started by ``torchrun`` (or ``rcnn-lab run --nproc N``) finds ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` and the rendezvous address in its environment; :func:`setup` joins the process
 group (NCCL for CUDA, gloo for CPU) and returns this rank's device (``cuda:LOCAL_RANK``). Without
-those variables everything here is a no-op and a single process behaves exactly as before: rank 0
-of a world of size 1.
+those variables everything here is a no-op: a single process is rank 0 of a world of size 1.
 
 Conventions of a distributed run:
 
@@ -92,11 +91,6 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return world(), device
-
-
-def barrier() -> None:
-    if world().active:
-        dist.barrier()
 
 
 def broadcast(obj: Any = None) -> Any:

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 
-IouType = Literal["bbox", "segm"]
 Backend = Literal["faster", "pycocotools"]
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 BACKENDS: tuple[str, ...] = ("faster", "pycocotools")

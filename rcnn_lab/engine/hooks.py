@@ -1,10 +1,16 @@
-"""Hooks: the few stages where tracking, probes and progress plug into the training loop."""
+"""Hooks: the few stages where tracking, probes and progress plug into the training loop.
+
+A hook is built with the periods it keeps (:class:`Periods`, from ``train:``) and declares a
+:class:`Priority`; :class:`Hooks` calls them in priority order (then in the order given), so that
+a hook that adds to the step record (the gradient probe) runs before one that sends it away (MLflow).
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 
 @dataclass
@@ -25,8 +31,45 @@ class StepRecord:
         return sum(self.losses.values())
 
 
+@dataclass(frozen=True)
+class Periods:
+    """The step schedule of a run, in iterations (``train:``); 0 disables a period."""
+
+    iterations: int
+    log_every: int = 20
+    checkpoint_every: int = 0
+    eval_every: int = 0
+
+    @classmethod
+    def of(cls, train) -> Periods:
+        """The periods of a ``TrainConfig``."""
+        return cls(train.iterations, train.log_every, train.checkpoint_every, train.eval_every)
+
+    def logs_after(self, step: int) -> bool:
+        """A history/log line after ``step``: every ``log_every`` and at the last step."""
+        return step % self.log_every == 0 or step == self.iterations
+
+    def checkpoints_after(self, step: int) -> bool:
+        """The trainer writes a checkpoint after ``step``: every ``checkpoint_every`` and at the last step."""
+        return step == self.iterations or bool(self.checkpoint_every and step % self.checkpoint_every == 0)
+
+    def evaluates_after(self, step: int) -> bool:
+        """An evaluation during training after ``step`` (the final one after the last step is always run)."""
+        return bool(self.eval_every and step % self.eval_every == 0 and step < self.iterations)
+
+
+class Priority(IntEnum):
+    """When a hook runs at each stage, lowest first."""
+
+    MEASURE = 10  # adds to the step record (``record.extra``): the gradient probe
+    NORMAL = 50  # reads the record: progress, user hooks
+    LOG = 90  # sends the record away (MLflow), after every hook that adds to it
+
+
 class Hook:
     """Override any of these; every stage receives the trainer."""
+
+    priority: int = Priority.NORMAL
 
     def before_train(self, trainer) -> None: ...
 
@@ -40,10 +83,10 @@ class Hook:
 
 
 class Hooks(Hook):
-    """Calls every hook in order."""
+    """Calls every hook by priority (stable: equal priorities keep the order given)."""
 
     def __init__(self, hooks=()):
-        self.hooks = list(hooks)
+        self.hooks = sorted(hooks, key=lambda h: h.priority)
 
     def before_train(self, trainer):
         for h in self.hooks:
@@ -68,10 +111,10 @@ class Hooks(Hook):
 
 class ProgressHook(Hook):
     """A tqdm bar with the losses and ETA on a terminal; otherwise (``bar=False``: logs, CI, array
-    jobs) one plain line every ``train.log_every`` iterations. ``lines=False`` silences both."""
+    jobs) one plain line every ``periods.log_every`` iterations. ``lines=False`` silences both."""
 
-    def __init__(self, bar: bool = True, desc: str = "train", lines: bool = True, stream=None):
-        self.use_bar, self.desc, self.lines, self.stream, self.bar = bar, desc, lines, stream, None
+    def __init__(self, periods: Periods, bar: bool = True, desc: str = "train", lines: bool = True, stream=None):
+        self.periods, self.use_bar, self.desc, self.lines, self.stream, self.bar = periods, bar, desc, lines, stream, None
         self.started, self.first = 0.0, 0
 
     def before_train(self, trainer):
@@ -79,17 +122,17 @@ class ProgressHook(Hook):
         if self.use_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=trainer.config.train.iterations, initial=trainer.start_iteration,
+            self.bar = tqdm(total=self.periods.iterations, initial=trainer.start_iteration,
                             desc=self.desc, dynamic_ncols=True, leave=False)
 
     def after_step(self, trainer, record):
-        every, total = trainer.config.train.log_every, trainer.config.train.iterations
+        every, total = self.periods.log_every, self.periods.iterations
         if self.bar is not None:
             self.bar.update(1)
             if record.iteration % every == 0 or record.iteration == 1:
                 short = {k.replace("loss_", ""): f"{v:.3f}" for k, v in record.losses.items()}
                 self.bar.set_postfix(total=f"{record.total:.3f}", **short)
-        elif self.lines and (record.iteration % every == 0 or record.iteration == total):
+        elif self.lines and self.periods.logs_after(record.iteration):
             done = record.iteration - self.first
             eta = (time.perf_counter() - self.started) / max(done, 1) * (total - record.iteration)
             losses = " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in record.losses.items())

@@ -5,12 +5,14 @@
 component spec checked against its factory and every variant's model built on the meta device.
 :func:`preflight` checks what only the data and the machine can tell (the device, every
 dataset, ``model.num_classes`` against the datasets' categories) for a whole plan, before any
-run is created. This module imports torch only when a check needs it, so that errors found in
-the YAML itself answer at once.
+run is created, and hands each run what it checked (:class:`RunInputs`: the device and the
+datasets), so the trainer builds nothing twice. This module imports torch only when a check
+needs it, so that errors found in the YAML itself answer at once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,36 +75,72 @@ def check_num_classes(num_classes: int, train_set, val_set) -> None:
         raise ConfigError(problems)
 
 
-def preflight(plan) -> None:
-    """Everything that can be wrong with the input of ``plan``, checked before any run is created."""
+@dataclass(frozen=True)
+class RunInputs:
+    """What one run trains on, checked: its device and its datasets (built once per run)."""
+
+    device: Any  # torch.device
+    train_set: Any
+    val_set: Any
+
+
+def prepare(config: RunConfig, built: dict | None = None) -> RunInputs:
+    """Resolve the device, build both datasets and check them against the model: one run's input checks.
+
+    ``built`` caches datasets by spec across runs. Raises ``ConfigError`` listing every problem.
+    """
+    inputs, problems = _prepare(config, {} if built is None else built)
+    if problems:
+        raise ConfigError(problems)
+    return inputs
+
+
+def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Problem]]:
     from rcnn_lab.components import register_builtins
     from rcnn_lab.engine.device import resolve_device
     from rcnn_lab.registry import DATASETS
 
     register_builtins()
-    problems, built = [], {}
-    for run in plan:
-        try:
-            resolve_device(run.config.train.device)
-        except ConfigError as exc:
-            problems += [(run, p) for p in exc.problems]
-        sets = []
-        for key in ("train", "val"):
-            spec = getattr(run.config.data, key)
-            ident = (spec.type, repr(sorted(spec.kwargs.items())))
-            if ident not in built:
-                try:
-                    built[ident] = DATASETS.build(spec, f"data.{key}")
-                except ConfigError as exc:
-                    built[ident] = None
-                    problems += [(run, p) for p in exc.problems]
-            sets.append(built[ident])
-        if None not in sets:
+    problems: list[Problem] = []
+    device = None
+    try:
+        device = resolve_device(config.train.device)
+    except ConfigError as exc:
+        problems += exc.problems
+    sets = []
+    for key in ("train", "val"):
+        spec = getattr(config.data, key)
+        ident = (spec.type, repr(sorted(spec.kwargs.items())))
+        if ident not in built:
             try:
-                check_num_classes(run.config.model.num_classes, *sets)
+                built[ident] = DATASETS.build(spec, f"data.{key}")
             except ConfigError as exc:
-                problems += [(run, p) for p in exc.problems]
-    problems = [p if p.file else Problem(p.path, p.message, run.variant.source_of(p.path)) for run, p in problems]
+                built[ident] = None
+                problems += exc.problems
+        sets.append(built[ident])
+    if None not in sets:
+        try:
+            check_num_classes(config.model.num_classes, *sets)
+        except ConfigError as exc:
+            problems += exc.problems
+    return (RunInputs(device, *sets) if not problems else None), problems
+
+
+def preflight(plan) -> dict[str, RunInputs]:
+    """Every run's input checks, before any run is created: ``{run.hash: RunInputs}``.
+
+    Each distinct dataset spec is built once for the whole plan; problems of every run are raised
+    together (``ConfigError``), each naming the file that set its key.
+    """
+    built: dict = {}
+    inputs: dict[str, RunInputs] = {}
+    problems: list[Problem] = []
+    for run in plan:
+        prepared, found = _prepare(run.config, built)
+        problems += [p if p.file else Problem(p.path, p.message, run.variant.source_of(p.path)) for p in found]
+        if prepared is not None:
+            inputs[run.hash] = prepared
     unique = list({str(p): p for p in problems}.values())
     if unique:
         raise ConfigError(unique)
+    return inputs

@@ -15,11 +15,10 @@ import torch
 from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine import distributed
-from rcnn_lab.engine.device import resolve_device
-from rcnn_lab.engine.hooks import Hook, Hooks, StepRecord
-from rcnn_lab.engine.preflight import check_num_classes
+from rcnn_lab.engine.hooks import Hook, Hooks, Periods, StepRecord
+from rcnn_lab.engine.preflight import RunInputs, prepare
 from rcnn_lab.errors import TrainingError
-from rcnn_lab.registry import DATASETS, LR_SCHEDULERS, OPTIMIZERS, TRANSFORMS
+from rcnn_lab.registry import LR_SCHEDULERS, OPTIMIZERS, TRANSFORMS
 
 
 @dataclass
@@ -36,7 +35,7 @@ def resolve_amp(amp: str, device: torch.device, notify: bool = True) -> torch.dt
     """The autocast dtype of ``train.amp`` on ``device``, or None for float32.
 
     CUDA: bf16 or fp16. CPU: bf16 where the CPU computes it natively (AVX512-BF16 or AMX; oneDNN
-    then runs convolutions and matmuls in bf16, about 1.5x faster training here); elsewhere, and
+    then runs convolutions and matmuls in bf16); elsewhere, and
     for fp16 (no fast CPU kernels), the run stays in float32 and says so (``notify``: rank 0 only).
     """
     if amp == "none":
@@ -72,19 +71,19 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Train and evaluate one resolved config. Outputs (checkpoints) go to ``out_dir``."""
 
-    def __init__(self, config: RunConfig, out_dir: str | Path, hooks: list[Hook] = (), resume: bool = True):
-        from rcnn_lab.components import register_builtins
+    def __init__(self, config: RunConfig, out_dir: str | Path, hooks: list[Hook] = (), resume: bool = True,
+                 inputs: RunInputs | None = None):
+        """``inputs``: the device and datasets ``preflight`` checked for this run (else checked here)."""
         from rcnn_lab.data.loader import build_loader
         from rcnn_lab.models.builder import build_model
 
-        register_builtins()
+        inputs = inputs if inputs is not None else prepare(config)  # registers the built-ins too
         self.config, self.out_dir = config, Path(out_dir)
         t, d = config.train, config.data
-        self.world, self.device = distributed.setup(resolve_device(t.device))  # torchrun: this rank's device
+        self.world, self.device = distributed.setup(inputs.device)  # torchrun: this rank's device
+        self.periods = Periods.of(t)
         self.hooks = Hooks(hooks)
-        self.train_set = DATASETS.build(d.train, "data.train")
-        self.val_set = DATASETS.build(d.val, "data.val")
-        check_num_classes(config.model.num_classes, self.train_set, self.val_set)
+        self.train_set, self.val_set = inputs.train_set, inputs.val_set
         seed_everything(t.seed)
         self.model = build_model(config.model).to(self.device)
         if t.channels_last:  # CUDA: tensor-core layouts; CPU: oneDNN's native layout (fast max-pool)
@@ -154,59 +153,73 @@ class Trainer:
         return result
 
     # --- the loop -----------------------------------------------------------------------------
+    def to_device(self, images, targets) -> tuple[list, list]:
+        """A batch from the loader on this run's device."""
+        d = self.device
+        return ([img.to(d, non_blocking=True) for img in images],
+                [{k: v.to(d, non_blocking=True) if torch.is_tensor(v) else v for k, v in tg.items()} for tg in targets])
+
+    def step(self, images, targets, iteration: int) -> tuple[dict[str, float], float]:
+        """One optimizer step on a batch already on the device; returns (losses averaged over ranks, lr used).
+
+        Forward under ``train.amp`` autocast, the summed losses backward (scaled for fp16),
+        ``train.clip_grad_norm``, the optimizer, then the per-iteration schedule. ``iteration``
+        (1-based) names the step when a loss is not finite (``TrainingError``, on every rank).
+        """
+        model, clip = self.ddp_model, self.config.train.clip_grad_norm
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        values = distributed.mean(torch.stack([v.detach().float() for v in loss_dict.values()])).cpu()  # over ranks
+        if not torch.isfinite(values).all():
+            bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
+            raise TrainingError(f"non-finite loss at iteration {iteration}: {', '.join(bad)}; lower the learning rate or enable train.clip_grad_norm")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return dict(zip(loss_dict, values.tolist())), lr
+
     def fit(self) -> TrainResult:
-        t = self.config.train
-        model, device = self.ddp_model, self.device
+        periods = self.periods
+        model = self.ddp_model
         model.train()
         self.hooks.before_train(self)
         self._started = time.perf_counter()
         stream = iter(self.train_loader)
         tick = time.perf_counter()
-        for it in range(self.start_iteration, t.iterations):
-            images, targets = next(stream)
-            images = [img.to(device, non_blocking=True) for img in images]
-            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in tg.items()} for tg in targets]
+        for it in range(self.start_iteration, periods.iterations):
+            step = it + 1
+            images, targets = self.to_device(*next(stream))
             data_time = time.perf_counter() - tick
             self.last_batch = (images, targets)
-
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            values = distributed.mean(torch.stack([v.detach().float() for v in loss_dict.values()])).cpu()  # over ranks
-            if not torch.isfinite(values).all():
-                bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
-                raise TrainingError(f"non-finite loss at iteration {it + 1}: {', '.join(bad)}; lower the learning rate or enable train.clip_grad_norm")
-
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if t.clip_grad_norm is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-
-            now = time.perf_counter()
-            record = StepRecord(it + 1, dict(zip(loss_dict, values.tolist())), lr, data_time, now - tick,
-                                peak_memory_mb(device), len(images) * self.world.size)
-            if (it + 1) % t.log_every == 0 or it + 1 == t.iterations:
-                self.history.append({"iteration": it + 1, "lr": lr, "total": record.total, **record.losses,
+            losses, lr = self.step(images, targets, step)
+            record = StepRecord(step, losses, lr, data_time, time.perf_counter() - tick,
+                                peak_memory_mb(self.device), len(images) * self.world.size)
+            if periods.logs_after(step):
+                self.history.append({"iteration": step, "lr": lr, "total": record.total, **record.losses,
                                      "data_time": data_time, "step_time": record.step_time,
                                      "peak_memory_mb": record.peak_memory_mb})
             self.hooks.after_step(self, record)
-            if t.checkpoint_every and (it + 1) % t.checkpoint_every == 0 and it + 1 < t.iterations:
-                self.save_checkpoint(it + 1)
-            if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.iterations:
-                self.evaluate(it + 1)
+            if periods.checkpoints_after(step) and step < periods.iterations:  # the last one is written below
+                self.save_checkpoint(step)
+            if periods.evaluates_after(step):
+                self.evaluate(step)
                 model.train()
             tick = time.perf_counter()
 
         train_time = self.elapsed_before + time.perf_counter() - self._started
-        if self.start_iteration < t.iterations or not ckpt.folder(self.out_dir).exists():
-            self.save_checkpoint(t.iterations)
-        final = self.evaluate(t.iterations)
-        result = TrainResult({**final.metrics, "train_time_s": train_time}, final.per_class, t.iterations,
+        last = periods.iterations
+        if self.start_iteration < last or not ckpt.folder(self.out_dir).exists():
+            self.save_checkpoint(last)
+        final = self.evaluate(last)
+        result = TrainResult({**final.metrics, "train_time_s": train_time}, final.per_class, last,
                              train_time, self.start_iteration, self.history)
         self.hooks.after_train(self, result)
         return result

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rcnn_lab.engine import checkpoint as ckpt
-from rcnn_lab.engine.hooks import Hook
+from rcnn_lab.engine.hooks import Hook, Priority
 
 
 def model_summary(model) -> str:
@@ -57,8 +57,10 @@ class GradNormHook(Hook):
     """Adds the gradient-flow probe to the step record every N steps (``train.grad_probe_every``).
 
     Metrics ``grad_norm/LOSS/COMPONENT`` (see :mod:`rcnn_lab.probe`), computed on the step's batch
-    after its optimizer step; must run before the hook that logs ``record.extra``.
+    after its optimizer step, before the hook that logs ``record.extra`` (``Priority.MEASURE``).
     """
+
+    priority = Priority.MEASURE
 
     def __init__(self, every: int):
         self.every = every

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rcnn_lab.engine.hooks import Hook, StepRecord
+from rcnn_lab.engine.hooks import Hook, Periods, Priority, StepRecord
 from rcnn_lab.runner import tags
 
 
@@ -13,12 +13,16 @@ class MLflowHook(Hook):
 
     Asynchronous by default: ``log_batch(synchronous=False)`` queues the batch on MLflow's logging
     thread and returns at once; ``flush(synchronous=True)`` waits for every queued batch of this run.
-    That happens at the step before each checkpoint is written and at the last step, so a run resumed
-    from a checkpoint never misses the metrics of the steps the checkpoint contains.
+    That happens at each step the trainer writes a checkpoint after (``periods``) and at the last
+    step, so a run resumed from a checkpoint never misses the metrics of the steps it contains.
+    Runs after every hook that adds to the step record (``Priority.LOG``).
     """
 
-    def __init__(self, client, run_id: str, every: int, asynchronous: bool = True):
+    priority = Priority.LOG
+
+    def __init__(self, client, run_id: str, every: int, periods: Periods, asynchronous: bool = True):
         self.client, self.run_id, self.every, self.asynchronous = client, run_id, max(1, every), asynchronous
+        self.periods = periods
         self.buffer: list = []
         self.pending: list = []  # RunOperations of queued async batches
 
@@ -53,8 +57,7 @@ class MLflowHook(Hook):
             m("peak_memory_mb", record.peak_memory_mb, step),
         ]
         self.buffer += [m(k, v, step) for k, v in record.extra.items()]
-        t = trainer.config.train
-        if step == t.iterations or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        if self.periods.checkpoints_after(step):
             # the trainer writes a checkpoint next: a resume starts from it, so what led to it must be stored first
             self.flush(synchronous=True)
         elif step % self.every == 0:

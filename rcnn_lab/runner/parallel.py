@@ -33,14 +33,12 @@ from rcnn_lab.runner.plan import output_dir
 
 # --- DDP ranks (inside torchrun) ---------------------------------------------------------------
 
-def join(config) -> distributed.World:
-    """Under torchrun: join the process group before any decision is broadcast (no-op otherwise)."""
+def join(device) -> distributed.World:
+    """Under torchrun: join the process group (on ``device``'s backend) before any decision is broadcast."""
     w = distributed.env_world()
     if not w.active:
         return w
-    from rcnn_lab.engine.device import resolve_device
-
-    w, _ = distributed.setup(resolve_device(config.train.device))
+    w, _ = distributed.setup(device)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops workers with SIGTERM: record KILLED, like Ctrl-C
     return w
@@ -60,8 +58,11 @@ def must_abort(exc: BaseException) -> bool:
     return distributed.world().active and not isinstance(exc, RcnnLabError)
 
 
-def follow_plan(exp, plan, root: Path) -> list:
-    """Ranks > 0: train what rank 0 announces, without tracking; returns outcomes for symmetry."""
+def follow_plan(exp, plan, root: Path, inputs: dict) -> list:
+    """Ranks > 0: train what rank 0 announces, without tracking; returns outcomes for symmetry.
+
+    ``inputs``: this rank's ``preflight(plan)``.
+    """
     from rcnn_lab.engine.trainer import Trainer
 
     outcomes = []
@@ -72,7 +73,7 @@ def follow_plan(exp, plan, root: Path) -> list:
             continue
         started = time.perf_counter()
         try:
-            result = Trainer(run.config, output_dir(root, exp, run)).fit()
+            result = Trainer(run.config, output_dir(root, exp, run), inputs=inputs.pop(run.hash, None)).fit()
             outcomes.append(Outcome(run, Status.FINISHED, Action.RUN, result.metrics, time.perf_counter() - started, run_id))
         except RcnnLabError as exc:  # the same on every rank: rank 0 records it, every rank goes on
             outcomes.append(Outcome(run, Status.FAILED, Action.RUN, {}, time.perf_counter() - started, run_id, str(exc)))
@@ -159,17 +160,15 @@ def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> No
             sys.stdout.flush()
 
 
-def run_parallel(exp, plan, k: int, argv: list[str]) -> tuple[list, int]:
-    """Train ``plan`` on ``k`` worker processes; (one outcome per planned run read from MLflow, exit code)."""
-    from rcnn_lab.engine.device import resolve_device
-
+def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, int]:
+    """Train ``plan`` on ``k`` worker processes (one GPU each with ``cuda``); (one outcome per planned run
+    read from MLflow, exit code)."""
     if k < 1:
         raise ConfigError([Problem("--parallel", f"must be >= 1, got {k}")])
     workers = max(1, min(k, len(plan)))
     uri = tr.resolve_uri(exp.tracking.uri)
     c = tr.client(uri)  # create the store and experiment once, before K workers race to
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri))
-    cuda = resolve_device(exp.variants[0].config.train.device).type == "cuda"
     base = strip_option(argv, "--parallel") + ["--no-progress", "--no-summary"]
     started_ms = int(time.time() * 1000)
     lock, procs, pumps = threading.Lock(), [], []

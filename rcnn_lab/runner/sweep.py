@@ -13,8 +13,9 @@ import yaml
 from rcnn_lab.config.loader import Experiment, flatten
 from rcnn_lab.config.types import to_plain
 from rcnn_lab.engine import distributed
-from rcnn_lab.engine.device import device_name, resolve_device
-from rcnn_lab.engine.hooks import ProgressHook
+from rcnn_lab.engine.device import device_name
+from rcnn_lab.engine.hooks import Periods, ProgressHook
+from rcnn_lab.engine.preflight import RunInputs, preflight
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import artifacts, claims, parallel, tags
 from rcnn_lab.runner import tracking as tr
@@ -55,15 +56,18 @@ def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool,
     return [(r, decide(c, e.experiment_id if e else None, r, force)[0]) for r in plan]
 
 
-def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, root: Path | None = None,
-             progress: bool = True, echo=print) -> list[Outcome]:
+def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunInputs] | None = None,
+             force: bool = False, root: Path | None = None, progress: bool = True, echo=print) -> list[Outcome]:
     """Execute ``plan`` against MLflow; returns one outcome per planned run.
 
-    ``root`` holds outputs (``outputs/EXP/RUN``) and local artifacts; default ``tr.runs_root(uri)``.
+    ``inputs`` are what ``preflight(plan)`` checked (run here when not given: bad input raises
+    ``ConfigError`` before any store is touched). ``root`` holds outputs (``outputs/EXP/RUN``) and
+    local artifacts; default ``tr.runs_root(uri)``.
     """
+    inputs = dict(preflight(plan) if inputs is None else inputs)  # each run takes (and releases) its own
     uri = tr.resolve_uri(exp.tracking.uri, root)
-    if not parallel.join(exp.variants[0].config).main:  # torchrun rank > 0: train what rank 0 announces, no tracking
-        return parallel.follow_plan(exp, plan, Path(root) if root is not None else tr.runs_root(uri))
+    if plan and not parallel.join(inputs[plan[0].hash].device).main:  # torchrun rank > 0: train what rank 0 announces
+        return parallel.follow_plan(exp, plan, Path(root) if root is not None else tr.runs_root(uri), inputs)
     c = tr.client(uri)  # unreachable store: fails here, before any training
     root = Path(root) if root is not None else tr.runs_root(uri)
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
@@ -94,7 +98,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
                 run_id = existing.info.run_id
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
             else:
-                run_id = _start_child(c, exp_id, parent.info.run_id, run, common)
+                run_id = _start_child(c, exp_id, parent.info.run_id, run, inputs[run.hash].device, common)
                 rival = claims.rival(c, exp_id, run.hash, run_id, finished_wins=not force)
                 if rival is not None:  # another worker claimed this config first: back off
                     c.delete_run(run_id)
@@ -111,7 +115,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
                 echo(f"run    {run.label} ({run.hash}) as run {run_id}")
             parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
-                outcomes.append(_train_one(c, run_id, run, out, action, progress=progress, echo=echo))
+                outcomes.append(_train_one(c, run_id, run, out, action, inputs.pop(run.hash, None),
+                                           progress=progress, echo=echo))
     except KeyboardInterrupt:
         if parent is not None:
             c.set_terminated(parent.info.run_id, Status.KILLED.value)
@@ -123,8 +128,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, ro
     return outcomes
 
 
-def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, common: dict) -> str:
-    device = resolve_device(run.config.train.device)
+def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common: dict) -> str:
     run_tags = {
         **common, **tr.claim_tags(), tags.PARENT: parent_id, tags.KIND: tags.VARIANT_RUN,
         tags.VARIANT: run.variant.name, tags.SEED: str(run.seed), tags.CONFIG_HASH: run.hash,
@@ -139,13 +143,14 @@ def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, common: dict) 
     return r.info.run_id
 
 
-def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, *, progress: bool, echo) -> Outcome:
+def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs | None, *,
+               progress: bool, echo) -> Outcome:
     started = time.perf_counter()
-    t = run.config.tracking
-    hook = MLflowHook(c, run_id, t.log_every or run.config.train.log_every, t.async_logging)
+    t, periods = run.config.tracking, Periods.of(run.config.train)
+    hook = MLflowHook(c, run_id, t.log_every or periods.log_every, periods, t.async_logging)
     try:
-        # extra hooks (grad probe) fill record.extra before the MLflow hook logs the record
-        trainer = Trainer(run.config, out, hooks=[ProgressHook(progress, run.label), *artifacts.extra_hooks(run, c, run_id), hook])
+        hooks = [ProgressHook(periods, progress, run.label), *artifacts.extra_hooks(run, c, run_id), hook]
+        trainer = Trainer(run.config, out, hooks=hooks, inputs=inputs)
         if trainer.start_iteration == 0:
             c.log_text(run_id, artifacts.model_summary(trainer.model), "model_summary.txt")
         result = trainer.fit()

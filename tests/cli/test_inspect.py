@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
 from rcnn_lab.cli.main import main
 from tests.conftest import EXPERIMENTS, FIXTURES
 
@@ -29,11 +31,13 @@ def test_inspect_json_anchor_counts_match_torchvision(capsys):
     assert main(["inspect", str(EXPERIMENTS / "base.yaml"), "--image-size", "800", "1088", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     v = data["variants"][0]
-    assert v["name"] == "default" and v["parameters"] == 44_454_513
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    assert v["name"] == "default" and v["parameters"] == sum(p.numel() for p in reference.parameters())
     a = v["anchors"]
     # 800x1088 -> feature maps 200x272, 100x136, 50x68, 25x34, 13x17 with 3 anchors each
-    assert [lv["anchors"] for lv in a["per_level"]] == [3 * 200 * 272, 3 * 100 * 136, 3 * 50 * 68, 3 * 25 * 34, 3 * 13 * 17]
-    assert a["total"] == 217413
+    per_level = [3 * 200 * 272, 3 * 100 * 136, 3 * 50 * 68, 3 * 25 * 34, 3 * 13 * 17]
+    assert [lv["anchors"] for lv in a["per_level"]] == per_level
+    assert a["total"] == sum(per_level)
     assert a["cell_anchors"][0] == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0], [-11.0, -23.0, 11.0, 23.0]]
     assert v["components"]["rpn.head.bbox_pred"] == 256 * 12 + 12
     assert [lv["stride"] for lv in a["per_level"]] == [[4, 4], [8, 8], [16, 16], [32, 32], [61, 64]]

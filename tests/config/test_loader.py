@@ -139,3 +139,35 @@ def test_duplicate_yaml_keys_are_rejected_with_their_lines(write_yaml):
     path = write_yaml("dup.yaml", "name: x\nmodel: {num_classes: 3}\ntrain: {seed: 1}\nmodel: {num_classes: 4}\n")
     with pytest.raises(ConfigError, match=r"dup\.yaml.*line 4.*duplicate key 'model' \(first at line 2\)"):
         load_experiment(path)
+
+
+def test_the_config_layer_loads_with_the_checks_it_is_handed(write_yaml):
+    """``config.loader`` knows no registry: specs go to ``families``, plugins and model checks to callbacks."""
+    from rcnn_lab.config import loader
+    from rcnn_lab.config.types import Spec
+    from rcnn_lab.errors import Problem
+
+    seen: list[str] = []
+
+    class Family:
+        def __init__(self, name):
+            self.name = name
+
+        def check_spec(self, value, path, problems):
+            seen.append(path)
+            if value.get("type") == "nope":
+                problems.append(Problem(f"{path}.type", f"no {self.name} named nope"))
+            return Spec(value["type"], {k: v for k, v in value.items() if k != "type"})
+
+    plugins, checked = [], []
+    path = write_yaml("exp.yaml", "name: pure\nplugins: [p.py]\nmodel: {num_classes: 3}\n")
+    exp = loader.load_experiment(path, ["train.iterations=7"], families=Family,
+                                 load_plugins=lambda file, extra, base: plugins.append((file, extra, base)),
+                                 check=lambda cfg: checked.append(cfg.name) or [])
+    assert exp.variants[0].config.train.iterations == 7 and exp.tracking_name == "pure"
+    assert plugins == [(path, ["p.py"], path.parent)] and checked == ["pure"]
+    assert {"model.backbone", "train.optimizer", "data.train"} <= set(seen)
+    with pytest.raises(ConfigError, match=r"--set: model\.backbone\.type: no backbone named nope"):
+        loader.load_experiment(path, ["model.backbone.type=nope"], families=Family)
+    with pytest.raises(TypeError, match="needs `families`"):
+        loader.load_experiment(path, families=None)

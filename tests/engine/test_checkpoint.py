@@ -111,7 +111,7 @@ def test_foreign_object_is_refused_by_weights_only(tmp_path):
 
 
 def test_corrupted_file_names_the_file(tmp_path):
-    path = tmp_path / "iter_0000002.pt"
+    path = ckpt.path_for(tmp_path, 2)
     ckpt.save(path, trainer_like_state(2))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated (e.g. a full disk under a non-atomic copy)
@@ -136,11 +136,23 @@ def test_latest_picks_the_highest_iteration(tmp_path):
     assert ckpt.latest(tmp_path).name == "iter_0000010.pt"
 
 
-def test_trainer_resume_from_corrupted_checkpoint_names_the_file(tmp_path):
-    folder = tmp_path / "out" / "checkpoints"
+def test_checkpoint_names_carry_their_iteration(tmp_path):
+    folder = ckpt.folder(tmp_path / "out")
+    assert folder.parent == tmp_path / "out"
+    names = [ckpt.path_for(folder, it) for it in (10, 9, 200)]
+    assert [ckpt.iteration_of(p) for p in names] == [10, 9, 200]
+    assert ckpt.iteration_of(folder / "notes.pt") is None and ckpt.iteration_of(folder / "iter_x.pt") is None
     folder.mkdir(parents=True)
-    (folder / "iter_0000002.pt").write_bytes(b"not a zip file")
+    for p in names:
+        p.write_bytes(b"")
+    assert ckpt.saved(folder) == [names[1], names[0], names[2]] and ckpt.latest(folder) == names[2]
+
+
+def test_trainer_resume_from_corrupted_checkpoint_names_the_file(tmp_path):
+    folder = ckpt.folder(tmp_path / "out")
+    folder.mkdir(parents=True)
+    ckpt.path_for(folder, 2).write_bytes(b"not a zip file")
     with pytest.raises(ConfigError) as info:
         Trainer(tiny_config(tmp_path), tmp_path / "out", resume=True)
     text = str(info.value)
-    assert text.startswith(f"{folder / 'iter_0000002.pt'}: not a readable checkpoint") and "\n" not in text
+    assert text.startswith(f"{ckpt.path_for(folder, 2)}: not a readable checkpoint") and "\n" not in text

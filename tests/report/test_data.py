@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from rcnn_lab.runner import tags
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside MLflow's sqlalchemy store
 
@@ -31,9 +33,9 @@ T0 = 1_700_000_000_000  # ms
 
 def _tags(variant: str, seed: int, baseline: bool, changed: dict, parent: str) -> dict[str, str]:
     return {
-        "rcnn_lab.kind": "variant", "mlflow.parentRunId": parent, "rcnn_lab.variant": variant,
-        "rcnn_lab.seed": str(seed), "rcnn_lab.config_hash": f"h-{variant}", "rcnn_lab.baseline": str(baseline).lower(),
-        "rcnn_lab.changed": json.dumps(changed), "rcnn_lab.device": "cpu",
+        tags.KIND: tags.VARIANT_RUN, tags.PARENT: parent, tags.VARIANT: variant,
+        tags.SEED: str(seed), tags.CONFIG_HASH: f"h-{variant}", tags.BASELINE: str(baseline).lower(),
+        tags.CHANGED: json.dumps(changed), tags.DEVICE: "cpu",
     }
 
 
@@ -46,7 +48,7 @@ def _log(client, exp_id: str, parent: str, start: int, variant: str, seed: int, 
     rid = run.info.run_id
     params = {"name": name, KEY: json.dumps(top_n), BOX: box, "train.iterations": json.dumps(ITERATIONS),
               "data.batch_size": json.dumps(BATCH), "train.seed": json.dumps(seed), "eval.iou_types": '["bbox", "segm"]'}
-    metrics = [Metric(f"final/{k}", v, start, ITERATIONS) for k, v in (final or {}).items()]
+    metrics = [Metric(f"{tags.FINAL_PREFIX}{k}", v, start, ITERATIONS) for k, v in (final or {}).items()]
     metrics += [Metric("loss", 2.0 - 0.1 * step + 0.01 * seed, start + step, step) for step in range(1, 11)]
     metrics += [Metric("bbox_AP", (final or {}).get("bbox_AP", 0.0), start, ITERATIONS)]
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
@@ -62,7 +64,7 @@ def build_store(root: Path) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.create_experiment(EXP, artifact_location=(root / "artifacts" / EXP).as_uri())
-    parent = c.create_run(exp_id, start_time=T0, tags={"rcnn_lab.kind": "sweep"}).info.run_id
+    parent = c.create_run(exp_id, start_time=T0, tags={tags.KIND: tags.SWEEP}).info.run_id
     # an older finished run of base/seed 0/same hash: must be ignored in favour of the newer one
     _log(c, exp_id, parent, T0 + 1, "base", 0, baseline=True,
          final={"bbox_AP": 0.10, "segm_AP": 0.05, "train_time_s": 999.0, "eval_images_per_s": 1.0})
@@ -83,7 +85,7 @@ def build_store(root: Path) -> str:
     c.set_terminated(parent, "FAILED")
 
     exp2 = c.create_experiment(EXP2, artifact_location=(root / "artifacts" / EXP2).as_uri())
-    parent2 = c.create_run(exp2, start_time=T0, tags={"rcnn_lab.kind": "sweep"}).info.run_id
+    parent2 = c.create_run(exp2, start_time=T0, tags={tags.KIND: tags.SWEEP}).info.run_id
     for variant, (changed, bbox, segm) in VARIANTS2.items():
         for seed, (b, s) in enumerate(zip(bbox, segm)):
             start += 10_000
@@ -144,9 +146,9 @@ def test_latest_finished_keeps_only_the_newest_config_of_a_variant_seed(tmp_path
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=store)
     exp_id = c.create_experiment(EXP, artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = c.create_run(exp_id, start_time=T0, tags={"rcnn_lab.kind": "sweep"}).info.run_id
+    parent = c.create_run(exp_id, start_time=T0, tags={tags.KIND: tags.SWEEP}).info.run_id
     old = _log(c, exp_id, parent, T0 + 1, "base", 0, baseline=True, final={"bbox_AP": 0.1})
-    c.set_tag(old, "rcnn_lab.config_hash", "h-before-the-yaml-was-edited")
+    c.set_tag(old, tags.CONFIG_HASH, "h-before-the-yaml-was-edited")
     _log(c, exp_id, parent, T0 + 2, "base", 0, baseline=True, final={"bbox_AP": 0.3})
     _log(c, exp_id, parent, T0 + 3, "base", 1, baseline=True, final={"bbox_AP": 0.5})
     df = runs(EXP, tracking_uri=store)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rcnn_lab.engine.hooks import StepRecord
+from rcnn_lab.engine.hooks import Periods, StepRecord
 from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.hooks import MLflowHook
@@ -21,8 +21,8 @@ def _record(it: int) -> StepRecord:
 def test_metrics_are_stored_before_each_checkpoint_and_batched_between(tmp_path, new_store):
     c = tr.client(new_store(tmp_path))
     run_id = c.create_run(tr.experiment_id(c, "hooks", (tmp_path / "a").as_uri())).info.run_id
-    trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(iterations=10, checkpoint_every=4)))
-    hook = MLflowHook(c, run_id, every=100, asynchronous=True)
+    trainer = SimpleNamespace()  # the hook keeps its own periods: checkpoints after step 4 and the last step (10)
+    hook = MLflowHook(c, run_id, every=100, periods=Periods(iterations=10, checkpoint_every=4), asynchronous=True)
     for it in range(1, 5):
         hook.after_step(trainer, _record(it))
     # step 4 precedes a checkpoint: everything up to it is in the store now, nothing left buffered

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcnn_lab.engine import checkpoint as ckpt
 from tests.conftest import ROOT
 from tests.runner.conftest import cli, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 ITERATIONS = 4
-TRAIN = "  checkpoint_every: 2\n"
+CHECKPOINT_EVERY = 2
+TRAIN = f"  checkpoint_every: {CHECKPOINT_EVERY}\n"
 TIMING = ("train_time_s", "eval_time_s", "eval_images_per_s")
 
 
@@ -37,7 +39,7 @@ def _start(folder: Path) -> subprocess.Popen:
 
 
 def _checkpoints(folder: Path) -> list[Path]:
-    return sorted((folder / "store" / "outputs").glob("tiny/*/checkpoints/iter_*.pt"))
+    return [p for run in (folder / "store" / "outputs" / "tiny").glob("*") for p in ckpt.saved(ckpt.folder(run))]
 
 
 def _interrupt_after_first_checkpoint(procs: dict[Path, tuple[subprocess.Popen, int]]) -> dict[Path, str]:
@@ -52,7 +54,8 @@ def _interrupt_after_first_checkpoint(procs: dict[Path, tuple[subprocess.Popen, 
     outputs = {}
     for folder, (proc, _) in procs.items():
         outputs[folder] = proc.communicate(timeout=120)[0]
-        assert [p.name for p in _checkpoints(folder)] == ["iter_0000002.pt"], outputs[folder]  # stopped mid-run
+        first = ckpt.path_for(folder, CHECKPOINT_EVERY).name
+        assert [p.name for p in _checkpoints(folder)] == [first], outputs[folder]  # stopped mid-run
     return outputs
 
 

@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from rcnn_lab.engine import checkpoint as ckpt
+from rcnn_lab.engine.preflight import load_experiment
 from tests.runner.conftest import cli, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -84,7 +86,8 @@ def test_run_logs_runs_metrics_and_artifacts_to_a_server(server, tmp_path):
     served = root / "served" / exp_id / child.info.run_id / "artifacts"
     assert (served / "eval" / "per_class.json").is_file() and (served / "config.yaml").is_file()
     # outputs (checkpoints) of a server store stay local: runs/ under the current folder
-    assert list((tmp_path / "runs" / "outputs" / "tiny").glob("*/checkpoints/iter_0000002.pt"))
+    final = ckpt.path_for(ckpt.FOLDER, load_experiment(exp).variants[0].config.train.iterations)
+    assert list((tmp_path / "runs" / "outputs" / "tiny").glob(f"*/{final.as_posix()}"))
 
     code, out, _ = cli("run", str(exp), "--no-progress")  # the server knows it finished: skipped
     assert code == 0 and "skip   b seed=0" in out

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.runner.plan import make_plan
 from tests.runner.conftest import cli, files_under, tiny_experiment
@@ -116,7 +117,8 @@ def test_artifacts_config_summary_per_class_and_loss_curve(sweep, tmp_path):
     assert list(per_class) == ["bbox", "segm"] and all(list(per_class[k]) == classes for k in per_class)
     assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     # tracking.log_checkpoint (opt-in) logs the final checkpoint; without it there is none
-    assert [a.path for a in c.list_artifacts(rid, "checkpoint")] == ["checkpoint/iter_0000002.pt"]
+    last = ckpt.path_for("checkpoint", sweep.plan["small_rpn"].config.train.iterations)  # the final checkpoint
+    assert [a.path for a in c.list_artifacts(rid, "checkpoint")] == [last.as_posix()]
     (b,) = runs(sweep, "variant", variant="b")
     assert c.list_artifacts(b.info.run_id, "checkpoint") == []
     # artifacts and outputs sit next to the sqlite store, not in the current folder
