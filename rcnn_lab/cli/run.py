@@ -114,9 +114,9 @@ def cmd_ui(args) -> int:
 
     configured = args.uri
     if configured is None and args.experiment:
-        from rcnn_lab.engine.preflight import load_experiment
+        from rcnn_lab.engine.preflight import load_names
 
-        configured = load_experiment(args.experiment, check_models=False).tracking.uri
+        configured = load_names(args.experiment).tracking.uri
     uri = resolve_uri(configured)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow server: it serves its own UI, open {uri} in a browser")

@@ -48,6 +48,24 @@ class SpecChecker(Protocol):
 Families = Callable[[str], SpecChecker]
 
 
+@dataclass(frozen=True)
+class AsWritten:
+    """A family that takes ``{type: NAME, **kwargs}`` as written, unchecked: for reading an
+    experiment's names and tracking settings without its components (no registry, no torch)."""
+
+    name: str
+
+    def check_spec(self, value: Any, path: str, problems: list[Problem]) -> Spec | None:
+        if isinstance(value, Spec):
+            return value
+        if isinstance(value, str):
+            return Spec(value, {})
+        if not isinstance(value, dict) or "type" not in value:
+            problems.append(Problem(path, f"expected a {self.name} spec {{type: NAME, ...}}, got {_describe(value)}"))
+            return None
+        return Spec(str(value["type"]), {k: v for k, v in value.items() if k != "type"})
+
+
 def component(family: str):
     """Annotation for a schema field holding a spec of ``family``."""
     return Annotated[Spec, Family(family)]

@@ -43,6 +43,14 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
                                   check=_check_model if check_models else None)
 
 
+def load_names(path: str | Path) -> loader.Experiment:
+    """An experiment's names, variants and ``tracking:`` settings, its components taken as written
+    (no registry, no plugins, no torch): for commands that only look its runs up (``report``, ``ui``)."""
+    from rcnn_lab.config.types import AsWritten
+
+    return loader.load_experiment(path, families=AsWritten)
+
+
 def _check_model(config: RunConfig) -> list[Problem]:
     from rcnn_lab.models.builder import check_model
 

@@ -45,7 +45,7 @@ def resolve_sources(experiments: PathOrName | Sequence[PathOrName], tracking_uri
     A YAML file gives the name (``tracking.experiment`` or ``name``) and the store (``tracking.uri``);
     ``tracking_uri`` overrides the store for every item.
     """
-    from rcnn_lab.engine.preflight import load_experiment
+    from rcnn_lab.engine.preflight import load_names
 
     items = [experiments] if isinstance(experiments, (str, os.PathLike)) else list(experiments)
     if not items:
@@ -54,7 +54,7 @@ def resolve_sources(experiments: PathOrName | Sequence[PathOrName], tracking_uri
     for item in items:
         text = os.fspath(item)
         if text.endswith((".yaml", ".yml")) or Path(text).is_file():
-            exp = load_experiment(text, check_models=False)
+            exp = load_names(text)
             out.append(Source(exp.tracking_name, tr.resolve_uri(tracking_uri or exp.tracking.uri), text, text))
         else:
             out.append(Source(text, tr.resolve_uri(tracking_uri), text))

@@ -15,7 +15,7 @@ from rcnn_lab.config.types import to_plain
 from rcnn_lab.engine import distributed
 from rcnn_lab.engine.device import device_name
 from rcnn_lab.engine.hooks import Periods, ProgressHook
-from rcnn_lab.engine.preflight import RunInputs, preflight
+from rcnn_lab.engine.preflight import RunInputs, preflight, prepare
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import artifacts, claims, parallel, tags
 from rcnn_lab.runner import tracking as tr
@@ -77,6 +77,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
               tags.WORLD_SIZE: str(distributed.world().size)}
     try:
         for run in plan:
+            run_inputs = inputs.pop(run.hash, None)  # a dataset is released after the last run that uses it
             action, existing = decide(c, exp_id, run, force)
             if action == Action.RESUME and not claims.take_over(c, existing):  # another worker took it first
                 action = Action.BUSY
@@ -90,6 +91,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 outcomes.append(Outcome(run, Status.RUNNING_ELSEWHERE, action, run_id=existing.info.run_id))
                 parallel.announce(None)
                 continue
+            run_inputs = run_inputs or prepare(run.config)  # a config planned twice (--seeds 0,0 --force)
             if parent is None:
                 parent = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                       tags={**common, tags.KIND: tags.SWEEP, tags.PLAN_SIZE: str(len(plan))})
@@ -98,7 +100,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 run_id = existing.info.run_id
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
             else:
-                run_id = _start_child(c, exp_id, parent.info.run_id, run, inputs[run.hash].device, common)
+                run_id = _start_child(c, exp_id, parent.info.run_id, run, run_inputs.device, common)
                 rival = claims.rival(c, exp_id, run.hash, run_id, finished_wins=not force)
                 if rival is not None:  # another worker claimed this config first: back off
                     c.delete_run(run_id)
@@ -115,8 +117,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 echo(f"run    {run.label} ({run.hash}) as run {run_id}")
             parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
-                outcomes.append(_train_one(c, run_id, run, out, action, inputs.pop(run.hash, None),
-                                           progress=progress, echo=echo))
+                outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, progress=progress, echo=echo))
     except KeyboardInterrupt:
         if parent is not None:
             c.set_terminated(parent.info.run_id, Status.KILLED.value)
@@ -143,7 +144,7 @@ def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common
     return r.info.run_id
 
 
-def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs | None, *,
+def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs, *,
                progress: bool, echo) -> Outcome:
     started = time.perf_counter()
     t, periods = run.config.tracking, Periods.of(run.config.train)

@@ -44,10 +44,11 @@ def test_every_command_is_registered_once_with_a_handler():
     (["run", "bad.yaml"], "2", "bad.yaml: invalid YAML at line"),
     (["validate", "good.yaml", "--set", "model.rpn"], "2", "must look like dotted.key=value"),
     (["report", "--metric", ",", "some_experiment"], "2", "--metric: needs a metric name"),
+    (["report", "good.yaml"], "2", "no tracking store at"),
 ])
 def test_answers_without_importing_torch(tmp_path, argv, code, words):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
-    (tmp_path / "good.yaml").write_text("name: good\n")
+    (tmp_path / "good.yaml").write_text(f"name: good\ntracking: {{uri: 'sqlite:///{tmp_path}/none.db'}}\n")
     result, err = _fresh(*argv, cwd=tmp_path)
     assert result == [code, "False", "False"], err
     assert words in err
