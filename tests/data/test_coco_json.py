@@ -1,0 +1,92 @@
+"""Reading COCO files: the fast path builds exactly the plain path's index, and hands unusual files to it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rcnn_lab.data import coco as coco_module
+from rcnn_lab.data.coco import CocoDataset
+from rcnn_lab.data.coco_index import Progress
+from rcnn_lab.data.coco_json import _polygons_ok, check_segmentation, parse_fast
+from rcnn_lab.data.export import export_shapes
+from tests.data.test_coco import tiny  # noqa: F401  (fixture)
+
+
+def plain(monkeypatch, *args, **kwargs) -> CocoDataset:
+    """The dataset built by the plain path alone (json.loads and the entry-by-entry check)."""
+    with monkeypatch.context() as m:
+        m.setattr(coco_module, "parse_fast", lambda *a: None)
+        return CocoDataset(*args, **kwargs)
+
+
+def same_dataset(a: CocoDataset, b: CocoDataset) -> None:
+    for name in a.index.__dataclass_fields__:
+        if name not in ("ann_json", "ann_json_offsets"):  # the fast path keeps the file's bytes, the plain one re-encodes
+            x, y = getattr(a.index, name), getattr(b.index, name)
+            assert (np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y), name
+    assert [a.index.annotations(r) for r in range(len(a.index))] == [b.index.annotations(r) for r in range(len(b.index))]
+    assert a.categories == b.categories and len(a) == len(b) and a.aspect_ratios() == b.aspect_ratios()
+    for i in range(len(a)):
+        (ia, ta), (ib, tb) = a[i], b[i]
+        assert torch.equal(ia, ib) and ta["image_id"] == tb["image_id"]
+        for key in ("boxes", "labels", "masks", "area", "iscrowd"):
+            assert torch.equal(ta[key], tb[key]), key
+    assert a.to_coco_dict() == b.to_coco_dict()
+
+
+@pytest.mark.parametrize("options", [{}, {"crowd": "keep"}, {"remove_images_without_annotations": True},
+                                     {"category_ids": [7]}, {"max_images": 2}])
+def test_fast_path_builds_the_plain_paths_dataset(tiny, monkeypatch, options):  # noqa: F811
+    root, ann, _ = tiny
+    raw = ann.read_bytes()
+    assert parse_fast(raw, ann.name, options.get("category_ids"), Progress("t", False)) is not None  # not a fallback
+    same_dataset(CocoDataset(root, ann, **options), plain(monkeypatch, root, ann, **options))
+
+
+def test_exported_shapes_take_the_fast_path(tmp_path, monkeypatch):
+    out = export_shapes(tmp_path / "s", num_images=5, image_size=48, max_size=24)
+    assert parse_fast((out / "annotations.json").read_bytes(), "a", None, Progress("t", False)) is not None
+    same_dataset(CocoDataset(out / "images", out / "annotations.json"), plain(monkeypatch, out / "images", out / "annotations.json"))
+
+
+def test_unusual_files_take_the_plain_path_and_load_as_before(tiny, monkeypatch):  # noqa: F811
+    root, ann, data = tiny
+    data["annotations"][0]["area"] = float("nan")  # json accepts NaN, msgspec does not
+    data["annotations"][1]["extra"] = {"kept": [1, 2]}
+    ann.write_text(json.dumps(data))
+    assert parse_fast(ann.read_bytes(), ann.name, None, Progress("t", False)) is None
+    ds = CocoDataset(root, ann)
+    assert not ds.index.strict_json
+    assert np.isnan(ds[0][1]["area"][0].item())
+    assert ds.to_coco_dict()["annotations"][1]["extra"] == {"kept": [1, 2]}
+
+
+POLYGON_CASES = [
+    [], [[1, 2, 3, 4, 5, 6]], [[1, 2, 3, 4, 5]], [[1, 2, 3, 4, 5, 6, 7, 8]], [[]], [[1, 2, 3, 4, 5, 6], []],
+    [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4]], [1, 2, 3, 4, 5, 6], [[[1, 2, 3, 4, 5, 6]]], [[1, 2, 3, 4, 5, True]],
+    [[1, 2, 3, 4, 5, None]], [[1, 2, 3, 4, 5, "6"]], [[1e5, -2.5, 3e-2, 4, 5, 6]], [[1, 2, 3, 4, 5, {"a": 1}]],
+    [[0.5, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14]],
+]
+
+
+@pytest.mark.parametrize("seg", POLYGON_CASES)
+def test_vectorised_polygon_check_agrees_with_the_plain_check(seg):
+    expected = check_segmentation(seg, 10, 10) is None
+    assert _polygons_ok([json.dumps(seg).encode()]) == expected
+    assert _polygons_ok([json.dumps(seg, indent=1).encode()]) == expected  # whitespace anywhere
+    assert _polygons_ok([b"[[1,2,3,4,5,6]]", json.dumps(seg).encode(), b"[]"]) == expected  # among others
+
+
+def test_progress_prints_one_line_per_phase(tiny, capsys):  # noqa: F811
+    root, ann, _ = tiny
+    CocoDataset(root, ann)
+    assert capsys.readouterr().err == ""  # small files build silently
+    CocoDataset(root, ann, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2].split()[0] for line in lines] == ["read", "parsed", "checked", "indexed", "found"]
+    assert all(line.startswith("rcnn-lab: coco annotations.json: ") and line.endswith(" s)") for line in lines)
+    assert "3 images, 6 annotations" in lines[2]
