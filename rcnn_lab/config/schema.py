@@ -182,18 +182,25 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 0
     group_aspect_ratio: bool = False
+    aspect_ratio_group_factor: int | None = None  # k: torchvision's 2k+2 bins and GroupedBatchSampler (data/loader.py)
 
     def check(self) -> Check:
         out: Check = []
         _positive(out, "batch_size", self.batch_size)
         if self.num_workers < 0:
             out.append(("num_workers", "must be >= 0"))
+        if self.aspect_ratio_group_factor is not None:
+            if self.aspect_ratio_group_factor < 0:
+                out.append(("aspect_ratio_group_factor", f"must be >= 0 or null, got {self.aspect_ratio_group_factor}"))
+            elif not self.group_aspect_ratio:
+                out.append(("aspect_ratio_group_factor", "takes effect with group_aspect_ratio: true; set that too, or null this"))
         return out
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iterations: int = 1000
+    iterations: int | None = 1000
+    epochs: int | None = None  # instead of iterations: epochs x the training stream's batches per epoch
     optimizer: component("optimizer") = _default({"type": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4})
     lr_scheduler: component("lr_scheduler") = _default(
         {"type": "multistep", "milestones": [0.67, 0.89], "warmup_iters": 100}
@@ -211,7 +218,12 @@ class TrainConfig:
 
     def check(self) -> Check:
         out: Check = []
-        _positive(out, "iterations", self.iterations)
+        if (self.iterations is None) == (self.epochs is None):
+            out.append(("epochs" if self.epochs is not None else "iterations",
+                        "set one of train.iterations and train.epochs, and the other to null"))
+        for key in ("iterations", "epochs"):
+            if getattr(self, key) is not None:
+                _positive(out, key, getattr(self, key))
         _positive(out, "log_every", self.log_every)
         for key in ("checkpoint_every", "eval_every", "grad_probe_every"):
             if getattr(self, key) < 0:

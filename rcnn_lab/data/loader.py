@@ -10,6 +10,10 @@ Training (``build_loader(..., infinite=True)``) is an endless stream of batches 
   emitted when a bin holds ``batch_size`` images. An epoch's last incomplete batch (per bin) is
   completed with the first images of the same bin in that epoch's order, so every epoch has the
   same number of full batches: ``ceil(n / batch_size)``, or the sum over bins when grouped.
+* ``aspect_ratio_group_factor = k`` groups as torchvision's detection references do
+  (``create_aspect_ratio_groups`` and ``GroupedBatchSampler``): bins split at
+  ``2 ** linspace(-1, 1, 2k + 1)``, ``n // batch_size`` batches per epoch, the leftovers of the
+  fullest bins completed (by repeating that bin's images in epoch order) until the count is met.
 * Because that count is fixed, iteration ``i`` is batch ``i % B`` of epoch ``i // B``: resuming at
   ``start_iter`` computes the position by index arithmetic and loads no skipped image.
 * Distributed training (``rank``/``world_size``): ``batch_size`` is the *global* batch; rank ``r``
@@ -27,6 +31,7 @@ global RNG (which Mask R-CNN's samplers use).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -47,9 +52,14 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tens
     return [item[0] for item in batch], [item[1] for item in batch]
 
 
-def aspect_ratio_groups(aspect_ratios: Sequence[float]) -> list[int]:
-    """Group id per image: 0 for landscape or square (width / height >= 1), 1 for portrait."""
-    return [0 if ratio >= 1.0 else 1 for ratio in aspect_ratios]
+def aspect_ratio_groups(aspect_ratios: Sequence[float], factor: int | None = None) -> list[int]:
+    """Group id per image. ``factor`` None: 0 for landscape or square (width / height >= 1), 1 for
+    portrait. ``factor`` k >= 0: torchvision's bins, ``bisect_right`` over ``2 ** linspace(-1, 1, 2k + 1)``
+    (k = 0: the single edge 1.0)."""
+    if factor is None:
+        return [0 if ratio >= 1.0 else 1 for ratio in aspect_ratios]
+    edges = sorted((2 ** np.linspace(-1, 1, 2 * factor + 1)).tolist() if factor > 0 else [1.0])
+    return [bisect.bisect_right(edges, ratio) for ratio in aspect_ratios]
 
 
 def _seed_sequence(*words: int) -> np.random.SeedSequence:
@@ -73,19 +83,23 @@ class BatchSchedule:
         group_ids: group per image (batches never mix groups); None: one group.
         complete: fill each epoch's last batch (per group) to ``batch_size`` (training) or leave
             it short (evaluation).
+        torchvision: batch groups as torchvision's ``GroupedBatchSampler`` (``n // batch_size``
+            batches per epoch; see the module docstring). Needs ``group_ids`` and ``complete``.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 group_ids: Sequence[int] | None = None, complete: bool = True):
+                 group_ids: Sequence[int] | None = None, complete: bool = True, torchvision: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if group_ids is not None and len(group_ids) != num_samples:
             raise ValueError(f"{len(group_ids)} group ids for {num_samples} samples")
         self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
         self.group_ids = list(group_ids) if group_ids is not None else None
-        self.complete = complete
+        self.complete, self.torchvision = complete, torchvision
+        if torchvision and (self.group_ids is None or not complete):
+            raise ValueError("torchvision grouping needs group_ids and complete=True")
         sizes = [num_samples] if self.group_ids is None else [self.group_ids.count(g) for g in sorted(set(self.group_ids))]
-        self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in sizes)
+        self.batches_per_epoch = num_samples // batch_size if torchvision else sum(math.ceil(n / batch_size) for n in sizes)
 
     def order(self, epoch: int) -> list[int]:
         """Dataset indices in the order epoch ``epoch`` visits them."""
@@ -98,6 +112,8 @@ class BatchSchedule:
     def epoch(self, epoch: int) -> list[list[int]]:
         """The batches of epoch ``epoch``, in order."""
         order = self.order(epoch)
+        if self.torchvision:
+            return self._torchvision_epoch(order)
         groups = [0] * self.num_samples if self.group_ids is None else self.group_ids
         batches: list[list[int]] = []
         pending: dict[int, list[int]] = {}
@@ -115,6 +131,27 @@ class BatchSchedule:
                 members = [i for i in order if groups[i] == group]
                 bucket = bucket + list(itertools.islice(itertools.cycle(members), self.batch_size - len(bucket)))
             batches.append(bucket)
+        return batches
+
+
+    def _torchvision_epoch(self, order: list[int]) -> list[list[int]]:
+        """``GroupedBatchSampler.__iter__`` of torchvision's detection references, as a list."""
+        pending: dict[int, list[int]] = {}
+        seen: dict[int, list[int]] = {}
+        batches: list[list[int]] = []
+        for index in order:
+            group = self.group_ids[index]
+            pending.setdefault(group, []).append(index)
+            seen.setdefault(group, []).append(index)
+            if len(pending[group]) == self.batch_size:
+                batches.append(pending.pop(group))
+                pending[group] = []  # the reference's defaultdict re-creates the bin at once, last in order
+        # the fullest leftovers first (a stable sort: ties keep the bins' order in the dict)
+        for group, bucket in sorted(pending.items(), key=lambda item: len(item[1]), reverse=True):
+            if len(batches) == self.batches_per_epoch:
+                break
+            missing = self.batch_size - len(bucket)
+            batches.append(bucket + list(itertools.islice(itertools.cycle(seen[group]), missing)))
         return batches
 
 
@@ -207,6 +244,20 @@ class BatchStream:
         return len(self.sampler)
 
 
+def batch_schedule(dataset: Dataset, batch_size: int, shuffle: bool = False, group_aspect_ratio: bool = False,
+                   aspect_ratio_group_factor: int | None = None, seed: int = 0, infinite: bool = False) -> BatchSchedule:
+    """The :class:`BatchSchedule` :func:`build_loader` streams (its ``batches_per_epoch`` sizes an epoch)."""
+    group_ids = None
+    if group_aspect_ratio:
+        ratios = getattr(dataset, "aspect_ratios", None)
+        if ratios is None:
+            raise ConfigError([Problem("data.group_aspect_ratio", f"{type(dataset).__name__} has no aspect_ratios(); "
+                                       "set group_aspect_ratio: false")])
+        group_ids = aspect_ratio_groups(ratios(), aspect_ratio_group_factor)
+    return BatchSchedule(len(dataset), batch_size, shuffle=shuffle, seed=seed, group_ids=group_ids, complete=infinite,
+                         torchvision=group_aspect_ratio and infinite and aspect_ratio_group_factor is not None)
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -214,6 +265,7 @@ def build_loader(
     num_workers: int = 0,
     transforms: Sequence[Callable] | Compose | None = None,
     group_aspect_ratio: bool = False,
+    aspect_ratio_group_factor: int | None = None,
     seed: int = 0,
     infinite: bool = False,
     start_iter: int = 0,
@@ -230,6 +282,8 @@ def build_loader(
         num_workers: loader worker processes (0: load in this process). Results do not depend on it.
         transforms: callables ``(image, target, generator=None)`` applied in order (training only).
         group_aspect_ratio: never mix landscape/square and portrait images in a batch.
+        aspect_ratio_group_factor: with ``group_aspect_ratio``, torchvision's finer bins and
+            batching instead (training streams; see the module docstring).
         seed: the stream's seed (epoch orders and per-sample transform seeds).
         infinite: endless training stream with full batches; else one pass, last batch possibly short.
         start_iter: skip this many batches (resume): the stream continues exactly where an
@@ -244,15 +298,8 @@ def build_loader(
     if infinite and batch_size % world_size:
         raise ConfigError([Problem("data.batch_size", f"{batch_size} images per (global) batch cannot be split evenly "
                                    f"over {world_size} processes; use a multiple of {world_size}")])
-    group_ids = None
-    if group_aspect_ratio:
-        ratios = getattr(dataset, "aspect_ratios", None)
-        if ratios is None:
-            raise ConfigError([Problem("data.group_aspect_ratio", f"{type(dataset).__name__} has no aspect_ratios(); "
-                                       "set group_aspect_ratio: false")])
-        group_ids = aspect_ratio_groups(ratios())
     compose = transforms if isinstance(transforms, Compose) else Compose(list(transforms or ()))
-    schedule = BatchSchedule(n, batch_size, shuffle=shuffle, seed=seed, group_ids=group_ids, complete=infinite)
+    schedule = batch_schedule(dataset, batch_size, shuffle, group_aspect_ratio, aspect_ratio_group_factor, seed, infinite)
     sampler = StreamSampler(schedule, infinite=infinite, start_iter=start_iter, rank=rank, world_size=world_size)
     return BatchStream(TransformedSamples(dataset, compose, seed), sampler, num_workers, pin_memory, seed)
 

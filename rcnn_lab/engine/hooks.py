@@ -41,9 +41,10 @@ class Periods:
     eval_every: int = 0
 
     @classmethod
-    def of(cls, train) -> Periods:
-        """The periods of a ``TrainConfig``."""
-        return cls(train.iterations, train.log_every, train.checkpoint_every, train.eval_every)
+    def of(cls, train, iterations: int | None = None) -> Periods:
+        """The periods of a ``TrainConfig``; ``iterations``: the run's length when ``train.epochs`` sets it."""
+        length = iterations if iterations is not None else train.iterations
+        return cls(length if length is not None else 0, train.log_every, train.checkpoint_every, train.eval_every)
 
     def logs_after(self, step: int) -> bool:
         """A history/log line after ``step``: every ``log_every`` and at the last step."""

@@ -68,6 +68,20 @@ def multistep(optimizer, total_iters: int, milestones: list[float] = (0.67, 0.89
     return LambdaLR(optimizer, lambda it: _warmup(it, warmup_iters, warmup_factor) * gamma ** sum(it >= s for s in steps))
 
 
+@LR_SCHEDULERS.register("multistep_epochs", inject=("iters_per_epoch",))
+def multistep_epochs(optimizer, total_iters: int, iters_per_epoch: int, milestones: list[int] = (16, 22), gamma: float = 0.1,
+                     warmup_iters: int = 1000, warmup_factor: float = 0.001) -> LambdaLR:
+    """torchvision's detection references: lr x gamma from each milestone epoch on (their
+    ``MultiStepLR`` stepped per epoch) and, in epoch 0 only, a linear warmup from ``warmup_factor``
+    over ``min(warmup_iters, iters_per_epoch - 1)`` iterations (``train_one_epoch``'s ``LinearLR``)."""
+    _check_warmup(warmup_iters, warmup_factor)
+    if any(m < 1 for m in milestones) or list(milestones) != sorted(milestones):
+        raise ConfigError([Problem("milestones", f"must be increasing epoch numbers >= 1, got {list(milestones)}")])
+    per_epoch = max(1, iters_per_epoch)
+    warmup = min(warmup_iters, per_epoch - 1)
+    return LambdaLR(optimizer, lambda it: _warmup(it, warmup, warmup_factor) * gamma ** sum(it // per_epoch >= m for m in milestones))
+
+
 @LR_SCHEDULERS.register("cosine")
 def cosine(optimizer, total_iters: int, min_factor: float = 0.0, warmup_iters: int = 0, warmup_factor: float = 0.001) -> LambdaLR:
     """Linear warmup, then cosine decay to min_factor x lr at the end of the run."""

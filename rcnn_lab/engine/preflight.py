@@ -106,7 +106,7 @@ def prepare(config: RunConfig, built: dict | None = None) -> RunInputs:
 def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Problem]]:
     from rcnn_lab.components import register_builtins
     from rcnn_lab.engine.device import resolve_device
-    from rcnn_lab.registry import DATASETS
+    from rcnn_lab.registry import BACKBONES, DATASETS
 
     register_builtins()
     problems: list[Problem] = []
@@ -115,6 +115,14 @@ def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Pro
         device = resolve_device(config.train.device)
     except ConfigError as exc:
         problems += exc.problems
+    backbone = config.model.backbone
+    ident = ("backbone", backbone.type, repr(sorted(backbone.kwargs.items())))
+    if backbone.kwargs.get("weights") is not None and ident not in built:
+        built[ident] = True
+        try:  # pretrained weights: downloaded (imagenet) or read (a file) now, not once a run exists
+            BACKBONES.build(backbone, "model.backbone")
+        except ConfigError as exc:
+            problems += exc.problems
     sets = []
     for key in ("train", "val"):
         spec = getattr(config.data, key)

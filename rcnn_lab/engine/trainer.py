@@ -74,16 +74,19 @@ class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | Path, hooks: list[Hook] = (), resume: bool = True,
                  inputs: RunInputs | None = None):
         """``inputs``: the device and datasets ``preflight`` checked for this run (else checked here)."""
-        from rcnn_lab.data.loader import build_loader
+        from rcnn_lab.data.loader import batch_schedule, build_loader
         from rcnn_lab.models.builder import build_model
 
         inputs = inputs if inputs is not None else prepare(config)  # registers the built-ins too
         self.config, self.out_dir = config, Path(out_dir)
         t, d = config.train, config.data
         self.world, self.device = distributed.setup(inputs.device)  # torchrun: this rank's device
-        self.periods = Periods.of(t)
         self.hooks = Hooks(hooks)
         self.train_set, self.val_set = inputs.train_set, inputs.val_set
+        self.iters_per_epoch = batch_schedule(self.train_set, d.batch_size, True, d.group_aspect_ratio,
+                                              d.aspect_ratio_group_factor, t.seed, True).batches_per_epoch
+        self.total_iterations = t.iterations if t.iterations is not None else t.epochs * self.iters_per_epoch
+        self.periods = Periods.of(t, self.total_iterations)
         seed_everything(t.seed)
         self.model = build_model(config.model).to(self.device)
         if t.channels_last:  # CUDA: tensor-core layouts; CPU: oneDNN's native layout (fast max-pool)
@@ -91,7 +94,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp_model = distributed.wrap(self.model, self.device)  # DistributedDataParallel, or the model itself
         self.optimizer = OPTIMIZERS.build(t.optimizer, "train.optimizer", params=params)
-        self.scheduler = LR_SCHEDULERS.build(t.lr_scheduler, "train.lr_scheduler", optimizer=self.optimizer, total_iters=t.iterations)
+        self.scheduler = LR_SCHEDULERS.build(t.lr_scheduler, "train.lr_scheduler", optimizer=self.optimizer,
+                                             total_iters=self.total_iterations, iters_per_epoch=self.iters_per_epoch)
         self.amp_dtype = resolve_amp(t.amp, self.device, notify=self.world.main)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
 
@@ -105,7 +109,8 @@ class Trainer:
         pin = self.device.type == "cuda"  # page-locked batches: the .to(device, non_blocking=True) copies are then asynchronous
         self.train_loader = build_loader(
             self.train_set, d.batch_size, shuffle=True, num_workers=d.num_workers, transforms=transforms,
-            group_aspect_ratio=d.group_aspect_ratio, seed=t.seed, infinite=True, start_iter=self.start_iteration,
+            group_aspect_ratio=d.group_aspect_ratio, aspect_ratio_group_factor=d.aspect_ratio_group_factor, seed=t.seed,
+            infinite=True, start_iter=self.start_iteration,
             rank=self.world.rank, world_size=self.world.size, pin_memory=pin,
         )
         val_images = distributed.eval_shard(self.val_set, config.eval.max_images)  # this rank's share (all of it alone)

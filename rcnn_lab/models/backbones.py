@@ -19,16 +19,19 @@ _RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
 
 
 def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
-    """Load ``weights`` into a classification body: ``imagenet`` (torchvision download) or a local file."""
+    """Load ``weights`` into a classification body: ``imagenet`` (torchvision's ``IMAGENET1K_V1``, as its
+    detection references use; downloaded once to torch's hub cache) or a local file."""
     if weights == "imagenet":
         enum = tvm.get_model_weights(arch).IMAGENET1K_V1
         try:
             state = enum.get_state_dict(progress=False, check_hash=True)
         except Exception as exc:  # offline: URLError, socket errors, ...
+            name = Path(enum.url).name
             raise ConfigError([Problem(
                 "weights",
-                f"could not download ImageNet weights for {arch} ({type(exc).__name__}: {str(exc)[:80]}); "
-                f"you may be offline: fetch {Path(enum.url).name} elsewhere and set weights: /path/to/{Path(enum.url).name}",
+                f"could not download torchvision's ImageNet weights for {arch} ({type(exc).__name__}: {str(exc)[:80]}); "
+                f"offline, fetch {enum.url} elsewhere and set weights: /path/to/{name} (or put {name} in "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'})",
             )]) from None
     else:
         path = Path(weights).expanduser()

@@ -96,3 +96,26 @@ def test_device_flag_problem_found_at_preflight_names_the_flag(tmp_path):
     code, _, err = cli("run", str(exp), "--device", "cuda")
     assert code == 2 and err.strip() == "rcnn-lab run: error: --device: train.device: cuda requested but CUDA is not available; use auto or cpu"
     assert files_under(tmp_path) == {"exp.yaml"}
+
+
+def test_imagenet_weights_offline_fail_before_anything_is_written(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torch
+
+    from tests.conftest import EXPERIMENTS
+
+    def offline(url, *args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    code, out, err = cli("run", str(EXPERIMENTS / "coco_r50_fpn_torchvision.yaml"),
+                         "--set", "data.train={type: shapes, num_images: 2, image_size: 32}",
+                         "--set", "data.val={type: shapes, split: val, num_images: 2, image_size: 32}")
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1, err
+    assert "coco_r50_fpn_torchvision.yaml: model.backbone.weights: could not download" in errors[0]
+    assert "set weights: /path/to/resnet50-0676ba61.pth" in errors[0]
+    assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torch_home"]  # no runs/, no MLflow store

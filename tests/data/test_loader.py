@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from rcnn_lab.data.loader import BatchSchedule, build_loader, collate, take
+from rcnn_lab.data.loader import BatchSchedule, aspect_ratio_groups, build_loader, collate, take
 from rcnn_lab.errors import ConfigError
 
 RATIOS = [1.0, 0.5, 2.0, 0.75, 1.5, 1.0, 0.5, 1.33, 0.8, 1.0]  # 6 landscape/square, 4 portrait
@@ -112,3 +113,24 @@ def test_collate_and_empty_training_set():
     assert [i.shape for i in images] == [(3, 4, 8), (3, 8, 4)] and [t["image_id"] for t in targets] == [0, 1]
     with pytest.raises(ConfigError, match="no images"):
         build_loader(Toy([]), 2, infinite=True)
+
+
+def test_torchvision_grouping_equals_the_references_grouped_batch_sampler():
+    from tests.engine.test_torchvision_recipe import GroupedBatchSampler, Permutation, create_aspect_ratio_groups
+
+    ratios = np.random.default_rng(0).uniform(0.4, 2.5, 37).tolist()
+    groups = create_aspect_ratio_groups(ratios, k=3)
+    assert aspect_ratio_groups(ratios, 3) == groups and aspect_ratio_groups(ratios, 0) == create_aspect_ratio_groups(ratios, 0)
+    for batch_size in (2, 4, 5):
+        schedule = BatchSchedule(37, batch_size, seed=3, group_ids=groups, torchvision=True)
+        assert schedule.batches_per_epoch == 37 // batch_size
+        for epoch in range(3):
+            reference = list(GroupedBatchSampler(Permutation(schedule.order(epoch)), groups, batch_size))
+            assert schedule.epoch(epoch) == reference
+
+
+def test_group_factor_streams_resume_exactly():
+    ds = Toy([1.0, 0.5, 2.0, 0.75, 1.5, 1.0, 0.5, 1.33, 0.8, 1.0, 0.6])
+    full = take(train_stream(ds, aspect_ratio_group_factor=3), 9)
+    assert ids(take(train_stream(Toy(ds.ratios), aspect_ratio_group_factor=3, start_iter=4), 5)) == ids(full[4:])
+    assert len(full[0][0]) == 3 and train_stream(ds, aspect_ratio_group_factor=3).batches_per_epoch == 11 // 3

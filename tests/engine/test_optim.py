@@ -200,3 +200,35 @@ def test_bad_schedule_values_name_the_dotted_path(kwargs, key):
     with pytest.raises(ConfigError) as info:
         LR_SCHEDULERS.build(Spec("multistep", kwargs), "train.lr_scheduler", optimizer=opt, total_iters=10)
     assert [p.path for p in info.value.problems] == [key]
+
+
+def test_multistep_epochs_follows_the_reference_schedulers():
+    """torchvision references: LinearLR(1/1000, min(1000, B - 1)) stepped per iteration in epoch 0,
+    MultiStepLR(milestones in epochs) stepped after each epoch; both multiply the lr."""
+    per_epoch, epochs, milestones = 4, 5, [2, 4]
+    param = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=BASE_LR)
+    multistep = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    expected = []
+    for epoch in range(epochs):
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 1000, total_iters=min(1000, per_epoch - 1)) if epoch == 0 else None
+        for _ in range(per_epoch):
+            expected.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if warm is not None:
+                warm.step()
+        multistep.step()
+    param = nn.Parameter(torch.zeros(2))
+    opt = OPTIMIZERS.build(Spec("sgd", {"lr": BASE_LR}), "train.optimizer", params=[param])
+    sched = LR_SCHEDULERS.build(Spec("multistep_epochs", {"milestones": milestones}), "train.lr_scheduler", optimizer=opt,
+                                total_iters=per_epoch * epochs, iters_per_epoch=per_epoch)
+    got = []
+    for _ in range(per_epoch * epochs):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[3] == pytest.approx(BASE_LR) and got[8] == pytest.approx(BASE_LR / 10) and got[16] == pytest.approx(BASE_LR / 100)
+    with pytest.raises(ConfigError, match="increasing epoch numbers"):
+        LR_SCHEDULERS.build(Spec("multistep_epochs", {"milestones": [3, 2]}), "train.lr_scheduler", optimizer=opt,
+                            total_iters=10, iters_per_epoch=2)
