@@ -57,11 +57,11 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.data.coco import decode_segmentation, read_rgb
 from rcnn_lab.data.export import export_shapes, write_png
 from rcnn_lab.data.loader import BatchSchedule, sample_seed
 from rcnn_lab.engine.hooks import Hook
+from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.engine.trainer import Trainer
 from tests.conftest import EXPERIMENTS
 
