@@ -1,7 +1,8 @@
 """experiments/coco_r50_fpn_torchvision.yaml trains step by step as torchvision's reference loop does.
 
-The reference is transcribed below from torchvision's ``references/detection`` (written from
-its source as of torchvision 0.15-0.20; the files did not change in what is used here):
+The reference is transcribed below from torchvision's ``references/detection`` (written out from
+knowledge of its source, torchvision 0.15-0.20, whose files did not change in what is used here;
+no copy of the references was at hand to diff against, so a reviewer may want to):
 
 * ``group_by_aspect_ratio.py``: ``create_aspect_ratio_groups(dataset, k)`` bins each image's
   width / height with ``bisect_right`` over ``2 ** linspace(-1, 1, 2k + 1)`` (for a COCO dataset
