@@ -28,6 +28,15 @@ def add_arguments_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uri", help="tracking store (default: tracking.uri / MLFLOW_TRACKING_URI / runs/mlflow.db)")
     p.add_argument("--no-log", action="store_true",
                    help="with --out: do not attach the plots to each experiment's latest sweep run in MLflow")
+    p.add_argument("--mde", type=float, metavar="POINTS", help="minimum detectable effect in AP points (1 = 0.01 AP): "
+                   "adds the paired seeds needed to detect it (alpha 0.05, power 0.8)")
+    p.add_argument("--per-class", action="store_true", help="per-category AP table (from each run's eval/per_class.json)")
+    p.add_argument("--errors", action="store_true", help="COCO error breakdown (C75 C50 Loc Sim Oth BG FN) table, "
+                   "stacked bars and precision-recall curves at IoU 0.5 / 0.75, from each run's saved detections")
+    p.add_argument("--gallery", action="store_true", help="prediction grid: rows variants, columns the eval.gallery images")
+    p.add_argument("--seed", type=int, metavar="N", help="the seed whose runs --gallery draws (default: the lowest all have)")
+    p.add_argument("--cost", default="gflops", metavar="NAME", help="x axis of the cost-vs-metric plot: gflops (default), "
+                   "params, peak_memory_mb, train_time_s, images_per_s, eval_images_per_s")
 
 
 def _metrics(values: list[str] | None) -> list[str] | None:
@@ -63,19 +72,23 @@ def grid_keys(table, group_by: str | None) -> list[str]:
     return keys if len(keys) <= MAX_GRID_KEYS else []
 
 
-def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None) -> list[Path]:
-    """PNG plots named ``<stem>_<what>.png``: one per metric, loss curves, and metric-vs-value for grids.
+def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None, cost: str = "gflops") -> list[Path]:
+    """PNG plots named ``<stem>_<what>.png``: one per metric, cost vs metric, loss curves, metric-vs-value for grids.
 
     When the variants set one numeric key to several values (a scan, e.g. ``proposal_gradient_scale``),
     its metric-vs-value plot is ``plot_param``'s: the variants that keep the key are reference lines.
     """
-    from rcnn_lab.report import param_key, plot_grid, plot_losses, plot_metric, plot_param
+    from rcnn_lab.report import param_key, plot_cost, plot_grid, plot_losses, plot_metric, plot_param
     from rcnn_lab.report.stats import summary_metrics
 
     written = []
     metrics = summary_metrics(table)
     for m in metrics:
         written.append(plot_metric(table, m, f"{stem}_{m}.png"))
+    for m in metrics:
+        scatter = plot_cost(table, m, f"{stem}_{m}_vs_{cost}.png", cost)
+        if scatter is not None:
+            written.append(scatter)
     scan = param_key(table) if group_by is None else None
     keys = grid_keys(table, group_by)
     for key in ([scan] if scan else []) + [k for k in keys if k != scan]:
@@ -114,8 +127,29 @@ def log_to_sweeps(df, files: list[Path], echo) -> None:
         echo(f"attached {len(files)} file(s) to run {run_id} of {name!r} (artifacts: report/)")
 
 
+def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
+    """--per-class / --errors / --gallery: (heading -> table, written PNGs); PNGs only with a ``stem``."""
+    from rcnn_lab.report import errors, per_class, plot_errors, plot_gallery, plot_pr
+
+    tables, plots = {}, []
+    if args.per_class:
+        tables["Per-category AP (IoU .50:.95, mean over seeds)"] = per_class(df, tracking_uri=args.uri)
+    if args.errors:
+        err = errors(df, tracking_uri=args.uri)
+        tables["COCO error breakdown (cumulative AP, mean over seeds)"] = err[
+            [c for c in err.columns if c not in ("pr50", "pr75") and (c != "experiment" or err[c].nunique() > 1)]]
+        for iou_type in dict.fromkeys(err["iou_type"]):
+            if stem is not None:
+                plots += [plot_errors(err, iou_type, f"{stem}_errors_{iou_type}.png"),
+                          plot_pr(err, iou_type, f"{stem}_pr_{iou_type}.png")]
+    if args.gallery and stem is not None:
+        plots.append(plot_gallery(df, f"{stem}_gallery.png", seed=args.seed, tracking_uri=args.uri))
+    return tables, plots
+
+
 def cmd_report(args) -> int:
-    from rcnn_lab.report import render, runs, summary
+    from rcnn_lab.report import html_report, render, runs, summary
+    from rcnn_lab.report.render import markdown
 
     metrics = _metrics(args.metrics)
     df = runs(args.experiments, tracking_uri=args.uri)
@@ -124,13 +158,21 @@ def cmd_report(args) -> int:
     if empty:
         raise ConfigError([Problem("EXPERIMENT", f"experiment {n!r} has no rcnn-lab runs in {u}; "
                                    "run `rcnn-lab run EXP.yaml` first") for n, u in empty])
-    table = summary(df, metrics=metrics, group_by=args.group_by, baseline=args.baseline, confidence=args.confidence)
+    table = summary(df, metrics=metrics, group_by=args.group_by, baseline=args.baseline, confidence=args.confidence,
+                    mde=args.mde)
     fmt = args.format or "md"
-    if args.out:
-        path, stem, fmt = output_paths(args.out, args.format)
+    out = args.out
+    if out is None and args.gallery:  # the grid is a picture: it needs a folder
+        out = str(Path("reports") / df["experiment"].iloc[0])
+        print(f"note: --gallery writes PNGs; no --out given, writing to {out}/", file=sys.stderr)
+    if out:
+        path, stem, fmt = output_paths(out, args.format)
+    tables, extra_plots = analysis(args, df, stem if out else None)
     text = render(table, fmt)
+    if fmt == "md":
+        text += "".join(f"\n{heading}\n\n{markdown(frame.map(_fmt))}\n" for heading, frame in tables.items())
     print(text, end="")
-    if not args.out:
+    if not out:
         return 0
 
     def echo(line: str) -> None:
@@ -138,8 +180,18 @@ def cmd_report(args) -> int:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    plots = write_plots(table, df, stem, args.group_by, args.uri)
-    echo(f"wrote {path} and {len(plots)} plot(s): {', '.join(p.name for p in plots)}")
+    plots = write_plots(table, df, stem, args.group_by, args.uri, args.cost) + extra_plots
+    page = Path(f"{stem}.html")
+    page.write_text(html_report(table, plots, tables))
+    files = list(dict.fromkeys([path, page, *plots]))
+    echo(f"wrote {path}, {page.name} (plots embedded) and {len(plots)} plot(s): {', '.join(p.name for p in plots)}")
     if not args.no_log:
-        log_to_sweeps(df, [path, *plots], echo)
+        log_to_sweeps(df, files, echo)
     return 0
+
+
+def _fmt(value):
+    """Extra-table cells as text: floats with 3 decimals, NaN as '-'."""
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.3f}"
+    return value

@@ -243,10 +243,13 @@ class EvalConfig:
     max_images: int | None = None
     per_class: bool = True
     class_agnostic: bool = False  # also {bbox,segm}_agnostic_AP/AP50/AP75: how much of the gap is wrong labels
+    gallery: int = 0  # draw this many fixed validation images (GT | predictions) at every evaluation, logged to MLflow
 
     def check(self) -> Check:
         out: Check = []
         _positive(out, "batch_size", self.batch_size)
+        if self.gallery < 0:
+            out.append(("gallery", f"must be 0 (off) or a number of validation images, got {self.gallery}"))
         if not self.iou_types:
             out.append(("iou_types", "must name bbox and/or segm"))
         return out

@@ -205,7 +205,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types:
     the result. ``eval_images_per_s`` is images / the slowest rank's forward time (the job's
     throughput). A single process calls ``evaluate`` unchanged.
     """
-    from rcnn_lab.engine.evaluate import EvalResult, coco_metrics, predict
+    from rcnn_lab.engine.evaluate import EvalResult, Predictions, coco_metrics, predict
     from rcnn_lab.engine.evaluate import evaluate as evaluate_one
 
     w = world()
@@ -233,4 +233,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types:
         metrics["eval_time_s"] = time.perf_counter() - started
         return EvalResult(metrics, classes)
 
-    return on_main(score)
+    result = on_main(score)
+    if w.main:  # the detections stay on rank 0 (gallery, saved eval file); other ranks get the metrics only
+        result.predictions = Predictions([r for p in parts for r in p.results], [i for p in parts for i in p.image_ids])
+    return result

@@ -245,6 +245,8 @@ class EvalResult:
 
     metrics: dict[str, float]
     per_class: dict = field(default_factory=dict)
+    predictions: Predictions | None = None
+    """The scored detections (on rank 0 under torchrun): what the gallery draws and the saved eval file holds."""
 
 
 def _sync(device: torch.device) -> None:
@@ -316,4 +318,4 @@ def evaluate(model: nn.Module, loader: Iterable, dataset: Any, device: torch.dev
                                     image_ids=pred.image_ids, class_agnostic=class_agnostic)
     metrics["eval_images_per_s"] = pred.num_images / pred.inference_time_s if pred.inference_time_s > 0 else 0.0
     metrics["eval_time_s"] = time.perf_counter() - started
-    return EvalResult(metrics, classes)
+    return EvalResult(metrics, classes, pred)

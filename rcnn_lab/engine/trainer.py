@@ -154,6 +154,7 @@ class Trainer:
         result = evaluate(self.model, self.val_loader, self.val_set, self.device, iou_types=tuple(e.iou_types),
                           max_images=e.max_images, amp_dtype=self.amp_dtype, per_class=e.per_class,
                           class_agnostic=e.class_agnostic)
+        self.last_eval = result  # hooks read its detections (gallery); the runner saves the final one
         self.hooks.after_eval(self, iteration, result.metrics, result.per_class)
         return result
 

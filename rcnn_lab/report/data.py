@@ -22,7 +22,7 @@ PathOrName = Union[str, "os.PathLike[str]"]
 # Columns every ``runs()`` frame starts with, in this order.
 RUN_COLUMNS = [
     "experiment", "run_id", "parent_run_id", "variant", "seed", "config_hash", "baseline", "status",
-    "start_time", "end_time", "changed", "device", "error",
+    "start_time", "end_time", "changed", "overrides", "device", "error",
 ]
 # Leaf config keys without a dot (``name``, ``description``, ``plugins``); every other param key is dotted.
 _TOP_LEVEL_KEYS = frozenset(f.name for f in fields(RunConfig))
@@ -120,6 +120,7 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
         "start_time": raw["start_time"],
         "end_time": raw["end_time"],
         "changed": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(tags.CHANGED)],
+        "overrides": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(tags.OVERRIDES)],
         "device": tag(tags.DEVICE),
         "error": tag(tags.ERROR),
     }, index=raw.index)
@@ -138,7 +139,7 @@ def runs(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | Non
     """One row per child (variant x seed) run of the given experiments, newest first per experiment.
 
     Columns: ``RUN_COLUMNS`` (``seed`` as nullable int, ``baseline`` as bool, ``changed`` as a dict of
-    dotted keys -> values), every ``final/<name>`` metric as ``<name>``, and every param under its dotted
+    dotted keys -> values, ``overrides`` the part of ``changed`` set on the command line), every ``final/<name>`` metric as ``<name>``, and every param under its dotted
     config key with its logged value decoded (``"2000"`` -> ``2000``). ``df.attrs["tracking_uris"]`` maps
     each experiment name to its store. Raises ``ConfigError`` for a missing store or unknown experiment.
     """
@@ -188,3 +189,31 @@ def latest_finished(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df["status"] == "FINISHED"]
     done = done.sort_values("start_time", ascending=False, kind="stable")
     return done.drop_duplicates(_KEY_COLUMNS, keep="first").sort_values("start_time", kind="stable")
+
+
+def run_uri(df: pd.DataFrame, experiment: str, tracking_uri: str | None = None) -> str:
+    """The tracking store of ``experiment`` in a ``runs()`` frame."""
+    return tracking_uri or df.attrs.get("tracking_uris", {}).get(experiment) or tr.resolve_uri(None)
+
+
+def fetch_artifacts(df: pd.DataFrame, path: str, dst: str | os.PathLike[str],
+                    tracking_uri: str | None = None) -> dict[str, Path]:
+    """Download artifact ``path`` (a file or folder) of every run in ``df`` under ``dst/<run_id>/``.
+
+    Returns ``{run_id: local path}`` for the runs that have it; runs without it are left out.
+    """
+    from mlflow import MlflowClient
+
+    tr.quiet_mlflow()
+    out: dict[str, Path] = {}
+    clients: dict[str, Any] = {}
+    for _, row in df.iterrows():
+        uri = run_uri(df, row["experiment"], tracking_uri)
+        client = clients.setdefault(uri, MlflowClient(tracking_uri=uri))
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if not any(f.path.rstrip("/").rsplit("/", 1)[-1] == name for f in client.list_artifacts(row["run_id"], parent or None)):
+            continue
+        folder = Path(dst) / row["run_id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        out[row["run_id"]] = Path(client.download_artifacts(row["run_id"], path, str(folder)))
+    return out

@@ -59,6 +59,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     for col in ("failed", "running", "killed"):
         if summary[col].any():
             out[col] = summary[col].astype(str)
+    mde = summary.attrs.get("mde")
     for m in summary_metrics(summary):
         out[m] = [f"{_num(a)} ± {_num(b)}" if not math.isnan(b) else _num(a)
                   for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
@@ -66,11 +67,48 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                               for lo, hi in zip(summary[f"{m}_ci_low"], summary[f"{m}_ci_high"])]
         out[f"Δ {m}"] = summary[f"{m}_delta"].map(_signed)
         out[f"p {m}"] = summary[f"{m}_p"].map(_p)
-    for col, title in (("train_time_s_mean", "train s"), ("images_per_s_mean", "train img/s"),
-                       ("eval_images_per_s_mean", "eval img/s")):
+        if f"{m}_p_holm" in summary.columns and _comparisons(summary, m) > 1:
+            out[f"p Holm {m}"] = summary[f"{m}_p_holm"].map(_p)
+        if f"{m}_seeds" in summary.columns and summary[f"{m}_seeds"].notna().any():
+            out[f"seeds for Δ {m}"] = summary[f"{m}_seeds"].map(_seeds)
+        if mde is not None and f"{m}_seeds_mde" in summary.columns:
+            out[f"seeds for {mde:g} pt {m}"] = summary[f"{m}_seeds_mde"].map(_seeds)
+    for col, title, digits in COST_COLUMNS:
         if col in summary.columns and summary[col].notna().any():
-            out[title] = summary[col].map(lambda v: _num(v, 1))
+            scale = 1e-6 if col == "params_mean" else 1.0
+            out[title] = summary[col].map(lambda v, s=scale, d=digits: _num(v * s, d))
     return out.reset_index(drop=True)
+
+
+# summary column, display title, digits below 10
+COST_COLUMNS = (("train_time_s_mean", "train s", 1), ("images_per_s_mean", "train img/s", 1),
+                ("eval_images_per_s_mean", "eval img/s", 1), ("params_mean", "params (M)", 2),
+                ("gflops_mean", "GFLOPs", 2), ("peak_memory_mb_mean", "peak MB", 0))
+
+
+def _comparisons(summary: pd.DataFrame, metric: str) -> int:
+    """The largest number of variants compared with the baseline within one experiment."""
+    counts = summary[summary[f"{metric}_p"].notna()].groupby("experiment").size()
+    return int(counts.max()) if len(counts) else 0
+
+
+def _seeds(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "> 10000" if math.isinf(value) else f"{int(value)}"
+
+
+def preamble(summary: pd.DataFrame) -> list[str]:
+    """One line per experiment with keys every variant shares (``--set`` ones marked): shown once above the table."""
+    lines = []
+    overrides = summary.attrs.get("overrides", {})
+    for experiment, shared in summary.attrs.get("shared", {}).items():
+        if not shared:
+            continue
+        mine = overrides.get(experiment, {})
+        parts = [f"{k}={_cell(v)}" + (" (--set)" if k in mine else "") for k, v in shared.items()]
+        lines.append(f"Same in every variant of {experiment}: {', '.join(parts)}")
+    return lines
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -95,9 +133,13 @@ def _looks_numeric(text: str) -> bool:
 def render(summary: pd.DataFrame, fmt: str = "md") -> str:
     """``summary`` as text in ``fmt``: md/html show ``display_table``; csv/json hold every numeric column."""
     if fmt == "md":
-        return markdown(display_table(summary)) + "\n"
+        head = "".join(f"{line}\n" for line in preamble(summary))
+        return head + ("\n" if head else "") + markdown(display_table(summary)) + "\n"
     if fmt == "html":
-        return display_table(summary).to_html(index=False, escape=True, na_rep="-", border=0) + "\n"
+        import html
+
+        head = "".join(f"<p>{html.escape(line)}</p>\n" for line in preamble(summary))
+        return head + display_table(summary).to_html(index=False, escape=True, na_rep="-", border=0) + "\n"
     if fmt == "csv":  # lists / dicts (changed values) as JSON text
         return summary.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).to_csv(index=False)
     if fmt == "json":

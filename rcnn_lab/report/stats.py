@@ -15,9 +15,10 @@ from rcnn_lab.errors import ConfigError, Problem, did_you_mean
 from rcnn_lab.report.data import RUN_COLUMNS, PathOrName, latest_finished, metric_columns, runs
 
 DEFAULT_METRICS = ("bbox_AP", "segm_AP")
-STATS = ("mean", "std", "n", "ci_low", "ci_high", "delta", "p")
-# Extra per-row means (speed); ``images_per_s`` is training throughput (see ``_throughput``).
-SPEED = ("train_time_s", "eval_images_per_s", "images_per_s")
+STATS = ("mean", "std", "n", "ci_low", "ci_high", "delta", "p", "p_holm", "seeds")
+# Extra per-row means (speed and cost); ``images_per_s`` is training throughput (see ``_throughput``), ``params``,
+# ``gflops`` and ``peak_memory_mb`` are what ``runner.artifacts.cost_metrics`` logs.
+SPEED = ("train_time_s", "eval_images_per_s", "images_per_s", "params", "gflops", "peak_memory_mb")
 
 
 def describe(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
@@ -123,23 +124,32 @@ def _baseline_label(df: pd.DataFrame, label: str, baseline: str | None, experime
 
 def summary(df_or_experiments: pd.DataFrame | PathOrName | Sequence[PathOrName], metrics: Sequence[str] | None = None,
             group_by: str | None = None, baseline: str | None = None, confidence: float = 0.95,
-            tracking_uri: str | None = None) -> pd.DataFrame:
+            tracking_uri: str | None = None, mde: float | None = None) -> pd.DataFrame:
     """One row per (experiment, variant) -- or per value of the config key ``group_by`` -- over finished runs.
 
     Only the newest FINISHED run per (variant, seed, config hash) is used; FAILED / RUNNING / KILLED runs are
     counted (``failed``, ``running``, ``killed``) and never averaged. Per metric ``m`` (default: those of
     ``DEFAULT_METRICS`` that were logged): ``m_mean``, ``m_std`` (ddof=1), ``m_n``, ``m_ci_low`` / ``m_ci_high``
     (Student-t, ``confidence``), ``m_delta`` (mean minus the baseline's mean) and ``m_p`` (paired t-test vs the
-    baseline over the seeds both have, values averaged per seed; NaN below 2 seeds). The baseline is the variant
-    tagged baseline, or ``baseline`` (a variant name, or a ``group_by`` value). Also: ``train_time_s_mean``,
-    ``eval_images_per_s_mean``, ``images_per_s_mean`` (training throughput), ``changed`` (``key=value`` text)
-    and, per variant, one column per changed dotted key holding the variant's value.
+    baseline over the seeds both have, values averaged per seed; NaN below 2 seeds), ``m_p_holm`` (``m_p``
+    Holm-adjusted over the experiment's comparisons with the baseline), ``m_seeds`` (paired seeds needed to detect
+    ``m_delta`` at alpha 0.05 / power 0.8) and, with ``mde`` (AP points: 1 = 0.01), ``m_seeds_mde``; see
+    ``report.significance``. The baseline is the variant tagged baseline, or ``baseline`` (a variant name, or a
+    ``group_by`` value). Also the means ``<s>_mean`` of every ``SPEED`` column (time, throughput, cost),
+    ``changed`` (``key=value`` text of what differs between the experiment's variants) and, per variant, one
+    column per such key holding the variant's value. Keys every variant changes the same way (``--set`` on the
+    command line, sweep-wide settings) are left out of ``changed``: ``table.attrs["shared"]`` maps each
+    experiment to them and ``table.attrs["overrides"]`` to those set on the command line.
     """
+    from rcnn_lab.report.significance import holm, paired_sd, seeds_needed
+
     df = df_or_experiments if isinstance(df_or_experiments, pd.DataFrame) else runs(df_or_experiments, tracking_uri)
     if df.empty:
         raise ConfigError([Problem("EXPERIMENT", "no rcnn-lab runs to summarize; run `rcnn-lab run EXP.yaml` first")])
     if not 0 < confidence < 1:
         raise ConfigError([Problem("--confidence", f"must be between 0 and 1 (e.g. 0.95), got {confidence}")])
+    if mde is not None and not mde > 0:
+        raise ConfigError([Problem("--mde", f"must be a positive number of AP points (1 = 0.01 AP), got {mde}")])
     chosen = _check_metrics(df, metrics)
     label = _label_column(df, group_by)
     df = df.copy()
@@ -148,8 +158,14 @@ def summary(df_or_experiments: pd.DataFrame | PathOrName | Sequence[PathOrName],
     speed = done.assign(images_per_s=_throughput(done))
     rows: list[dict[str, Any]] = []
     changed_keys: list[str] = []
+    shared_all: dict[str, dict] = {}
+    overrides_all: dict[str, dict] = {}
     for experiment in dict.fromkeys(df["experiment"]):
         mine, fin = df[df["experiment"] == experiment], speed[speed["experiment"] == experiment]
+        shared_all[experiment] = shared = _shared_changes(mine)
+        overrides_all[experiment] = {k: v for o in mine.get("overrides", pd.Series(dtype=object)) if isinstance(o, dict)
+                                     for k, v in o.items() if k in shared}
+        first = len(rows)
         base = _baseline_label(mine, label, baseline, experiment)
         order = list(dict.fromkeys(mine.sort_values("start_time", kind="stable")[label]))
         if group_by is not None:
@@ -163,7 +179,7 @@ def summary(df_or_experiments: pd.DataFrame | PathOrName | Sequence[PathOrName],
             status = runs_g["status"].value_counts()
             row: dict[str, Any] = {"experiment": experiment, label: g, "baseline": g == base}
             if group_by is None:
-                changed = next((c for c in runs_g["changed"] if c), {})
+                changed = {k: v for k, v in next((c for c in runs_g["changed"] if c), {}).items() if k not in shared}
                 row["changed"] = ", ".join(f"{k}={_text(v)}" for k, v in changed.items())
                 changed_keys.extend(changed)
             else:
@@ -175,16 +191,35 @@ def summary(df_or_experiments: pd.DataFrame | PathOrName | Sequence[PathOrName],
                 d["delta"] = d["mean"] - ref[m]
                 paired = base is not None and g != base and m in present
                 d["p"] = paired_p(per_seed[g][m], per_seed[base][m]) if paired else math.nan
+                sd = paired_sd(per_seed[g][m], per_seed[base][m]) if paired else math.nan
+                d["p_holm"] = d["p"]  # adjusted below, once every comparison of the experiment is known
+                d["seeds"] = seeds_needed(d["delta"], sd)
                 row.update({f"{m}_{s}": d[s] for s in STATS})
+                if mde is not None:
+                    row[f"{m}_seeds_mde"] = seeds_needed(mde / 100, sd)
             for s in SPEED:
                 row[f"{s}_mean"] = describe(fin_g[s].tolist() if s in fin_g.columns else [])["mean"]
             rows.append(row)
+        for m in chosen:  # Holm over this experiment's comparisons with its baseline
+            adjusted = holm([r[f"{m}_p"] for r in rows[first:]])
+            for r, p in zip(rows[first:], adjusted):
+                r[f"{m}_p_holm"] = p
     out = pd.DataFrame(rows)
     keys = list(dict.fromkeys(changed_keys))
     for key in keys:  # the variant's value of each key any variant changes (the base value where it keeps it)
         out[key] = [_key_value(df, r["experiment"], r["variant"], key) for _, r in out.iterrows()]
-    out.attrs.update(metrics=chosen, label=label, changed_keys=keys, confidence=confidence)
+    out.attrs.update(metrics=chosen, label=label, changed_keys=keys, confidence=confidence, shared=shared_all,
+                     overrides=overrides_all, mde=mde)
     return out
+
+
+def _shared_changes(runs_df: pd.DataFrame) -> dict[str, Any]:
+    """Changed keys with the same value in every variant of one experiment (sweep-wide ``--set`` and the like)."""
+    per_variant = [next((c for c in g["changed"] if c), {}) for _, g in runs_df.groupby("variant", sort=False)]
+    if not per_variant:
+        return {}
+    first = per_variant[0]
+    return {k: v for k, v in first.items() if all(k in c and _hashable(c[k]) == _hashable(v) for c in per_variant[1:])}
 
 
 def _key_value(df: pd.DataFrame, experiment: str, variant: str, key: str) -> Any:

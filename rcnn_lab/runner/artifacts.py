@@ -1,4 +1,4 @@
-"""Run artifacts: model summary, per-class metrics, loss-curve plot, optional checkpoint."""
+"""Run artifacts: model summary, per-class metrics, saved detections, cost metrics, loss-curve plot, optional checkpoint."""
 
 from __future__ import annotations
 
@@ -39,11 +39,38 @@ def loss_curve(history: list[dict], title: str):
     return fig
 
 
+def cost_metrics(trainer, result) -> dict[str, float]:
+    """Cost next to accuracy: ``params``, ``gflops`` (one inference forward at the configured image size,
+    ``engine.cost``), ``peak_memory_mb`` (training peak: CUDA allocator, or process max RSS on CPU) and
+    ``images_per_s`` (training images per second of the whole run: iterations x batch x ranks / train time)."""
+    from rcnn_lab.engine.cost import inference_gflops
+    from rcnn_lab.models.builder import count_parameters
+
+    out = {"params": float(count_parameters(trainer.model))}
+    if len(trainer.val_set):
+        out["gflops"] = inference_gflops(trainer.model, trainer.val_set[0][0], trainer.device)
+    if result.history:
+        out["peak_memory_mb"] = float(max(h["peak_memory_mb"] for h in result.history))
+    if result.train_time_s > 0:
+        t = trainer.config
+        out["images_per_s"] = t.train.iterations * t.data.batch_size * trainer.world.size / result.train_time_s
+    return out
+
+
 def log_results(c, run_id: str, trainer, result, out: Path, log_checkpoint: bool) -> None:
     import matplotlib.pyplot as plt
 
+    from rcnn_lab.engine import eval_file
+
     c.log_text(run_id, json.dumps(result.per_class, indent=2), "eval/per_class.json")
     c.log_text(run_id, json.dumps(result.metrics, indent=2), "eval/metrics.json")
+    final = getattr(trainer, "last_eval", None)
+    if final is not None and final.predictions is not None:  # detections + GT, for error analysis without retraining
+        pred = final.predictions
+        data = eval_file.build(pred.results, pred.image_ids, trainer.val_set.coco(), result.iterations,
+                               trainer.config.eval.iou_types)
+        path = eval_file.write(Path(out) / eval_file.ARTIFACT, data)
+        c.log_artifact(run_id, str(path), str(Path(eval_file.ARTIFACT).parent))
     fig = loss_curve(result.history, trainer.config.name)
     c.log_figure(run_id, fig, "loss_curve.png")
     plt.close(fig)
@@ -78,5 +105,11 @@ class GradNormHook(Hook):
 
 
 def extra_hooks(run, client, run_id) -> list[Hook]:
-    every = run.config.train.grad_probe_every
-    return [GradNormHook(every)] if every else []
+    from rcnn_lab.runner.hooks import GalleryHook
+
+    hooks: list[Hook] = []
+    if run.config.train.grad_probe_every:
+        hooks.append(GradNormHook(run.config.train.grad_probe_every))
+    if run.config.eval.gallery:
+        hooks.append(GalleryHook(client, run_id, run.config.eval.gallery))
+    return hooks

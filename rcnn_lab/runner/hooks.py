@@ -77,3 +77,36 @@ class MLflowHook(Hook):
 
     def after_train(self, trainer, result) -> None:
         self.flush(synchronous=True)
+
+
+class GalleryHook(Hook):
+    """Logs the prediction gallery (``eval.gallery`` fixed validation images, ``engine.gallery``) at every evaluation.
+
+    Each panel goes to MLflow as ``log_image(key="gallery/<image id>", step=iteration)``, so the run
+    page's image view steps through the evaluations and compares runs image by image; the last
+    evaluation's panels are also stored as ``gallery/<image id>.png`` (what ``rcnn-lab report --gallery`` reads).
+    """
+
+    def __init__(self, client, run_id: str, count: int):
+        self.client, self.run_id, self.count = client, run_id, count
+
+    def after_eval(self, trainer, iteration, metrics, per_class) -> None:
+        from rcnn_lab.engine.gallery import draw_panel, gallery_indices
+
+        result = getattr(trainer, "last_eval", None)
+        if result is None or result.predictions is None:
+            return
+        by_image: dict[int, list] = {}
+        for r in result.predictions.results:
+            by_image.setdefault(int(r["image_id"]), []).append(r)
+        evaluated = set(result.predictions.image_ids)
+        final = iteration == trainer.config.train.iterations
+        for index in gallery_indices(len(trainer.val_set), self.count, trainer.config.eval.max_images):
+            image, target = trainer.val_set[index]
+            image_id = int(target["image_id"])
+            if image_id not in evaluated:
+                continue
+            panel = draw_panel(image, target, by_image.get(image_id, []), trainer.val_set.categories)
+            self.client.log_image(self.run_id, panel, key=f"gallery/{image_id}", step=int(iteration), synchronous=True)
+            if final:
+                self.client.log_image(self.run_id, panel, artifact_file=f"gallery/{image_id}.png")

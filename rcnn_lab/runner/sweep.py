@@ -20,6 +20,7 @@ from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import artifacts, claims, parallel, tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.hooks import MLflowHook
+from rcnn_lab.runner.inputs import log_datasets
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import PlannedRun, output_dir
 
@@ -135,6 +136,7 @@ def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common
         tags.VARIANT: run.variant.name, tags.SEED: str(run.seed), tags.CONFIG_HASH: run.hash,
         tags.BASELINE: str(run.variant.baseline).lower(), tags.DEVICE: str(device),
         tags.CHANGED: json.dumps(run.variant.changed)[:5000], tags.DEVICE_NAME: device_name(device),
+        tags.OVERRIDES: json.dumps(command_line_keys(run.variant))[:5000],
     }
     r = c.create_run(exp_id, run_name=f"{run.variant.name} s{run.seed}", tags=run_tags)
     params = tr.flatten_params(flatten(to_plain(run.config)))
@@ -142,6 +144,11 @@ def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common
         c.log_batch(r.info.run_id, params=params[i:i + 100])
     c.log_text(r.info.run_id, yaml.safe_dump(to_plain(run.config), sort_keys=False), "config.yaml")
     return r.info.run_id
+
+
+def command_line_keys(variant) -> dict:
+    """The changed keys set on the command line (``--set``, ``--device``), not by the experiment's files."""
+    return {k: v for k, v in variant.changed.items() if variant.source_of(k).startswith("--")}
 
 
 def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs, *,
@@ -154,7 +161,9 @@ def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, input
         trainer = Trainer(run.config, out, hooks=hooks, inputs=inputs)
         if trainer.start_iteration == 0:
             c.log_text(run_id, artifacts.model_summary(trainer.model), "model_summary.txt")
+            log_datasets(c, run_id, run.config, trainer.train_set, trainer.val_set)
         result = trainer.fit()
+        result.metrics.update(artifacts.cost_metrics(trainer, result))
         hook.log_final(result.metrics, result.iterations)
         artifacts.log_results(c, run_id, trainer, result, out, t.log_checkpoint)
         c.set_terminated(run_id, Status.FINISHED.value)

@@ -34,7 +34,18 @@ BASELINE = f"{PREFIX}baseline"
 DEVICE = f"{PREFIX}device"
 DEVICE_NAME = f"{PREFIX}device_name"
 CHANGED = f"{PREFIX}changed"  # JSON {dotted.key: value} of what the variant changes
+OVERRIDES = f"{PREFIX}overrides"  # JSON: the part of CHANGED set on the command line (--set, --device)
 ERROR = f"{PREFIX}error"  # first line of the exception of a FAILED run
+
+# Experiments: MLflow 3 opens an experiment with this tag on its "Model training" view (runs, metrics, images), not on
+# GenAI traces; MLflow >= 3.10's UI decides by its GenAI / Model training switch instead, which UI_WORKFLOW (a query of
+# the UI's address) sets.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"
+
+# Run inputs (``runner.inputs``): MLflow's context tag of a logged dataset.
+DATASET_CONTEXT = "mlflow.data.context"
 
 # Claims (``runner.claims``): who trains a run, and whether that worker is alive.
 HOST = f"{PREFIX}host"

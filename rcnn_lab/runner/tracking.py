@@ -70,6 +70,7 @@ def quiet_mlflow() -> None:
     import logging
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads of report inputs
     import mlflow  # noqa: F401  (configures its loggers on import; set the level after that)
 
     for name in ("mlflow", "alembic"):
@@ -129,14 +130,18 @@ def client(uri: str):
 
 
 def experiment_id(c, name: str, artifact_root: str | None) -> str:
+    """The id of experiment ``name`` (created, or restored when deleted), tagged as model training (``tags.EXPERIMENT_KIND``)."""
+    key, kind = tags.EXPERIMENT_KIND, tags.MODEL_TRAINING
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(key) != kind:  # experiments created before the tag existed
+            c.set_experiment_tag(exp.experiment_id, key, kind)
         return exp.experiment_id
     loc = f"{artifact_root}/{name}" if artifact_root else None
     try:
-        return c.create_experiment(name, artifact_location=loc)
+        return c.create_experiment(name, artifact_location=loc, tags={key: kind})
     except Exception:  # created concurrently by another worker
         return c.get_experiment_by_name(name).experiment_id
 
