@@ -65,7 +65,7 @@ def grid_keys(table, group_by: str | None) -> list[str]:
         return [group_by]
     keys = []
     for key in table.attrs.get("changed_keys", []):
-        values = [v for v in table[key] if v is not None]
+        values = [v for v in table[key] if v is not None and not (isinstance(v, float) and v != v)]  # NaN: key not logged
         numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric and len(set(values)) >= 2:
             keys.append(key)
@@ -132,12 +132,14 @@ def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
     from rcnn_lab.report import errors, per_class, plot_errors, plot_gallery, plot_pr
 
     tables, plots = {}, []
+    def shown(frame):  # the experiment column only when there are several
+        return frame[[c for c in frame.columns if c not in ("pr50", "pr75") and (c != "experiment" or frame[c].nunique() > 1)]]
+
     if args.per_class:
-        tables["Per-category AP (IoU .50:.95, mean over seeds)"] = per_class(df, tracking_uri=args.uri)
+        tables["Per-category AP (IoU .50:.95, mean over seeds)"] = shown(per_class(df, tracking_uri=args.uri))
     if args.errors:
         err = errors(df, tracking_uri=args.uri)
-        tables["COCO error breakdown (cumulative AP, mean over seeds)"] = err[
-            [c for c in err.columns if c not in ("pr50", "pr75") and (c != "experiment" or err[c].nunique() > 1)]]
+        tables["COCO error breakdown (cumulative AP, mean over seeds)"] = shown(err)
         for iou_type in dict.fromkeys(err["iou_type"]):
             if stem is not None:
                 plots += [plot_errors(err, iou_type, f"{stem}_errors_{iou_type}.png"),

@@ -78,7 +78,7 @@ def draw_panel(image: torch.Tensor, target: dict[str, Any], results: Sequence[di
     ``engine.evaluate.detections_to_coco``), ``categories`` the dataset's categories.
     """
     scale = max(1, math.ceil(MIN_HEIGHT / image.shape[-2]))
-    base = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
+    base = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     h, w = base.shape[-2:]
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
     label_of = {int(c["id"]): i + 1 for i, c in enumerate(categories)}

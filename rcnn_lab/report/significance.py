@@ -58,7 +58,21 @@ def paired_power(dz: float, n: int, alpha: float = ALPHA) -> float:
     df = n - 1
     crit = stats.t.ppf(1 - alpha / 2, df)
     nc = abs(dz) * math.sqrt(n)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    power = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    if math.isnan(power):  # scipy's nct fails for large noncentrality at few degrees of freedom: integrate instead
+        power = _power_by_integration(crit, df, nc)
+    return power
+
+
+def _power_by_integration(crit: float, df: int, nc: float) -> float:
+    """``P(|Z + nc| > crit * sqrt(V / df))`` with ``Z`` standard normal and ``V`` chi-square(df), by quadrature over V."""
+    from scipy import integrate, stats
+
+    def tails(v: float) -> float:
+        edge = crit * math.sqrt(v / df)
+        return (stats.norm.sf(edge - nc) + stats.norm.cdf(-edge - nc)) * stats.chi2.pdf(v, df)
+
+    return float(integrate.quad(tails, 0, math.inf, limit=200)[0])
 
 
 def seeds_needed(delta: float, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:

@@ -127,3 +127,46 @@ def test_missing_store_is_not_created(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'nope.db'}"
     assert main(["report", EXP, "--uri", uri]) == 2
     assert "no tracking store" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()
+
+
+def test_per_class_errors_gallery_mde_and_the_html_page(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from tests.report.test_gallery import EXP as GAL
+    from tests.report.test_gallery import build_artifact_store
+
+    uri = build_artifact_store(tmp_path / "store")
+    capsys.readouterr()  # pycocotools' "creating index..." while the store is built
+    out = tmp_path / "rep"
+    assert main(["report", GAL, "--uri", uri, "--metric", "bbox_AP", "--per-class", "--errors", "--gallery", "--seed", "1",
+                 "--mde", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "seeds for 2 pt bbox_AP" in text.splitlines()[0]
+    assert "Per-category AP" in text and "| variant | iou_type |" in text and "COCO error breakdown" in text
+    for col in ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN"):
+        assert f" {col} " in text.split("COCO error breakdown")[1]
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.html", "report_gallery.png", "report_errors_bbox.png", "report_pr_bbox.png"} <= names
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len([n for n in names if n.endswith(".png")])
+    assert "COCO error breakdown" in page and "<table" in page
+    parent = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name(GAL).experiment_id], "tags.`rcnn_lab.kind` = 'sweep'")[0]
+    attached = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report_gallery.png", "report/report_errors_bbox.png"} <= attached
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--errors"], "--errors: no finished run saved eval/detections.json.gz"),
+    (["--gallery", "--out", "OUT"], "--gallery: no run with seed 0 logged a gallery"),
+    (["--gallery", "--seed", "9", "--out", "OUT"], "--seed: no finished run with seed 9"),
+    (["--mde", "-1"], "--mde: must be a positive number of AP points"),
+    (["--out", "OUT", "--cost", "flop"], "--cost: unknown cost 'flop'"),
+])
+def test_analysis_flags_on_runs_without_their_files_exit_2(store, tmp_path, capsys, args, message):
+    uri, _ = store
+    argv = [a.replace("OUT", str(tmp_path / "o")) for a in args]
+    assert main(["report", EXP, "--uri", uri, "--no-log", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

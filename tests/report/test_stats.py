@@ -170,3 +170,44 @@ def test_render_formats(df):
     csv = render(table, "csv").splitlines()
     assert csv[0].startswith("experiment,variant,baseline,changed") and len(csv) == 4
     assert "<table" in render(table, "html")
+
+
+def test_holm_adjusted_p_and_seeds_needed_from_the_paired_differences(df):
+    from statsmodels.stats.multitest import multipletests
+
+    from rcnn_lab.report import render, seeds_needed, summary
+
+    table = summary(df[df["experiment"] == EXP], metrics=["bbox_AP"], mde=1.0)
+    rows = table.set_index("variant")
+    raw = [rows.loc[v, "bbox_AP_p"] for v in ("low", "conv")]
+    assert [rows.loc[v, "bbox_AP_p_holm"] for v in ("low", "conv")] == pytest.approx(multipletests(raw, method="holm")[1])
+    assert math.isnan(rows.loc["base", "bbox_AP_p_holm"]) and math.isnan(rows.loc["base", "bbox_AP_seeds"])
+    base = np.asarray(VARIANTS["base"][3])
+    for variant in ("low", "conv"):
+        d = np.asarray(VARIANTS[variant][3]) - base
+        for column, effect in (("bbox_AP_seeds", d.mean()), ("bbox_AP_seeds_mde", 0.01)):  # formula: test_significance
+            assert rows.loc[variant, column] == seeds_needed(effect, d.std(ddof=1)), (variant, column)
+    assert rows.loc["low", "bbox_AP_seeds"] == 3 and rows.loc["low", "bbox_AP_seeds_mde"] > 3
+    header = render(table, "md").splitlines()[0]
+    assert "p Holm bbox_AP" in header and "seeds for Δ bbox_AP" in header and "seeds for 1 pt bbox_AP" in header
+    one = summary(df[(df["experiment"] == EXP) & (df["variant"] != "conv")], metrics=["bbox_AP"])
+    assert "p Holm" not in render(one, "md")  # a single comparison needs no adjustment
+
+
+def test_keys_every_variant_shares_are_shown_once_above_the_table(df):
+    from rcnn_lab.errors import ConfigError
+    from rcnn_lab.report import render, summary
+
+    mine = df[df["experiment"] == EXP].copy()
+    mine["changed"] = [{**c, "train.iterations": 60, "data.train.num_images": 80} for c in mine["changed"]]
+    mine["overrides"] = [{"train.iterations": 60}] * len(mine)
+    table = summary(mine, metrics=["bbox_AP"])
+    assert table.attrs["shared"] == {EXP: {"train.iterations": 60, "data.train.num_images": 80}}
+    assert table["changed"].tolist() == ["", f"{KEY}=150", f"{BOX}=conv4"]
+    assert table.attrs["changed_keys"] == [KEY, BOX]
+    md = render(table, "md").splitlines()
+    assert md[0] == f"Same in every variant of {EXP}: train.iterations=60 (--set), data.train.num_images=80"
+    assert md[1] == "" and md[2].startswith("| variant") and "train.iterations" not in "\n".join(md[2:])
+    assert render(table, "html").startswith(f"<p>Same in every variant of {EXP}: train.iterations=60 (--set)")
+    with pytest.raises(ConfigError, match="--mde: must be a positive number of AP points"):
+        summary(mine, mde=0)

@@ -18,7 +18,7 @@ from tests.runner.conftest import cli, files_under, tiny_experiment
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 VARIANTS = """  b: {}
-  small_rpn: {model.rpn.pre_nms_top_n.train: 80, tracking.log_checkpoint: true}
+  small_rpn: {model.rpn.pre_nms_top_n.train: 80, tracking.log_checkpoint: true, eval.gallery: 2}
   bad: {train.optimizer.lr: 1.0e+12}
 """
 
@@ -125,6 +125,49 @@ def test_artifacts_config_summary_per_class_and_loss_curve(sweep, tmp_path):
     assert r.info.artifact_uri.startswith((sweep.store / "artifacts").as_uri())
     assert (sweep.store / "outputs" / "tiny").is_dir() and not (sweep.root / "runs").exists()
     assert not (sweep.root / "mlflow.db").exists()  # nothing falls back to MLflow's default store in the cwd
+
+
+def test_gallery_saved_detections_cost_metrics_dataset_inputs_and_experiment_kind(sweep, tmp_path):
+    from rcnn_lab.engine import eval_file
+    from rcnn_lab.engine.gallery import gallery_indices
+
+    (r,) = runs(sweep, "variant", variant="small_rpn")
+    c, rid = sweep.client, r.info.run_id
+    # the gallery: the same 2 fixed validation images at each evaluation (steps 1 and 2), final panels as gallery/<id>.png
+    ids = [i + 1 for i in gallery_indices(4, 2)]  # shapes image id = index + 1
+    assert ids == [1, 4]
+    images = [a.path.rsplit("/", 1)[-1] for a in c.list_artifacts(rid, "images")]
+    logged = {(m.group(1), int(m.group(2))) for m in (re.match(r"gallery~(\d+)\+step\+(\d+)\+", n) for n in images) if m}
+    assert logged == {(str(i), step) for i in ids for step in (1, 2)}
+    assert sorted(a.path for a in c.list_artifacts(rid, "gallery")) == [f"gallery/{i}.png" for i in ids]
+    (b,) = runs(sweep, "variant", variant="b")
+    assert c.list_artifacts(b.info.run_id, "gallery") == []  # eval.gallery defaults to 0
+    # the saved eval file: every scored detection and the GT of the 4 validation images
+    data = eval_file.read(c.download_artifacts(rid, eval_file.ARTIFACT, str(tmp_path)))
+    assert data["iteration"] == 2 and data["image_ids"] == [1, 2, 3, 4] and data["iou_types"] == ["bbox", "segm"]
+    assert sorted({im["id"] for im in data["ground_truth"]["images"]}) == [1, 2, 3, 4]
+    assert all(set(res) >= {"image_id", "category_id", "bbox", "score", "segmentation"} for res in data["results"])
+    # cost next to accuracy
+    m = r.data.metrics
+    assert m["final/params"] > 1e6 and m["final/gflops"] > 0 and m["final/peak_memory_mb"] > 0
+    assert m["final/images_per_s"] == pytest.approx(2 * 2 / m["final/train_time_s"])
+    # datasets as run inputs, and the experiment opens on MLflow's model-training view
+    inputs = {d.tags[0].value: d.dataset for d in c.get_run(rid).inputs.dataset_inputs}
+    assert inputs["training"].name == "shapes/train" and inputs["validation"].name == "shapes/val"
+    assert json.loads(inputs["validation"].profile) == {"images": 4, "categories": 5,
+                                                        "annotations": len(data["ground_truth"]["annotations"])}
+    assert c.get_experiment(sweep.exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_command_line_keys_are_the_changes_set_with_set(tmp_path):
+    from rcnn_lab.runner.sweep import command_line_keys
+    from tests.runner.conftest import tiny_experiment
+
+    exp_file = tiny_experiment(tmp_path, None, variants=VARIANTS)
+    exp = load_experiment(exp_file, ["train.iterations=5", "data.val.num_images=3"], check_models=False)
+    small = exp.variant("small_rpn")
+    assert small.changed["model.rpn.pre_nms_top_n.train"] == 80 and small.changed["train.iterations"] == 5
+    assert command_line_keys(small) == {"train.iterations": 5, "data.val.num_images": 3}
 
 
 def test_rerun_skips_finished_and_a_failing_variant_is_recorded_while_the_sweep_goes_on(sweep, tmp_path):
