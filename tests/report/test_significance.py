@@ -41,8 +41,9 @@ def test_power_where_scipys_noncentral_t_fails_is_integrated():
     assert paired_power(dz, 3) == pytest.approx(0.9995, abs=5e-4)
     assert seeds_needed(0.046666666666666655, 0.005773502691896262) == 3
     # the integral agrees with the noncentral t where scipy manages
-    from rcnn_lab.report.significance import _power_by_integration
     from scipy import stats
+
+    from rcnn_lab.report.significance import _power_by_integration
 
     crit = stats.t.ppf(0.975, 9)
     assert _power_by_integration(crit, 9, 2.0) == pytest.approx(paired_power(2.0 / 10 ** 0.5, 10), rel=1e-7)
