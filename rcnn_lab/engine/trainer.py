@@ -101,6 +101,7 @@ class Trainer:
 
         transforms = [TRANSFORMS.build(s, f"data.transforms[{i}]") for i, s in enumerate(d.transforms)]
         self.start_iteration, self.history, self.elapsed_before = 0, [], 0.0
+        self.last_eval = None  # the latest EvalResult (detections included): the gallery hook and the saved eval file read it
         self._started = time.perf_counter()
         state = distributed.load_latest(ckpt.folder(self.out_dir)) if resume else None  # read by rank 0
         if state is not None:
@@ -154,7 +155,7 @@ class Trainer:
         result = evaluate(self.model, self.val_loader, self.val_set, self.device, iou_types=tuple(e.iou_types),
                           max_images=e.max_images, amp_dtype=self.amp_dtype, per_class=e.per_class,
                           class_agnostic=e.class_agnostic)
-        self.last_eval = result  # hooks read its detections (gallery); the runner saves the final one
+        self.last_eval = result
         self.hooks.after_eval(self, iteration, result.metrics, result.per_class)
         return result
 

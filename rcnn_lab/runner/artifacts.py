@@ -64,7 +64,7 @@ def log_results(c, run_id: str, trainer, result, out: Path, log_checkpoint: bool
 
     c.log_text(run_id, json.dumps(result.per_class, indent=2), "eval/per_class.json")
     c.log_text(run_id, json.dumps(result.metrics, indent=2), "eval/metrics.json")
-    final = getattr(trainer, "last_eval", None)
+    final = trainer.last_eval
     if final is not None and final.predictions is not None:  # detections + GT, for error analysis without retraining
         pred = final.predictions
         data = eval_file.build(pred.results, pred.image_ids, trainer.val_set.coco(), result.iterations,

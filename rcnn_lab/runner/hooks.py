@@ -93,7 +93,7 @@ class GalleryHook(Hook):
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
         from rcnn_lab.engine.gallery import draw_panel, gallery_indices
 
-        result = getattr(trainer, "last_eval", None)
+        result = trainer.last_eval
         if result is None or result.predictions is None:
             return
         by_image: dict[int, list] = {}
