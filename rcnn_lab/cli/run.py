@@ -110,21 +110,22 @@ def add_arguments_ui(p: argparse.ArgumentParser) -> None:
 def cmd_ui(args) -> int:
     import os
 
-    from rcnn_lab.runner.tracking import default_artifact_root, resolve_uri
+    from rcnn_lab.runner.tracking import default_artifact_root, resolve_uri, ui_page
 
-    configured = args.uri
-    if configured is None and args.experiment:
+    configured, name = args.uri, None
+    if args.experiment:
         from rcnn_lab.engine.preflight import load_names
 
-        configured = load_names(args.experiment).tracking.uri
+        exp = load_names(args.experiment)
+        configured, name = configured or exp.tracking.uri, exp.tracking_name
     uri = resolve_uri(configured)
     if uri.startswith(("http://", "https://")):
-        print(f"{uri} is an MLflow server: it serves its own UI, open {uri} in a browser")
+        print(f"{uri} is an MLflow server: it serves its own UI, open {ui_page(uri, uri, name)} in a browser")
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     root = default_artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri}", flush=True)
+    print(f"MLflow UI for {uri}: open {ui_page(f'http://127.0.0.1:{args.port}', uri, name)}", flush=True)
     os.execv(sys.executable, cmd)
     return 0

@@ -15,8 +15,7 @@ import json
 from typing import Any
 
 from rcnn_lab.config.types import to_plain
-
-CONTEXT_TAG = "mlflow.data.context"
+from rcnn_lab.runner import tags
 
 
 def describe(spec: Any, dataset: Any, role: str) -> dict[str, Any]:
@@ -49,7 +48,7 @@ def log_datasets(c, run_id: str, config, train_set, val_set) -> None:
                                          (config.data.val, val_set, "val", "validation")):
         d = describe(spec, dataset, role)
         entries.append(DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
-                                    tags=[InputTag(CONTEXT_TAG, context)]))
+                                    tags=[InputTag(tags.DATASET_CONTEXT, context)]))
     try:
         c.log_inputs(run_id, datasets=entries)
     except Exception:  # e.g. an old server without the inputs API: the run itself matters more

@@ -146,6 +146,23 @@ def experiment_id(c, name: str, artifact_root: str | None) -> str:
         return c.get_experiment_by_name(name).experiment_id
 
 
+def ui_page(base: str, uri: str, experiment: str | None = None) -> str:
+    """The MLflow UI address that opens on the model-training view: the experiment's runs when it exists in
+    ``uri`` (read-only: a missing local store is not created), else the experiment list."""
+    page = "#/experiments"
+    if experiment and not local_store_missing(uri):
+        try:
+            from mlflow import MlflowClient
+
+            with _fail_fast_http():
+                exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+            if exp is not None:
+                page = f"#/experiments/{exp.experiment_id}"
+        except Exception:  # an unreachable server: the list page still works once it is up
+            pass
+    return f"{base.rstrip('/')}/{page}?{tags.UI_WORKFLOW}"
+
+
 def runs_with_hash(c, exp_id: str, config_hash: str) -> list:
     """Child runs of this config hash, newest first."""
     return c.search_runs(

@@ -38,13 +38,19 @@ def test_ui_serves_the_default_store_on_localhost(tmp_path, execv):
     assert _opt(argv, "--host") == "127.0.0.1" and _opt(argv, "--port") == "5123"
     assert _opt(argv, "--backend-store-uri") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert _opt(argv, "--default-artifact-root") == (tmp_path / "runs" / "artifacts").as_uri()
-    assert "http://127.0.0.1:5123" in out
+    assert "open http://127.0.0.1:5123/#/experiments?workflowType=machine_learning" in out  # MLflow's model-training view
 
 
 def test_ui_uses_the_experiments_store_or_the_environments(tmp_path, execv, monkeypatch):
     db = tmp_path / "store" / "mlflow.db"
     exp = tiny_experiment(tmp_path, f"sqlite:///{db}")
-    assert cli("ui", str(exp))[0] == 0
+    assert cli("ui", str(exp))[0] == 0  # no store yet: the experiment list (and no store created)
+    assert not db.exists()
+    from rcnn_lab.runner.tracking import client, experiment_id
+
+    exp_id = experiment_id(client(f"sqlite:///{db}"), "tiny", None)
+    code, out, _ = cli("ui", str(exp))
+    assert f"/#/experiments/{exp_id}?workflowType=machine_learning" in out  # opens on that experiment's runs
     argv = execv[-1][1]
     assert _opt(argv, "--backend-store-uri") == f"sqlite:///{db}"
     assert _opt(argv, "--default-artifact-root") == (tmp_path / "store" / "artifacts").as_uri()
@@ -55,7 +61,7 @@ def test_ui_uses_the_experiments_store_or_the_environments(tmp_path, execv, monk
 
 def test_ui_on_a_server_store_points_at_the_server(execv):
     code, out, _ = cli("ui", "--uri", "http://127.0.0.1:5999")
-    assert code == 0 and execv == [] and "open http://127.0.0.1:5999" in out
+    assert code == 0 and execv == [] and "open http://127.0.0.1:5999/#/experiments?workflowType=machine_learning" in out
 
 
 def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
