@@ -151,9 +151,15 @@ def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
 
 def cmd_report(args) -> int:
     from rcnn_lab.report import html_report, render, runs, summary
+    from rcnn_lab.report.cost import COSTS
     from rcnn_lab.report.render import markdown
 
     metrics = _metrics(args.metrics)
+    if args.cost not in COSTS:  # checked before anything is written
+        from rcnn_lab.errors import did_you_mean
+
+        raise ConfigError([Problem("--cost", f"unknown cost {args.cost!r}{did_you_mean(args.cost, list(COSTS))} "
+                                   f"(costs: {', '.join(COSTS)})")])
     df = runs(args.experiments, tracking_uri=args.uri)
     present = set(df["experiment"])
     empty = [(n, u) for n, u in df.attrs.get("tracking_uris", {}).items() if n not in present]

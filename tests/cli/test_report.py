@@ -170,3 +170,4 @@ def test_analysis_flags_on_runs_without_their_files_exit_2(store, tmp_path, caps
     assert main(["report", EXP, "--uri", uri, "--no-log", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists()  # nothing half-written
