@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 ITERATIONS = 4
 CHECKPOINT_EVERY = 2
 TRAIN = f"  checkpoint_every: {CHECKPOINT_EVERY}\n"
-TIMING = ("train_time_s", "eval_time_s", "eval_images_per_s")
+TIMING = ("train_time_s", "eval_time_s", "eval_images_per_s", "images_per_s", "peak_memory_mb")  # measured, not computed
 
 
 def _experiment(folder: Path) -> Path:
