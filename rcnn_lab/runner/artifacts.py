@@ -53,7 +53,7 @@ def cost_metrics(trainer, result) -> dict[str, float]:
         out["peak_memory_mb"] = float(max(h["peak_memory_mb"] for h in result.history))
     if result.train_time_s > 0:
         t = trainer.config
-        out["images_per_s"] = t.train.iterations * t.data.batch_size * trainer.world.size / result.train_time_s
+        out["images_per_s"] = result.iterations * t.data.batch_size * trainer.world.size / result.train_time_s
     return out
 
 

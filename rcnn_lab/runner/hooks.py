@@ -100,7 +100,7 @@ class GalleryHook(Hook):
         for r in result.predictions.results:
             by_image.setdefault(int(r["image_id"]), []).append(r)
         evaluated = set(result.predictions.image_ids)
-        final = iteration == trainer.config.train.iterations
+        final = iteration == trainer.total_iterations
         for index in gallery_indices(len(trainer.val_set), self.count, trainer.config.eval.max_images):
             image, target = trainer.val_set[index]
             image_id = int(target["image_id"])
