@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+EXCERPT = 60  # characters of a user's value quoted in an error
+MAX_LINE = 1000  # an error line longer than this is cut (a last guard; values are excerpted at the source)
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 2, 4, 4, 4
+_repr.maxstring = _repr.maxother = _repr.maxlong = EXCERPT
+_repr.indent = None
+
+
+def excerpt(value, limit: int = EXCERPT) -> str:
+    """``repr(value)`` in at most ``limit`` characters: quote user input in errors without echoing all of it."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cut(text: str, limit: int = EXCERPT) -> str:
+    """``text`` (not quoted) in at most ``limit`` characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -18,7 +39,8 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file else ""
         key = f"{self.path}: " if self.path else ""
-        return f"{where}{key}{self.message}"
+        line = f"{where}{key}{self.message}"
+        return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
 
 
 class RcnnLabError(Exception):
@@ -45,7 +67,7 @@ class TrainingError(RcnnLabError):
 
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """Closest match to ``name`` among ``choices`` or None."""
-    matches = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    matches = difflib.get_close_matches(str(name)[:100], list(choices), n=1, cutoff=0.5)
     return matches[0] if matches else None
 
 
@@ -68,6 +90,7 @@ def display_path(path) -> str:
 
 def join(path: str, key: str | int) -> str:
     """Join a dotted path and a key (``a.b`` + ``c`` -> ``a.b.c``, lists as ``a[0]``)."""
-    if isinstance(key, int):
+    if isinstance(key, int) and not isinstance(key, bool):
         return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
+    key = cut(key)
+    return f"{path}.{key}" if path else key

@@ -1,10 +1,14 @@
 """User component plugins.
 
-Three sources, loaded before an experiment is validated:
-* every ``*.py`` in the top-level ``registry/`` folder (found by walking up from the experiment
-  file, else the working directory); the folder is not a package, files are loaded by path;
+Three sources, loaded before an experiment is validated, and no others:
+* every ``*.py`` in the ``registry/`` folder of the rcnn-lab project itself (the checkout that
+  holds the ``rcnn_lab`` package; absent when rcnn-lab is installed from a wheel). Not a folder
+  found by walking up from the experiment file or from the working directory: a ``registry/`` in
+  a shared folder (a temp folder, a home directory) must not run code;
 * files listed under ``plugins:`` in an experiment (paths relative to that file);
 * installed packages exposing the entry-point group ``rcnn_lab.components``.
+
+Commands print which files and entry points were loaded (``plugins: ...``).
 """
 
 from __future__ import annotations
@@ -14,24 +18,26 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from rcnn_lab.errors import ConfigError, Problem
+from rcnn_lab.errors import ConfigError, Problem, display_path
 
 ENTRY_POINT_GROUP = "rcnn_lab.components"
 _loaded: dict[Path, str] = {}
+_entry_points: list[str] = []
 _entry_points_loaded = False
 
 
-def find_registry_dir(start: str | Path | None = None) -> Path | None:
-    """Nearest ``registry/`` folder holding plugins, walking up from ``start`` (default: cwd)."""
-    here = Path(start or Path.cwd()).resolve()
-    if here.is_file():
-        here = here.parent
-    for folder in (here, *here.parents):
-        cand = folder / "registry"
-        if cand.is_dir() and any(cand.glob("*.py")):
-            return cand
-    cand = Path.cwd() / "registry"
-    return cand if cand.is_dir() else None
+def project_registry() -> Path | None:
+    """``registry/`` beside the ``rcnn_lab`` package in an rcnn-lab checkout, else None."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    folder = root / "registry"
+    if not folder.is_dir() or not pyproject.is_file():
+        return None
+    try:
+        ours = 'name = "rcnn-lab"' in pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return folder if ours else None
 
 
 def load_file(path: str | Path, key: str = "plugins") -> None:
@@ -56,29 +62,35 @@ def load_file(path: str | Path, key: str = "plugins") -> None:
         raise ConfigError([Problem(key, f"plugin {path.name} failed to load: {type(exc).__name__}: {exc}")]) from exc
 
 
-def load_entry_points() -> None:
+def load_entry_points() -> list[str]:
+    """Call every ``rcnn_lab.components`` entry point once; return their names (``dist:name``)."""
     global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
-        if callable(obj):
-            obj()
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            obj = ep.load()
+            if callable(obj):
+                obj()
+            _entry_points.append(f"entry point {ep.name} ({ep.value})")
+    return list(_entry_points)
 
 
-def load_plugins(experiment_file: str | Path | None = None, extra: list[str] = (), extra_base: Path | None = None) -> list[str]:
-    """Load registry/ plugins, entry points and ``extra`` files; return the loaded file names.
+def load_plugins(extra: list[str] = (), extra_base: Path | None = None) -> list[str]:
+    """Load the project's registry/ plugins, entry points and ``extra`` files (relative to ``extra_base``,
+    default the working directory); return what was loaded, as users should read it.
 
     Register the built-ins first (``rcnn_lab.components.register_builtins``) so that a plugin
     reusing a built-in name is reported.
     """
-    folder = find_registry_dir(experiment_file)
+    folder = project_registry()
     files = sorted(folder.glob("*.py")) if folder else []
     for f in files:
         load_file(f, key=f"registry/{f.name}")
-    base = extra_base or (Path(experiment_file).parent if experiment_file else Path.cwd())
+    base = extra_base or Path.cwd()
+    listed = []
     for i, rel in enumerate(extra):
+        if not isinstance(rel, str):
+            raise ConfigError([Problem(f"plugins[{i}]", "must be a file path")])
         load_file(base / rel, key=f"plugins[{i}]")
-    load_entry_points()
-    return [f.name for f in files] + list(extra)
+        listed.append(base / rel)
+    return [display_path(f) for f in (*files, *listed)] + load_entry_points()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rcnn_lab.config.types import Spec, convert
-from rcnn_lab.errors import ConfigError, Problem, closest, did_you_mean, join
+from rcnn_lab.errors import ConfigError, Problem, closest, did_you_mean, excerpt, join
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Registry:
         names = sorted(self._entries)
         match = closest(str(name), names)
         hint = f"; closest match '{match}'" if match else ""
-        return f"unknown {self.family} type '{name}'{hint}. Registered: {', '.join(names) or '(none)'}"
+        return f"unknown {self.family} type {excerpt(str(name))}{hint}. Registered: {', '.join(names) or '(none)'}"
 
     def check_spec(self, value: Any, path: str, problems: list[Problem]) -> Spec | None:
         """Validate a ``{type: NAME, **kwargs}`` mapping against the factory signature."""
@@ -119,9 +119,13 @@ class Registry:
         if isinstance(value, str):  # shorthand: just the type name
             value = {"type": value}
         if not isinstance(value, dict) or "type" not in value:
-            problems.append(Problem(path, f"expected a {self.family} spec {{type: NAME, ...}}, got {value!r}"))
+            problems.append(Problem(path, f"expected a {self.family} spec {{type: NAME, ...}}, got {excerpt(value)}"))
             return None
         name = value["type"]
+        if not isinstance(name, str):
+            problems.append(Problem(join(path, "type"), f"expected a {self.family} name (one of: "
+                                    f"{', '.join(sorted(self._entries))}), got {excerpt(name)}"))
+            return None
         if name not in self._entries:
             problems.append(Problem(join(path, "type"), self._unknown(name)))
             return None

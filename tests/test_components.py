@@ -20,9 +20,8 @@ from rcnn_lab.config.types import convert
 from rcnn_lab.models.builder import _resolution
 from rcnn_lab.plugins import load_plugins
 from rcnn_lab.registry import FAMILIES, Entry
-from tests.conftest import EXPERIMENTS
 
-load_plugins(EXPERIMENTS / "quickstart.yaml")  # registry/*.py, as an experiment in this repo sees them
+load_plugins()  # the project's registry/*.py
 
 IMAGE = 64  # input side for backbones and poolers
 C, K, NUM_CLASSES = 8, 3, 3  # feature channels, RoIs, classes (background included)

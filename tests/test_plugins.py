@@ -64,10 +64,49 @@ def test_entry_point_plugins_are_called(monkeypatch):
     called = []
 
     class EP:
+        name, value = "extra_heads", "my_pkg.heads:register"
+
         def load(self):
             return lambda: called.append(True)
 
     monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    monkeypatch.setattr(plugins, "_entry_points", [])
     monkeypatch.setattr(md, "entry_points", lambda group: [EP()] if group == plugins.ENTRY_POINT_GROUP else [])
-    plugins.load_entry_points()
+    assert plugins.load_entry_points() == ["entry point extra_heads (my_pkg.heads:register)"]
     assert called == [True]
+
+
+MARKER_PLUGIN = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run", "--dry-run"], ["components"]])
+def test_registry_folders_outside_the_project_never_run(tmp_path, monkeypatch, command):
+    from rcnn_lab.cli.main import main
+
+    shared = tmp_path / "shared"  # e.g. a temp folder anyone can write to
+    marker = tmp_path / "ran.txt"
+    for folder in (shared / "registry", shared / "work" / "registry"):  # an ancestor of the file, and the cwd
+        folder.mkdir(parents=True)
+        (folder / "evil.py").write_text(MARKER_PLUGIN.format(marker=str(marker)))
+    exp = shared / "work" / "exps" / "exp.yaml"
+    exp.parent.mkdir(parents=True)
+    exp.write_text(f"base: {EXPERIMENTS / 'base.yaml'}\nname: p\n")
+    monkeypatch.chdir(shared / "work")
+    argv = command if command == ["components"] else [command[0], str(exp), *command[1:]]
+    assert main(argv) == 0
+    assert not marker.exists()
+
+
+def test_loaded_plugin_files_are_listed_and_printed(tmp_path, capsys, write_yaml, monkeypatch):
+    from rcnn_lab.cli.main import main
+
+    monkeypatch.chdir(tmp_path.parent)
+
+    write_yaml("mine.py", "X = 1\n")
+    path = write_yaml("exp.yaml", f"base: {EXPERIMENTS / 'base.yaml'}\nname: p\nplugins: [mine.py]\n")
+    exp = load_experiment(path, check_models=False)
+    registry = ROOT / "registry" / "light_mask_head.py"  # the project's own registry/, wherever the experiment is
+    assert exp.plugin_files[:2] == [str(registry), f"{tmp_path.name}/mine.py"]
+    assert main(["validate", str(path)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("plugins: ")]
+    assert str(registry) in line and "mine.py" in line

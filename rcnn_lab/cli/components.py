@@ -48,9 +48,9 @@ def cmd_components(args) -> int:
     if args.plugins:
         from rcnn_lab.engine.preflight import load_experiment
 
-        load_experiment(args.plugins, check_models=False)
+        loaded = load_experiment(args.plugins, check_models=False).plugin_files
     else:
-        load_plugins(None)
+        loaded = load_plugins()
     data = describe()
     if args.family:
         from rcnn_lab.errors import ConfigError, did_you_mean
@@ -61,6 +61,7 @@ def cmd_components(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
+    print(f"plugins: {', '.join(loaded) or '(none)'}\n")
     for family, info in data.items():
         print(f"{family}  ({info['doc']})")
         for e in info["components"]:

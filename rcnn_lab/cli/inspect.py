@@ -17,6 +17,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments_validate(p: argparse.ArgumentParser) -> None:
     _common(p)
+    p.add_argument("--data", action="store_true",
+                   help="also open every dataset and check the device, as run does before training")
 
 
 def add_arguments_inspect(p: argparse.ArgumentParser) -> None:
@@ -45,8 +47,15 @@ def meta_model(model_cfg):
 
 def cmd_validate(args) -> int:
     exp = load_experiment(args.experiment, args.overrides)
+    from rcnn_lab.cli.main import print_warnings
     from rcnn_lab.models.builder import count_parameters  # torch: only once the experiment is valid
 
+    print_warnings(exp, "validate")
+    if args.data:
+        from rcnn_lab.engine.preflight import preflight
+        from rcnn_lab.runner.plan import make_plan
+
+        preflight(make_plan(exp))
     rows = []
     for v in exp.variants:
         params = count_parameters(meta_model(v.config.model))
@@ -58,6 +67,11 @@ def cmd_validate(args) -> int:
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]}")
     print(f"\n{exp.path}: {len(exp.variants)} variant(s) x {len(exp.seeds)} seed(s) valid (* = baseline)")
+    if args.data:
+        print("datasets opened and device checked: run's preflight passes")
+    else:
+        print("not checked: dataset files and device availability (validate --data checks them); "
+              "the tracking store is checked by run only")
     return 0
 
 
@@ -90,8 +104,10 @@ def anchor_report(model, image_size: tuple[int, int] | None) -> dict:
 
 def cmd_inspect(args) -> int:
     exp = load_experiment(args.experiment, args.overrides)
+    from rcnn_lab.cli.main import print_warnings
     from rcnn_lab.models.builder import count_parameters, parameter_groups  # torch: only once the experiment is valid
 
+    print_warnings(exp, "inspect", plugins=not args.json)
     variants = [exp.variant(args.variant)] if args.variant else exp.variants
     out = []
     for v in variants:

@@ -153,6 +153,7 @@ def cmd_report(args) -> int:
     from rcnn_lab.report import html_report, render, runs, summary
     from rcnn_lab.report.cost import COSTS
     from rcnn_lab.report.render import markdown
+    from rcnn_lab.report.stats import mixed_environments
 
     metrics = _metrics(args.metrics)
     if args.cost not in COSTS:  # checked before anything is written
@@ -168,6 +169,8 @@ def cmd_report(args) -> int:
                                    "run `rcnn-lab run EXP.yaml` first") for n, u in empty])
     table = summary(df, metrics=metrics, group_by=args.group_by, baseline=args.baseline, confidence=args.confidence,
                     mde=args.mde)
+    for line in mixed_environments(df):
+        print(f"rcnn-lab report: warning: {line}", file=sys.stderr)
     fmt = args.format or "md"
     out = args.out
     if out is None and args.gallery:  # the grid is a picture: it needs a folder

@@ -52,6 +52,7 @@ def print_summary(outcomes, echo=print) -> None:
 
 
 def cmd_run(args) -> int:
+    from rcnn_lab.cli.main import print_warnings
     from rcnn_lab.engine.preflight import load_experiment, preflight
     from rcnn_lab.errors import display_path
     from rcnn_lab.runner.plan import make_plan, parse_shard
@@ -64,6 +65,9 @@ def cmd_run(args) -> int:
     from rcnn_lab.runner.outcome import Status
     from rcnn_lab.runner.parallel import check_world, launch_torchrun, run_parallel
     from rcnn_lab.runner.sweep import plan_actions, run_plan
+
+    if env_world().main:
+        print_warnings(exp, "run", plugins=not args.no_summary)
 
     if args.dry_run:  # read-only: no store, no outputs
         actions = plan_actions(exp, plan, args.force)

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -19,58 +20,12 @@ from typing import Any
 import yaml
 
 from rcnn_lab.config.schema import EXPERIMENT_KEYS, RunConfig, TrackingConfig
+from rcnn_lab.config.schema import warnings as config_warnings
 from rcnn_lab.config.types import Families, convert_dataclass, to_plain
-from rcnn_lab.errors import ConfigError, Problem, did_you_mean, display_path
+from rcnn_lab.config.yaml_io import MAX_DEPTH, read_yaml, safe_load
+from rcnn_lab.errors import ConfigError, Problem, did_you_mean, display_path, excerpt
 
 OVERRIDE_SOURCE = "--set"
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that reads ``1e-4`` as a float (YAML 1.2) and rejects duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def safe_load(text: str):
-    """``yaml.safe_load`` with YAML 1.2 floats (``1e-4``)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml(path: Path) -> dict:
-    """``yaml.safe_load`` a mapping, with one-line errors naming the file and position."""
-    if not path.is_file():
-        raise ConfigError([Problem("", "file not found; check the path", str(path))])
-    try:
-        data = safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([Problem("", f"invalid YAML at {where}{problem}", str(path))]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([Problem("", f"top level must be a mapping, got {type(data).__name__}", str(path))])
-    return data
 
 
 def merge(dst: dict, src: dict, prov: dict[str, str], source: str, prefix: str = "") -> dict:
@@ -91,7 +46,15 @@ def merge(dst: dict, src: dict, prov: dict[str, str], source: str, prefix: str =
 
 def set_dotted(data: dict, key: str, value: Any, prov: dict[str, str], source: str) -> None:
     """Set ``a.b.c`` in nested mappings (creating them), merging mapping values."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError([Problem("", f"override key {excerpt(key)} must be a dotted.key", source)])
     parts = key.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError([Problem("", f"override key {excerpt(key)} has more than {MAX_DEPTH} parts", source)])
+    indexed = re.match(r"(.*?)\[\d*\]", key)
+    if indexed:
+        raise ConfigError([Problem(key, f"list items cannot be set by index; set the whole list "
+                                        f"({indexed.group(1)}: [...])", source)])
     node = data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
@@ -103,22 +66,32 @@ def set_dotted(data: dict, key: str, value: Any, prov: dict[str, str], source: s
 def parse_override(text: str) -> tuple[str, Any]:
     """``model.rpn.nms_thresh=0.6`` -> (key, YAML-typed value)."""
     if "=" not in text or not text.split("=", 1)[0].strip():
-        raise ConfigError([Problem("", f"override {text!r} must look like dotted.key=value", OVERRIDE_SOURCE)])
+        raise ConfigError([Problem("", f"override {excerpt(text)} must look like dotted.key=value", OVERRIDE_SOURCE)])
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
-        value = safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw, OVERRIDE_SOURCE, key) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
-def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = ()) -> dict:
+MAX_VARIANTS = 1000  # variants x grid points of one experiment
+MAX_FILES = 64  # files read for one experiment (its base: files, counted as often as they are named)
+
+
+def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = (), reads: list | None = None) -> dict:
     """Read ``path`` with its ``base:`` chain (relative to the file) merged underneath."""
     path = path.resolve()
+    reads = [] if reads is None else reads
     if path in stack:
         chain = " -> ".join(p.name for p in (*stack, path))
         raise ConfigError([Problem("base", f"inheritance cycle: {chain}; remove one base", display_path(stack[-1]))])
-    data = read_yaml(path)
+    reads.append(path)
+    if len(reads) > MAX_FILES:
+        raise ConfigError([Problem("base", f"the base: files name more than {MAX_FILES} files in all; "
+                                   "name each base once", display_path(stack[-1]))])
+    data = read_yaml(path, display_path(path))
     bases = data.pop("base", None)
     if bases is None:
         bases = []
@@ -130,8 +103,8 @@ def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = ())
     for b in bases:
         base_path = path.parent / b
         if not base_path.is_file():
-            raise ConfigError([Problem("base", f"base file {b!r} not found next to this file; fix the path", display_path(path))])
-        merge(out, resolve_file(base_path, prov, (*stack, path)), prov, display_path(base_path.resolve()))
+            raise ConfigError([Problem("base", f"base file {excerpt(b)} not found next to this file; fix the path", display_path(path))])
+        merge(out, resolve_file(base_path, prov, (*stack, path), reads), prov, display_path(base_path.resolve()))
     return merge(out, data, prov, display_path(path))
 
 
@@ -180,11 +153,13 @@ class Experiment:
     variants: list[Variant]
     seeds: list[int]
     plugins: list[str] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # valid but probably unintended (printed by the CLI)
+    plugin_files: list[str] = field(default_factory=list)  # plugin files and entry points loaded (printed by the CLI)
 
     def variant(self, name: str) -> Variant:
         names = [v.name for v in self.variants]
         if name not in names:
-            raise ConfigError([Problem("--variant", f"no variant {name!r}{did_you_mean(name, names)} (variants: {', '.join(names)})", str(self.path))])
+            raise ConfigError([Problem("--variant", f"no variant {excerpt(name)}{did_you_mean(name, names)} (variants: {', '.join(names)})", str(self.path))])
         return self.variants[names.index(name)]
 
     @property
@@ -208,11 +183,15 @@ def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]
     grid = raw.get("grid") or {}
     if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
         raise ConfigError([Problem("variants", "must map variant names to {dotted.key: value} overrides", file)])
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+    if not isinstance(grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()):
         raise ConfigError([Problem("grid", "must map dotted keys to non-empty lists of values", file)])
     named = [(str(k), dict(v or {})) for k, v in variants.items()] or [("default", {})]
     if not grid:
         return named
+    count = len(named) * math.prod(len(v) for v in grid.values())
+    if count > MAX_VARIANTS:
+        raise ConfigError([Problem("grid", f"expands to {count:,} variants; the limit is {MAX_VARIANTS:,} "
+                                   "(split the sweep into several experiments)", file)])
     keys = list(grid)
     short = [k.rsplit(".", 1)[-1] for k in keys]
     labels = [s if short.count(s) == 1 else k for s, k in zip(short, keys)]
@@ -234,7 +213,7 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
     it sets, applied last, so that errors about that key name the flag the user typed.
 
     The layers above supply what this one cannot know: ``families`` checks component specs (see
-    ``config.types``), ``load_plugins(file, plugins, base)`` is called with the experiment's
+    ``config.types``), ``load_plugins(file, plugins, base)`` (returning the files it loaded) is called with the experiment's
     ``plugins:`` list before any spec is checked, and ``check`` adds problems of each valid
     variant (e.g. its model). Most callers want ``rcnn_lab.engine.preflight.load_experiment``.
     """
@@ -248,11 +227,19 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
     if not isinstance(plugins, list):
         raise ConfigError([Problem("plugins", "must be a list of plugin file paths", file)])
 
+    warnings: list[Problem] = []
     seeds = raw.get("seeds")
     if seeds is None:
-        seeds = [int((raw.get("train") or {}).get("seed", 0))]
+        train = raw.get("train")
+        seed = train.get("seed", 0) if isinstance(train, dict) else 0
+        seeds = [seed if isinstance(seed, int) and not isinstance(seed, bool) else 0]  # a bad seed: train.seed's error
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError([Problem("seeds", f"must be a non-empty list of ints, got {seeds!r}", prov.get("seeds", file))])
+        raise ConfigError([Problem("seeds", f"must be a non-empty list of ints, got {excerpt(seeds)}", prov.get("seeds", file))])
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        seeds = list(dict.fromkeys(seeds))
+        warnings.append(Problem("seeds", f"{', '.join(map(str, repeated))} listed more than once; each seed runs once",
+                                prov.get("seeds", file)))
     expanded = _variant_overrides(raw, prov.get("variants", prov.get("grid", file)))
     names = [n for n, _ in expanded]
     baseline = raw.get("baseline", names[0])
@@ -260,11 +247,15 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
         expansions = [n for n in names if n.startswith(f"{baseline}/")]
         if not expansions:
             choices = sorted({n.split("/", 1)[0] for n in names} | set(names))
-            raise ConfigError([Problem("baseline", f"no variant {baseline!r}{did_you_mean(str(baseline), choices)}", prov.get("baseline", file))])
+            raise ConfigError([Problem("baseline", f"no variant {excerpt(baseline)}{did_you_mean(str(baseline), choices)}", prov.get("baseline", file))])
         baseline = expansions[0]
 
+    plugin_files: list[str] = []
     if load_plugins is not None:
-        load_plugins(path, plugins, Path(prov.get("plugins", file)).parent)
+        try:
+            plugin_files = list(load_plugins(path, plugins, Path(prov.get("plugins", file)).parent) or [])
+        except ConfigError as exc:
+            raise exc.with_file(prov.get("plugins", file)) from None
     base_raw = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
     problems: list[Problem] = []
     seen: set[str] = set()
@@ -293,15 +284,24 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
             base_cfg = convert_dataclass(copy.deepcopy(base_raw), RunConfig, "", [], families)
             base_flat = flatten(to_plain(base_cfg)) if base_cfg is not None else flat
         changed = {k: v for k, v in flat.items() if base_flat.get(k, object()) != v and k != "name"}
+        for key, message in config_warnings(cfg):
+            w = Problem(key, message, _source_of(key, vprov, file))
+            if str(w) not in seen:
+                seen.add(str(w))
+                warnings.append(w)
         variants.append(Variant(name, cfg, changed, baseline=(name == baseline), sources=vprov, file=file))
     if problems:
         raise ConfigError(problems)
     name = variants[0].config.name
-    return Experiment(name, path, variants, list(seeds), list(plugins))
+    return Experiment(name, path, variants, list(seeds), list(plugins), warnings, plugin_files)
 
 
 def _source_of(path: str, prov: dict[str, str], default: str) -> str:
-    """File that set the longest prefix of ``path`` (errors name the file that holds the key)."""
+    """File that holds ``path``: the last source that set it or a key under it (``prov`` keeps the
+    order of setting), else the one that set its longest prefix."""
+    under = [k for k in prov if k == path or k.startswith((f"{path}.", f"{path}["))]
+    if under:
+        return prov[under[-1]]
     parts = path.replace("[", ".[").split(".")
     for i in range(len(parts), 0, -1):
         key = ".".join(parts[:i]).replace(".[", "[")

@@ -8,10 +8,12 @@ registered factory's signature (see ``rcnn_lab.registry``). Defaults reproduce t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from rcnn_lab.config.types import Spec, component, component_list
+from rcnn_lab.errors import excerpt
 
 Check = list[tuple[str, str]]  # (relative dotted key, message)
 
@@ -28,6 +30,16 @@ def _unit(check: Check, key: str, value: float) -> None:
 def _positive(check: Check, key: str, value: float) -> None:
     if value <= 0:
         check.append((key, f"must be positive, got {value}"))
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def _plain_name(check: Check, key: str, value: str) -> None:
+    """Names that become folders (outputs/NAME, artifacts/NAME) cannot leave the runs folder."""
+    if not _NAME.fullmatch(value) or ".." in value:
+        check.append((key, f"must be a plain name (letters, digits, '-', '_', '.'; at most 100; no '..'), "
+                           f"got {excerpt(value)}; it names folders under the runs folder"))
 
 
 @dataclass(frozen=True)
@@ -250,6 +262,8 @@ class EvalConfig:
         _positive(out, "batch_size", self.batch_size)
         if self.gallery < 0:
             out.append(("gallery", f"must be 0 (off) or a number of validation images, got {self.gallery}"))
+        if self.max_images is not None and self.max_images <= 0:
+            out.append(("max_images", f"must be a positive number of images or null (all), got {self.max_images}"))
         if not self.iou_types:
             out.append(("iou_types", "must name bbox and/or segm"))
         return out
@@ -279,9 +293,25 @@ class RunConfig:
 
     def check(self) -> Check:
         out: Check = []
+        _plain_name(out, "name", self.name)
+        if self.tracking.experiment is not None:
+            _plain_name(out, "tracking.experiment", self.tracking.experiment)
         if self.model.roi_heads.mask_head is None and "segm" in self.eval.iou_types:
             out.append(("eval.iou_types", "segm needs a mask head (model.roi_heads.mask_head is null); use [bbox]"))
         return out
+
+
+def warnings(cfg: RunConfig) -> Check:
+    """Settings that are valid but probably not what was meant: (dotted key, message)."""
+    out: Check = []
+    rpn = cfg.model.rpn
+    for phase in ("train", "test"):
+        pre, post = getattr(rpn.pre_nms_top_n, phase), getattr(rpn.post_nms_top_n, phase)
+        if pre < post:
+            out.append((f"model.rpn.post_nms_top_n.{phase}",
+                        f"{post} exceeds pre_nms_top_n.{phase} ({pre}), which counts per feature level: NMS sees "
+                        f"at most {pre} x levels boxes, so this cap may never apply; check the two are not swapped"))
+    return out
 
 
 # keys of an experiment file that are not part of a run's config

@@ -12,13 +12,16 @@ caller hands in ``families`` (family name -> an object with ``check_spec``), usu
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, Union
 
-from rcnn_lab.errors import Problem, did_you_mean, join
+from rcnn_lab.errors import Problem, cut, did_you_mean, excerpt, join
+
+INT_LIMIT = 2**63
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,25 @@ class AsWritten:
         return Spec(str(value["type"]), {k: v for k, v in value.items() if k != "type"})
 
 
+@dataclass(frozen=True)
+class Bound:
+    """Marks a number that must lie above ``gt`` / at least ``ge``: ``Annotated[float, Bound(gt=0)]``."""
+
+    gt: float | None = None
+    ge: float | None = None
+
+    def check(self, value: float) -> str | None:
+        if self.gt is not None and not value > self.gt:
+            return f"must be > {self.gt:g}, got {value:g}"
+        if self.ge is not None and not value >= self.ge:
+            return f"must be >= {self.ge:g}, got {value:g}"
+        return None
+
+
+Positive = Annotated[float, Bound(gt=0)]
+NonNegative = Annotated[float, Bound(ge=0)]
+
+
 def component(family: str):
     """Annotation for a schema field holding a spec of ``family``."""
     return Annotated[Spec, Family(family)]
@@ -80,7 +102,9 @@ def type_name(tp: Any) -> str:
     if tp is type(None) or tp is None:
         return "null"
     if origin is Annotated:
-        fam = typing.get_args(tp)[1]
+        inner, fam = typing.get_args(tp)[:2]
+        if isinstance(fam, Bound):
+            return type_name(inner)
         return f"a {fam.name} spec {{type: NAME, ...}}"
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -104,7 +128,7 @@ def _describe(value: Any) -> str:
         return f"bool {value}"
     if isinstance(value, (dict, list)):
         return type(value).__name__
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {excerpt(value)}"
 
 
 def convert(value: Any, tp: Any, path: str, problems: list[Problem], families: Families | None = None) -> Any:
@@ -114,6 +138,13 @@ def convert(value: Any, tp: Any, path: str, problems: list[Problem], families: F
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Annotated:
+        if isinstance(args[1], Bound):
+            start = len(problems)
+            out = convert(value, args[0], path, problems, families)
+            broken = args[1].check(out) if len(problems) == start else None
+            if broken:
+                problems.append(Problem(path, broken))
+            return out
         if families is None:
             raise TypeError(f"{path}: converting a {args[1].name} spec needs `families` (e.g. rcnn_lab.registry.registry_for)")
         return families(args[1].name).check_spec(value, path, problems)
@@ -141,7 +172,7 @@ def convert(value: Any, tp: Any, path: str, problems: list[Problem], families: F
             choices = ", ".join(repr(a) for a in args)
             problems.append(
                 Problem(path, f"expected one of {choices}, got {_describe(value)}"
-                        + did_you_mean(str(value), [str(a) for a in args]))
+                        + did_you_mean(cut(value, 100), [str(a) for a in args]))
             )
         return value
     if tp is bool:
@@ -151,12 +182,21 @@ def convert(value: Any, tp: Any, path: str, problems: list[Problem], families: F
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(Problem(path, f"expected int, got {_describe(value)}"))
+        elif not -INT_LIMIT < value < INT_LIMIT:  # torch and numpy take 64-bit integers
+            problems.append(Problem(path, f"is out of range (64-bit integers), got {excerpt(value)}"))
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(Problem(path, f"expected float, got {_describe(value)}"))
             return value
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):  # NaN slips through every comparison check, inf through most
+            problems.append(Problem(path, f"must be a finite number, got {excerpt(value)}"))
+            return value
+        return number
     if tp is str:
         if not isinstance(value, str):
             problems.append(Problem(path, f"expected str, got {_describe(value)}"))

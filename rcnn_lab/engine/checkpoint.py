@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rcnn_lab.errors import ConfigError, Problem, display_path
+from rcnn_lab.errors import ConfigError, Problem, cut, display_path
 
 FOLDER = "checkpoints"  # under a run's output folder
 PREFIX, SUFFIX = "iter_", ".pt"  # iter_0000200.pt: the state after 200 iterations
@@ -50,6 +50,17 @@ def save(path: Path, payload: dict) -> None:
         raise
 
 
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that were killed midway (``kill -9`` skips the
+    cleanup in :func:`save`). Call only from the process that owns ``folder``'s run."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        if tmp.name.rsplit("-", 1)[-1] != str(os.getpid()):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def load(path: Path, key: str = "") -> dict:
     """Load a checkpoint (tensors and plain containers only); one-line errors naming the file.
 
@@ -62,8 +73,7 @@ def load(path: Path, key: str = "") -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = str(exc).strip().splitlines() or [""]
-        raise ConfigError([Problem(key, f"not a readable checkpoint ({type(exc).__name__}: {lines[0][:100]}); "
+        raise ConfigError([Problem(key, f"not a readable checkpoint ({load_failure(exc)}); "
                                    "delete it to start over", file)]) from None
     missing = [k for k in ("model", "optimizer", "iteration") if not isinstance(payload, dict) or k not in payload]
     if missing:
@@ -93,6 +103,21 @@ def saved(folder: Path) -> list[Path]:
     """The checkpoints in ``folder``, oldest iteration first."""
     found = [(iteration_of(p), p) for p in Path(folder).glob(f"{PREFIX}*{SUFFIX}")]
     return [p for it, p in sorted((it, p) for it, p in found if it is not None)]
+
+
+def load_failure(exc: Exception) -> str:
+    """The informative sentence of a ``torch.load`` error (torch wraps it in paragraphs of advice)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        if "WeightsUnpickler error:" in text:
+            candidates = text.split("WeightsUnpickler error:", 1)[1].splitlines()
+        else:
+            advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(")
+            candidates = [ln for ln in text.splitlines() if not ln.strip().startswith(advice)]
+        reason = next((ln.strip() for ln in candidates if ln.strip()), "unsupported content")
+        return f"refused by torch.load(weights_only=True): {cut(reason.split('. ')[0], 200)}"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return f"{type(exc).__name__}: {cut(first.split('. ')[0], 200)}"
 
 
 def latest(folder: Path) -> Path | None:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from rcnn_lab.config.types import NonNegative, Positive
 from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.registry import LR_SCHEDULERS, OPTIMIZERS
 
@@ -22,8 +23,8 @@ def _split_decay(params, weight_decay: float, norm_weight_decay: float | None):
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = False,
-        norm_weight_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
+def sgd(params, lr: Positive = 0.02, momentum: NonNegative = 0.9, weight_decay: NonNegative = 1e-4, nesterov: bool = False,
+        norm_weight_decay: NonNegative | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """SGD with momentum (torchvision detection recipe: lr 0.02 for 16 images, wd 1e-4).
 
     ``fused``: torch's single-kernel update (CPU and CUDA); same maths, last-bit rounding differs.
@@ -33,8 +34,8 @@ def sgd(params, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.05,
-          eps: float = 1e-8, norm_weight_decay: float | None = 0.0, fused: bool = False) -> torch.optim.Optimizer:
+def adamw(params, lr: Positive = 1e-4, betas: tuple[NonNegative, NonNegative] = (0.9, 0.999), weight_decay: NonNegative = 0.05,
+          eps: Positive = 1e-8, norm_weight_decay: NonNegative | None = 0.0, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay; biases and norm weights undecayed by default).
 
     ``fused``: torch's single-kernel update (CPU and CUDA), several times faster than the default

@@ -33,11 +33,11 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
 
     families = builtin_families()
 
-    def plugins(file: Path, extra: list[str], base: Path) -> None:
+    def plugins(file: Path, extra: list[str], base: Path) -> list[str]:
         from rcnn_lab.plugins import load_plugins
 
         families("backbone")  # the built-ins first, so a plugin reusing a built-in name is reported
-        load_plugins(file, extra, base)
+        return load_plugins(extra, base)
 
     return loader.load_experiment(path, list(overrides), flags, families=families, load_plugins=plugins,
                                   check=_check_model if check_models else None)

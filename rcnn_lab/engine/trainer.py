@@ -68,6 +68,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def nonfinite_hint(train) -> str:
+    """What to try after a non-finite loss: clipping only when it is not already on."""
+    if train.clip_grad_norm is None:
+        return "lower the learning rate or enable train.clip_grad_norm"
+    return f"lower the learning rate or train.clip_grad_norm (now {train.clip_grad_norm:g})"
+
+
 class Trainer:
     """Train and evaluate one resolved config. Outputs (checkpoints) go to ``out_dir``."""
 
@@ -103,6 +110,8 @@ class Trainer:
         self.start_iteration, self.history, self.elapsed_before = 0, [], 0.0
         self.last_eval = None  # the latest EvalResult (detections included): the gallery hook and the saved eval file read it
         self._started = time.perf_counter()
+        if resume and self.world.main:  # this process owns the run: a killed writer's temp file is garbage
+            ckpt.remove_stale_temps(ckpt.folder(self.out_dir))
         state = distributed.load_latest(ckpt.folder(self.out_dir)) if resume else None  # read by rank 0
         if state is not None:
             self._restore(state)
@@ -180,7 +189,7 @@ class Trainer:
         values = distributed.mean(torch.stack([v.detach().float() for v in loss_dict.values()])).cpu()  # over ranks
         if not torch.isfinite(values).all():
             bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
-            raise TrainingError(f"non-finite loss at iteration {iteration}: {', '.join(bad)}; lower the learning rate or enable train.clip_grad_norm")
+            raise TrainingError(f"non-finite loss at iteration {iteration}: {', '.join(bad)}; {nonfinite_hint(self.config.train)}")
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

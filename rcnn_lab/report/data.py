@@ -22,7 +22,7 @@ PathOrName = Union[str, "os.PathLike[str]"]
 # Columns every ``runs()`` frame starts with, in this order.
 RUN_COLUMNS = [
     "experiment", "run_id", "parent_run_id", "variant", "seed", "config_hash", "baseline", "status",
-    "start_time", "end_time", "changed", "overrides", "device", "error",
+    "start_time", "end_time", "changed", "overrides", "device", "threads", "error",
 ]
 # Leaf config keys without a dot (``name``, ``description``, ``plugins``); every other param key is dotted.
 _TOP_LEVEL_KEYS = frozenset(f.name for f in fields(RunConfig))
@@ -122,6 +122,7 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
         "changed": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(tags.CHANGED)],
         "overrides": [json.loads(t) if isinstance(t, str) and t.startswith("{") else {} for t in tag(tags.OVERRIDES)],
         "device": tag(tags.DEVICE),
+        "threads": pd.to_numeric(tag(tags.THREADS), errors="coerce").astype("Int64"),
         "error": tag(tags.ERROR),
     }, index=raw.index)
     extra: dict[str, pd.Series] = {}

@@ -237,3 +237,26 @@ def _key_value(df: pd.DataFrame, experiment: str, variant: str, key: str) -> Any
 def summary_metrics(table: pd.DataFrame) -> list[str]:
     """Metric names of a ``summary()`` table (those with a confidence interval)."""
     return [c[: -len("_ci_low")] for c in table.columns if c.endswith("_ci_low")]
+
+
+def mixed_environments(df: pd.DataFrame) -> list[str]:
+    """One line per experiment whose averaged or paired runs ran on different devices or CPU thread counts.
+
+    CPU results depend on the thread count (floating-point reductions split differently), so a
+    ``--parallel 2`` run (one thread per worker) and a plain run of the same config differ; the
+    summary's means and paired tests would mix the two. Runs logged before these tags existed are ignored.
+    """
+    done = latest_finished(df)
+    out = []
+    for experiment in dict.fromkeys(done["experiment"]):
+        mine = done[done["experiment"] == experiment]
+        parts = []
+        for col, what in (("device", "devices"), ("threads", "CPU thread counts")):
+            if col in mine.columns:
+                values = sorted({str(v) for v in mine[col].dropna()})
+                if len(values) > 1:
+                    parts.append(f"{what} ({', '.join(values)})")
+        if parts:
+            out.append(f"runs of {experiment!r} differ in {' and '.join(parts)}: its means and paired tests mix them; "
+                       "rerun with one setting (the same --parallel / OMP_NUM_THREADS, the same device)")
+    return out

@@ -79,3 +79,31 @@ def take_over(c, run) -> bool:
     c.update_run(run.info.run_id, status="RUNNING")
     c.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tr.claim_tags().items()])
     return True
+
+
+def back_off(c, run_id: str, rival) -> None:
+    """Withdraw our new run ``run_id`` in favour of ``rival``: ended (KILLED, naming the rival), then deleted.
+
+    Ended first because MLflow cannot change a deleted run: deleting alone would leave a RUNNING
+    ghost in the store's deleted runs. A live or finished rival keeps ``decide`` from resuming it.
+    """
+    c.set_tag(run_id, tags.BACKED_OFF_TO, rival.info.run_id)
+    c.set_terminated(run_id, "KILLED")
+    c.delete_run(run_id)
+
+
+def end_stale_sweeps(c, exp_id: str) -> list[str]:
+    """Mark KILLED the sweep (parent) runs left RUNNING by a killed invocation; return their ids.
+
+    A sweep run carries claim tags and a heartbeat like its children; one whose claim is stale
+    (:func:`tracking.claim_is_stale`) has no process left to end it. Sweep runs from before claim
+    tags existed are left alone.
+    """
+    running = f"{tags.filter_equals(tags.KIND, tags.SWEEP)} and attributes.status = 'RUNNING'"
+    runs = c.search_runs([exp_id], filter_string=running)
+    ended = []
+    for r in runs:
+        if tags.PID in r.data.tags and tr.claim_is_stale(r):
+            c.set_terminated(r.info.run_id, "KILLED")
+            ended.append(r.info.run_id)
+    return ended

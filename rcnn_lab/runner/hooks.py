@@ -25,6 +25,18 @@ class MLflowHook(Hook):
         self.periods = periods
         self.buffer: list = []
         self.pending: list = []  # RunOperations of queued async batches
+        self.logged_through: dict[str, int] = {}  # resumed run: last step already stored, per probe key
+
+    def _already_logged(self, key: str, step: int) -> bool:
+        """A resumed run replays the steps after its checkpoint: those logged before the kill are not sent twice."""
+        if key not in self.logged_through:
+            history = self.client.get_metric_history(self.run_id, key)
+            self.logged_through[key] = max((m.step for m in history), default=-1)
+        return step <= self.logged_through[key]
+
+    def before_train(self, trainer) -> None:
+        if trainer.start_iteration == 0:  # a fresh run: nothing stored yet, no need to ask
+            self.logged_through = {"loss": -1, "eval": -1}
 
     def _metric(self, key: str, value: float, step: int):
         from mlflow.entities import Metric
@@ -49,6 +61,8 @@ class MLflowHook(Hook):
 
     def after_step(self, trainer, record: StepRecord) -> None:
         step = record.iteration
+        if self._already_logged("loss", step):
+            return
         m = self._metric
         self.buffer += [m(k, v, step) for k, v in record.losses.items()]
         self.buffer += [
@@ -69,6 +83,11 @@ class MLflowHook(Hook):
         self.flush(synchronous=True)
 
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
+        probe = next(iter(metrics), None)
+        if "eval" not in self.logged_through and probe is not None:
+            self.logged_through["eval"] = max((m.step for m in self.client.get_metric_history(self.run_id, probe)), default=-1)
+        if iteration <= self.logged_through.get("eval", -1):
+            return
         self.buffer += [self._metric(k, v, iteration) for k, v in metrics.items()]
         self.flush()
 

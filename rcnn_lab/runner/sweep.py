@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 import traceback
 from pathlib import Path
 
+import torch
 import yaml
 
 from rcnn_lab.config.loader import Experiment, flatten
@@ -72,10 +74,13 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     c = tr.client(uri)  # unreachable store: fails here, before any training
     root = Path(root) if root is not None else tr.runs_root(uri)
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
+    for stale in claims.end_stale_sweeps(c, exp_id):
+        echo(f"marked KILLED: sweep run {stale} (its process is gone)")
     parent = None
     outcomes: list[Outcome] = []
     common = {**tr.git_state(), **tr.versions(), tags.EXPERIMENT_FILE: str(exp.path),
               tags.WORLD_SIZE: str(distributed.world().size)}
+    beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
     try:
         for run in plan:
             run_inputs = inputs.pop(run.hash, None)  # a dataset is released after the last run that uses it
@@ -95,7 +100,9 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
             run_inputs = run_inputs or prepare(run.config)  # a config planned twice (--seeds 0,0 --force)
             if parent is None:
                 parent = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                      tags={**common, tags.KIND: tags.SWEEP, tags.PLAN_SIZE: str(len(plan))})
+                                      tags={**common, **tr.claim_tags(), tags.KIND: tags.SWEEP,
+                                            tags.PLAN_SIZE: str(len(plan))})
+                beats.enter_context(tr.Heartbeat(c, parent.info.run_id))
             out = output_dir(root, exp, run)
             if action == Action.RESUME:  # claims.take_over marked it RUNNING with our claim
                 run_id = existing.info.run_id
@@ -104,7 +111,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 run_id = _start_child(c, exp_id, parent.info.run_id, run, run_inputs.device, common)
                 rival = claims.rival(c, exp_id, run.hash, run_id, finished_wins=not force)
                 if rival is not None:  # another worker claimed this config first: back off
-                    c.delete_run(run_id)
+                    claims.back_off(c, run_id, rival)
                     busy = rival.info.status != "FINISHED"
                     echo(f"skip   {run.label} ({run.hash}): {'claimed by another worker' if busy else 'finished'} "
                          f"({rival.info.run_id})")
@@ -120,9 +127,12 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
                 outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, progress=progress, echo=echo))
     except KeyboardInterrupt:
+        beats.close()
         if parent is not None:
             c.set_terminated(parent.info.run_id, Status.KILLED.value)
         raise
+    finally:
+        beats.close()
     if parent is not None:
         failed = any(o.status == Status.FAILED for o in outcomes)
         c.set_terminated(parent.info.run_id, (Status.FAILED if failed else Status.FINISHED).value)
@@ -137,6 +147,7 @@ def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common
         tags.BASELINE: str(run.variant.baseline).lower(), tags.DEVICE: str(device),
         tags.CHANGED: json.dumps(run.variant.changed)[:5000], tags.DEVICE_NAME: device_name(device),
         tags.OVERRIDES: json.dumps(command_line_keys(run.variant))[:5000],
+        tags.THREADS: str(torch.get_num_threads()),
     }
     r = c.create_run(exp_id, run_name=f"{run.variant.name} s{run.seed}", tags=run_tags)
     params = tr.flatten_params(flatten(to_plain(run.config)))

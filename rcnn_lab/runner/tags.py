@@ -13,7 +13,7 @@ KIND = f"{PREFIX}kind"
 SWEEP = "sweep"
 VARIANT_RUN = "variant"
 
-# Parent (sweep) runs.
+# Parent (sweep) runs; they carry the claim tags (HOST, PID, HEARTBEAT) too.
 PLAN_SIZE = f"{PREFIX}plan_size"
 
 # Every run of an invocation (the ``common`` tags).
@@ -33,9 +33,11 @@ CONFIG_HASH = f"{PREFIX}config_hash"
 BASELINE = f"{PREFIX}baseline"
 DEVICE = f"{PREFIX}device"
 DEVICE_NAME = f"{PREFIX}device_name"
+THREADS = f"{PREFIX}threads"  # torch's intra-op CPU threads: CPU results depend on it (reduction order)
 CHANGED = f"{PREFIX}changed"  # JSON {dotted.key: value} of what the variant changes
 OVERRIDES = f"{PREFIX}overrides"  # JSON: the part of CHANGED set on the command line (--set, --device)
 ERROR = f"{PREFIX}error"  # first line of the exception of a FAILED run
+BACKED_OFF_TO = f"{PREFIX}backed_off_to"  # a deleted run whose worker deferred to this run's claim
 
 # Experiments: MLflow 3 opens an experiment with this tag on its "Model training" view (runs, metrics, images), not on
 # GenAI traces; MLflow >= 3.10's UI decides by its GenAI / Model training switch instead, which UI_WORKFLOW (a query of

@@ -103,30 +103,66 @@ def _reason(exc: Exception) -> str:
     return first[:160]
 
 
-def client(uri: str):
+@contextmanager
+def _store_lock(db: Path | None):
+    """Exclusive lock on ``<db>.lock`` while a local sqlite store is created or migrated: MLflow's
+    schema creation is not safe when two workers (``--shard 0/2``, ``--shard 1/2``) start at once."""
+    if db is None or db.name == ":memory:":
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _lock_needed(db: Path) -> bool:
+    """A store that does not exist yet, or one created under the lock (its lock file is there:
+    the creator may still be migrating it). A store made without it is complete and used as is."""
+    return not db.exists() or db.with_name(db.name + ".lock").exists()
+
+
+def _busy(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database is busy" in text or "sqlite_busy" in text
+
+
+def client(uri: str, attempts: int = 5):
     """An ``MlflowClient`` on ``uri`` after checking that the store answers (fail fast, one line).
 
-    A local sqlite store is created (with its folder) here; nothing is created for a remote one.
+    A local sqlite store is created (with its folder) here, under a file lock so that workers
+    starting together create it once; a store busy with another writer is retried, then
+    reported as busy. Nothing is created for a remote store.
     """
     quiet_mlflow()
     from mlflow import MlflowClient
 
     db = sqlite_path(uri)
-    try:
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        c = MlflowClient(tracking_uri=uri)
-        with _fail_fast_http():
-            c.search_experiments(max_results=1)
-    except Exception as exc:
-        if db is not None:
-            raise TrackingError(f"tracking store {uri} cannot be opened ({_reason(exc)}); fix the path in "
-                                "tracking.uri / MLFLOW_TRACKING_URI") from None
-        raise TrackingError(
-            f"tracking store {uri} is unreachable ({_reason(exc)}); start it (mlflow server --host 127.0.0.1 "
-            "--port PORT) or point tracking.uri / MLFLOW_TRACKING_URI at a reachable store"
-        ) from None
-    return c
+    for attempt in range(attempts):
+        try:
+            with _store_lock(db if db is not None and _lock_needed(db) else None):
+                c = MlflowClient(tracking_uri=uri)
+                with _fail_fast_http():
+                    c.search_experiments(max_results=1)
+            return c
+        except Exception as exc:
+            if db is not None and _busy(exc) and attempt + 1 < attempts:
+                time.sleep(0.5 * 2 ** attempt)
+                continue
+            error = exc
+            break
+    if db is not None:
+        if _busy(error):
+            raise TrackingError(f"tracking store {uri} is busy (another process holds its lock: "
+                                f"{_reason(error)}); retry in a moment") from None
+        raise TrackingError(f"tracking store {uri} cannot be opened ({_reason(error)}); fix the path in "
+                            "tracking.uri / MLFLOW_TRACKING_URI") from None
+    raise TrackingError(
+        f"tracking store {uri} is unreachable ({_reason(error)}); start it (mlflow server --host 127.0.0.1 "
+        "--port PORT) or point tracking.uri / MLFLOW_TRACKING_URI at a reachable store"
+    ) from None
 
 
 def experiment_id(c, name: str, artifact_root: str | None) -> str:

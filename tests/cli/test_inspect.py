@@ -76,3 +76,33 @@ def test_components_lists_every_family(capsys):
     assert "light_separable" in [c["name"] for c in data["mask_head"]["components"]]
     assert main(["components", "--family", "box_hed"]) == 2
     assert "did you mean 'box_head'" in capsys.readouterr().err
+
+
+def test_validate_says_what_it_does_not_check(capsys):
+    assert main(["validate", str(EXPERIMENTS / "base.yaml")]) == 0
+    assert "not checked: dataset files and device availability (validate --data checks them)" in capsys.readouterr().out
+
+
+def test_validate_data_runs_runs_preflight(tmp_path, capsys):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: {EXPERIMENTS / 'base.yaml'}\nname: t\n"
+                   "data: {train: {type: coco, images: nowhere, annotations: none.json}}\n")
+    assert main(["validate", str(exp)]) == 0  # the file is valid ...
+    capsys.readouterr()
+    assert main(["validate", str(exp), "--data"]) == 2  # ... but its data is missing, as run would find
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exp.yaml: data.train.images: folder 'nowhere' does not exist" in err[0]
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(f"base: {EXPERIMENTS / 'base.yaml'}\nname: t\ntrain: {{device: cpu}}\n"
+                  "data: {train: {type: shapes, split: train, num_images: 2}, val: {type: shapes, split: val, num_images: 2}}\n"
+                  "model: {num_classes: 6}\n")
+    assert main(["validate", str(ok), "--data"]) == 0
+    assert "datasets opened and device checked" in capsys.readouterr().out
+
+
+def test_validate_prints_warnings_on_stderr(tmp_path, capsys):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: {EXPERIMENTS / 'base.yaml'}\nname: t\nseeds: [0, 0]\n")
+    assert main(["validate", str(exp)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rcnn-lab validate: warning: {exp}: seeds: 0 listed more than once; each seed runs once"]

@@ -171,3 +171,58 @@ def test_the_config_layer_loads_with_the_checks_it_is_handed(write_yaml):
         loader.load_experiment(path, ["model.backbone.type=nope"], families=Family)
     with pytest.raises(TypeError, match="needs `families`"):
         loader.load_experiment(path, families=None)
+
+
+def test_duplicate_seeds_run_once_with_a_warning(write_yaml):
+    path = write_yaml("exp.yaml", "name: t\nseeds: [3, 1, 3, 1, 2]\n")
+    exp = load_experiment(path, check_models=False)
+    assert exp.seeds == [3, 1, 2]
+    (w,) = exp.warnings
+    assert w.path == "seeds" and w.file.endswith("exp.yaml")
+    assert "1, 3 listed more than once" in w.message
+
+
+def test_post_nms_above_pre_nms_is_warned_not_refused(write_yaml):
+    path = write_yaml("exp.yaml", "name: t\nmodel: {rpn: {pre_nms_top_n: {train: 100, test: 1000}}}\n")
+    exp = load_experiment(path, check_models=False)
+    (w,) = exp.warnings  # train: 2000 > 100; test: 1000 == 1000 is fine
+    assert w.path == "model.rpn.post_nms_top_n.train" and "2000 exceeds pre_nms_top_n.train (100)" in w.message
+    assert load_experiment(write_yaml("ok.yaml", "name: t\n"), check_models=False).warnings == []
+
+
+def test_an_error_under_a_key_a_variant_set_names_the_variants_file(write_yaml):
+    write_yaml("base.yaml", "name: t\nmodel: {anchor_generator: {type: grid, sizes: [[32], [64], [128], [256], [512]]}}\n")
+    exp = write_yaml("exp.yaml", "base: base.yaml\nvariants:\n  v: {model.anchor_generator.sizes: [[32], [64], [x], [256], [512]]}\n")
+    (p,) = problems_of(exp)
+    assert p.path == "model.anchor_generator.sizes[2][0]" and p.file.endswith("exp.yaml")
+    indexed = write_yaml("idx.yaml", "base: base.yaml\nvariants:\n  v: {'model.anchor_generator.sizes[2]': [7]}\n")
+    (p,) = problems_of(indexed)
+    assert p.file.endswith("idx.yaml") and "set the whole list (model.anchor_generator.sizes: [...])" in p.message
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "a/b", "..", "with space", ""])
+def test_names_that_would_leave_the_runs_folder_are_refused(write_yaml, name):
+    (p,) = problems_of(write_yaml("exp.yaml", f"name: '{name}'\n"))
+    assert p.path == "name" and "plain name" in p.message
+
+
+def test_plain_names_with_dots_dashes_and_underscores_pass(write_yaml):
+    exp = load_experiment(write_yaml("exp.yaml", "name: ablation_v2.1-b\ntracking: {experiment: Team-x.1}\n"), check_models=False)
+    assert exp.name == "ablation_v2.1-b"
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("train.optimizer.lr=-0.01", "train.optimizer.lr", "must be > 0"),
+    ("train.optimizer.lr=0", "train.optimizer.lr", "must be > 0"),
+    ("train.optimizer.lr=.nan", "train.optimizer.lr", "finite"),
+    ("train.optimizer={type: adamw, eps: -1}", "train.optimizer.eps", "must be > 0"),
+    ("train.optimizer.weight_decay=-1e-4", "train.optimizer.weight_decay", "must be >= 0"),
+    ("train.clip_grad_norm=.nan", "train.clip_grad_norm", "finite"),
+    ("train.clip_grad_norm=.inf", "train.clip_grad_norm", "finite"),
+    ("eval.max_images=0", "eval.max_images", "positive"),
+    ("eval.max_images=-3", "eval.max_images", "positive"),
+    ("train.iterations=99999999999999999999", "train.iterations", "out of range"),
+])
+def test_values_that_used_to_fail_only_after_a_run_record_fail_at_load(override, key, words):
+    (p,) = problems_of(EXPERIMENTS / "base.yaml", [override])
+    assert p.path == key and words in p.message and p.file == "--set"

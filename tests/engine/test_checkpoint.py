@@ -107,7 +107,17 @@ def _error(path) -> str:
 def test_foreign_object_is_refused_by_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({**trainer_like_state(), "extra": Foreign()}, path)
-    assert "not a readable checkpoint (UnpicklingError" in _error(path)
+    text = _error(path)
+    # the sentence that says why, not the first 100 characters of torch's advice paragraph
+    assert "not a readable checkpoint (refused by torch.load(weights_only=True): " in text
+    assert "Foreign" in text and "In PyTorch 2.6" not in text
+
+
+def test_corrupt_archive_says_what_is_broken(tmp_path):
+    path = tmp_path / "iter_0000003.pt"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
+    text = _error(path)
+    assert "failed finding central directory); delete it to start over" in text
 
 
 def test_corrupted_file_names_the_file(tmp_path):

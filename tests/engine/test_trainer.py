@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,7 +197,16 @@ def test_non_finite_loss_stops_with_the_iteration_and_loss_names(tmp_path):
     named = {name for name in LOSSES if f"{name}=" in message}
     assert named and all(f"{name}=nan" in message or f"{name}=inf" in message for name in named)
     assert "learning rate" in message and "\n" not in message
+    assert "enable train.clip_grad_norm" in message
     assert not any(c[0] == "after_train" for c in recorder.calls)
+
+
+def test_non_finite_loss_hint_does_not_offer_clipping_that_is_on():
+    from rcnn_lab.engine.trainer import nonfinite_hint
+
+    assert "enable train.clip_grad_norm" in nonfinite_hint(SimpleNamespace(clip_grad_norm=None))
+    hint = nonfinite_hint(SimpleNamespace(clip_grad_norm=10.0))
+    assert "enable" not in hint and "train.clip_grad_norm (now 10)" in hint
 
 
 def test_cuda_without_cuda_is_a_config_error(tmp_path, monkeypatch):

@@ -211,3 +211,27 @@ def test_keys_every_variant_shares_are_shown_once_above_the_table(df):
     assert render(table, "html").startswith(f"<p>Same in every variant of {EXP}: train.iterations=60 (--set)")
     with pytest.raises(ConfigError, match="--mde: must be a positive number of AP points"):
         summary(mine, mde=0)
+
+
+def test_report_warns_when_averaged_runs_differ_in_threads_or_device():
+    import pandas as pd
+
+    from rcnn_lab.report.stats import mixed_environments
+
+    def frame(threads, devices, experiment="e"):
+        n = len(threads)
+        return pd.DataFrame({
+            "experiment": experiment, "variant": ["a", "a", "b", "b"][:n], "seed": [0, 1, 0, 1][:n],
+            "status": "FINISHED", "start_time": list(range(n)), "device": devices,
+            "threads": pd.array(threads, dtype="Int64"),
+        })
+
+    assert mixed_environments(frame([2, 2, 2, 2], ["cpu"] * 4)) == []
+    (line,) = mixed_environments(frame([1, 1, 2, 2], ["cpu"] * 4))  # --parallel 2 for a, plain for b
+    assert "runs of 'e' differ in CPU thread counts (1, 2)" in line and "OMP_NUM_THREADS" in line
+    (line,) = mixed_environments(frame([2, 2, 2, 2], ["cpu", "cpu", "cuda", "cuda"]))
+    assert "devices (cpu, cuda)" in line
+    old = frame([None, None, 2, 2], ["cpu"] * 4)  # runs logged before the tag: not a mismatch
+    assert mixed_environments(old) == []
+    both = pd.concat([frame([1, 1, 1, 1], ["cpu"] * 4, "x"), frame([2, 2, 2, 2], ["cpu"] * 4, "y")])
+    assert mixed_environments(both) == []  # different experiments are never averaged together

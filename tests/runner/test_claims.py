@@ -61,6 +61,21 @@ def test_oldest_live_claim_wins_and_both_sides_agree(tmp_path):
     assert claims.rival(c, exp_id, HASH, first, finished_wins=False) is None  # --force
 
 
+def test_backing_off_leaves_no_running_ghost(tmp_path):
+    from mlflow.entities import ViewType
+
+    _, c, exp_id = _store(tmp_path)
+    now = time.time()
+    other = _claimed_run(c, exp_id, os.getppid(), now, start_time=2000)
+    mine = _claimed_run(c, exp_id, os.getpid(), now, start_time=3000)
+    rival = claims.rival(c, exp_id, HASH, mine)
+    claims.back_off(c, mine, rival)
+    assert [r.info.run_id for r in tr.runs_with_hash(c, exp_id, HASH)] == [other]
+    (ghost,) = c.search_runs([exp_id], run_view_type=ViewType.DELETED_ONLY)
+    assert (ghost.info.run_id, ghost.info.status) == (mine, "KILLED")
+    assert ghost.data.tags[tags.BACKED_OFF_TO] == other
+
+
 def test_a_claim_is_taken_over_by_exactly_one_worker(tmp_path):
     _, c, exp_id = _store(tmp_path)
     run_id = _claimed_run(c, exp_id, _dead_pid(), time.time() - 3600)

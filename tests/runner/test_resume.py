@@ -83,6 +83,9 @@ def interrupted(tmp_path_factory, new_store):
     outputs = _interrupt_after_first_checkpoint(procs)
     codes = {f: procs[f][0].returncode for f in procs}
     before = {f: _state(f)[0] for f in procs}
+    sweeps_before = {f: _sweeps(f) for f in procs}
+    orphan = _checkpoints(killed)[0].with_name(".iter_0000004.pt.tmp-4194999")  # a write killed midway
+    orphan.write_bytes(b"\0" * 1024)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("RCNN_LAB_RUNS", raising=False)
@@ -91,7 +94,39 @@ def interrupted(tmp_path_factory, new_store):
             mp.chdir(f)
             reruns[f] = cli("run", str(_experiment(f)), "--no-progress")
     return dict(killed=killed, ctrl_c=ctrl_c, reference=reference, outputs=outputs, codes=codes, before=before,
-                reruns=reruns)
+                reruns=reruns, sweeps_before=sweeps_before, orphan=orphan)
+
+
+def _sweeps(folder: Path) -> dict[str, str]:
+    """Sweep (parent) runs of the experiment in ``folder``: run id -> status."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{folder / 'store' / 'mlflow.db'}")
+    exp_id = c.get_experiment_by_name("tiny").experiment_id
+    return {r.info.run_id: r.info.status for r in c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'sweep'")}
+
+
+def test_kill_9_leftovers_are_cleaned_by_the_rerun(interrupted):
+    f = interrupted["killed"]
+    (killed_sweep, status), = interrupted["sweeps_before"][f].items()
+    assert status == "RUNNING"  # nothing could end it
+    code, out, _ = interrupted["reruns"][f]
+    sweeps = _sweeps(f)
+    assert sweeps.pop(killed_sweep) == "KILLED" and f"marked KILLED: sweep run {killed_sweep}" in out
+    assert list(sweeps.values()) == ["FINISHED"]  # the rerun's own sweep
+    assert not interrupted["orphan"].exists()
+    assert not list(_checkpoints(f)[0].parent.glob(".*.tmp-*"))
+
+
+def test_resumed_run_logs_each_step_once(interrupted):
+    from mlflow import MlflowClient
+
+    for which in ("killed", "ctrl_c"):
+        f = interrupted[which]
+        run = _state(f)[0]
+        c = MlflowClient(f"sqlite:///{f / 'store' / 'mlflow.db'}")
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, ITERATIONS + 1)), (which, steps)
 
 
 def test_kill_9_leaves_a_running_run_that_the_rerun_resumes(interrupted):

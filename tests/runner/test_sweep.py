@@ -86,6 +86,7 @@ def test_params_are_the_flattened_resolved_config_and_tags_identify_the_run(swee
         assert t["rcnn_lab.seed"] == "0" and t["rcnn_lab.baseline"] == baseline
         assert t["rcnn_lab.config_hash"] == sweep.plan[name].hash
         assert t["rcnn_lab.device"] == "cpu"
+        assert t["rcnn_lab.threads"] == "1"  # the module's _one_thread fixture
         assert (t["rcnn_lab.version"], t["rcnn_lab.torch"], t["rcnn_lab.torchvision"]) == (
             rcnn_lab.__version__, torch.__version__, torchvision.__version__)
         assert re.fullmatch(r"[0-9a-f]{40}", t["rcnn_lab.git_commit"]) and t["rcnn_lab.git_dirty"] in ("true", "false")

@@ -130,3 +130,52 @@ def test_heartbeat_thread_refreshes_the_tag(store):
         while c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT] == "0" and time.time() < deadline:
             time.sleep(0.05)
     assert abs(int(c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT]) - time.time()) < 15
+
+
+
+OPEN_STORE = """
+import sys, time
+from rcnn_lab.runner import tracking as tr
+while time.time() < float(sys.argv[2]):  # start together
+    time.sleep(0.001)
+c = tr.client(sys.argv[1])
+print(tr.experiment_id(c, "race", None))
+"""
+
+
+def test_workers_starting_together_create_a_new_store_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    ids = {out.strip() for out, _ in results}
+    assert len(ids) == 1  # one experiment, seen by every worker
+    c = tr.client(uri)
+    assert c.get_experiment_by_name("race").experiment_id in ids
+    c.create_run(ids.pop())  # and the store is usable afterwards
+
+
+def test_a_locked_store_is_reported_busy_not_a_bad_path(tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    calls = []
+
+    class Locked:
+        def __init__(self, tracking_uri):
+            pass
+
+        def search_experiments(self, max_results):
+            calls.append(1)
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+    import mlflow
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Locked)
+    monkeypatch.setattr(tr.time, "sleep", lambda s: None)
+    with pytest.raises(tr.TrackingError) as info:
+        tr.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    message = str(info.value)
+    assert "is busy" in message and "retry in a moment" in message and "fix the path" not in message
+    assert len(calls) == 5  # retried before giving up
