@@ -47,7 +47,7 @@ def meta_model(model_cfg):
 
 def cmd_validate(args) -> int:
     exp = load_experiment(args.experiment, args.overrides)
-    from rcnn_lab.cli.main import print_warnings
+    from rcnn_lab.cli.notes import print_warnings
     from rcnn_lab.models.builder import count_parameters  # torch: only once the experiment is valid
 
     print_warnings(exp, "validate")
@@ -104,7 +104,7 @@ def anchor_report(model, image_size: tuple[int, int] | None) -> dict:
 
 def cmd_inspect(args) -> int:
     exp = load_experiment(args.experiment, args.overrides)
-    from rcnn_lab.cli.main import print_warnings
+    from rcnn_lab.cli.notes import print_warnings
     from rcnn_lab.models.builder import count_parameters, parameter_groups  # torch: only once the experiment is valid
 
     print_warnings(exp, "inspect", plugins=not args.json)

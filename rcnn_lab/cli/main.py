@@ -61,15 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_warnings(exp, command: str, plugins: bool = True) -> None:
-    """An experiment's warnings (valid but probably unintended settings), one stderr line each,
-    and (``plugins``) the plugin files that were loaded, on stdout."""
-    for w in exp.warnings:
-        print(f"rcnn-lab {command}: warning: {w}", file=sys.stderr)
-    if plugins and exp.plugin_files:
-        print(f"plugins: {', '.join(exp.plugin_files)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

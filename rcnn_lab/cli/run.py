@@ -52,7 +52,7 @@ def print_summary(outcomes, echo=print) -> None:
 
 
 def cmd_run(args) -> int:
-    from rcnn_lab.cli.main import print_warnings
+    from rcnn_lab.cli.notes import print_warnings
     from rcnn_lab.engine.preflight import load_experiment, preflight
     from rcnn_lab.errors import display_path
     from rcnn_lab.runner.plan import make_plan, parse_shard
