@@ -255,7 +255,8 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
         try:
             plugin_files = list(load_plugins(path, plugins, Path(prov.get("plugins", file)).parent) or [])
         except ConfigError as exc:
-            raise exc.with_file(prov.get("plugins", file)) from None
+            source = prov.get("plugins", file)
+            raise ConfigError([p if p.file else Problem(p.path, p.message, source) for p in exc.problems]) from None
     base_raw = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
     problems: list[Problem] = []
     seen: set[str] = set()

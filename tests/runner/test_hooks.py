@@ -41,16 +41,16 @@ def test_metrics_are_stored_before_each_checkpoint_and_batched_between(tmp_path,
 def test_a_resumed_run_does_not_log_the_replayed_steps_twice(tmp_path, new_store):
     c = tr.client(new_store(tmp_path))
     run_id = c.create_run(tr.experiment_id(c, "hooks", (tmp_path / "a").as_uri())).info.run_id
-    config = SimpleNamespace(train=SimpleNamespace(iterations=6, checkpoint_every=2))
-    first = MLflowHook(c, run_id, every=1, asynchronous=False)
-    first.before_train(SimpleNamespace(config=config, start_iteration=0))
+    periods = Periods(iterations=6, checkpoint_every=2)
+    first = MLflowHook(c, run_id, every=1, periods=periods, asynchronous=False)
+    first.before_train(SimpleNamespace(start_iteration=0))
     for it in range(1, 4):  # checkpoint at 2, step 3 logged, then kill -9
-        first.after_step(SimpleNamespace(config=config), _record(it))
+        first.after_step(SimpleNamespace(), _record(it))
     first.after_eval(None, 3, {"bbox_AP": 0.1}, {})
-    resumed = MLflowHook(c, run_id, every=1, asynchronous=False)
-    resumed.before_train(SimpleNamespace(config=config, start_iteration=2))  # from the checkpoint at 2
+    resumed = MLflowHook(c, run_id, every=1, periods=periods, asynchronous=False)
+    resumed.before_train(SimpleNamespace(start_iteration=2))  # from the checkpoint at 2
     for it in range(3, 7):
-        resumed.after_step(SimpleNamespace(config=config), _record(it))
+        resumed.after_step(SimpleNamespace(), _record(it))
     resumed.after_eval(None, 3, {"bbox_AP": 0.1}, {})
     resumed.after_eval(None, 6, {"bbox_AP": 0.2}, {})
     resumed.after_train(None, None)
