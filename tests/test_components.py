@@ -222,7 +222,7 @@ def smoke_optimizer(entry, ctx):
 
 def smoke_lr_scheduler(entry, ctx):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
-    sched = build(entry, ctx, optimizer=opt, total_iters=10)
+    sched = build(entry, ctx, optimizer=opt, total_iters=10, iters_per_epoch=4)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -230,7 +230,7 @@ def smoke_lr_scheduler(entry, ctx):
         sched.step()
     assert all(math.isfinite(v) and 0 <= v <= 0.1 + 1e-12 for v in lrs)
     opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
-    sched2 = build(entry, ctx, optimizer=opt2, total_iters=10)
+    sched2 = build(entry, ctx, optimizer=opt2, total_iters=10, iters_per_epoch=4)
     sched2.load_state_dict(sched.state_dict())
     assert sched2.last_epoch == sched.last_epoch
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rcnn_lab.engine.gallery import SCORE_THRESHOLD
 from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.report.data import fetch_artifacts, latest_finished
 
@@ -80,6 +79,8 @@ def plot_gallery(df: pd.DataFrame, path: str | Path, seed: int | None = None, tr
                 ax.set_title(f"image {image_id}: ground truth | predictions", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{experiment}/{variant}" if many else str(variant), fontsize=9)
+    from rcnn_lab.engine.gallery import SCORE_THRESHOLD  # late: the engine imports torch; a report without a gallery does not
+
     fig.suptitle(f"prediction gallery, seed {chosen} (detections with score >= {SCORE_THRESHOLD:g})", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
