@@ -20,7 +20,7 @@ def add_arguments_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", metavar="I/N", help="run only slice I of N of the plan (array jobs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines every train.log_every iterations instead")
     p.add_argument("--nproc", type=int, metavar="N",
-                   help="train each run on N local processes with DistributedDataParallel (via torchrun); "
+                   help="train each run on N local processes with DistributedDataParallel (rendezvous on 127.0.0.1 only); "
                         "data.batch_size is the global batch")
     p.add_argument("--parallel", type=int, metavar="K",
                    help="train K runs at once in K worker processes (one GPU each, or cores/K CPU threads each)")
@@ -62,8 +62,9 @@ def cmd_run(args) -> int:
     plan = make_plan(exp, only, _seeds(args.seeds), parse_shard(args.shard))
     # torch and MLflow from here on: the experiment and the plan are valid
     from rcnn_lab.engine.distributed import env_world
+    from rcnn_lab.runner.launch import launch_local
     from rcnn_lab.runner.outcome import Status
-    from rcnn_lab.runner.parallel import check_world, launch_torchrun, run_parallel
+    from rcnn_lab.runner.parallel import check_world, run_parallel
     from rcnn_lab.runner.sweep import plan_actions, run_plan
 
     if env_world().main:
@@ -80,7 +81,7 @@ def cmd_run(args) -> int:
     check_world(plan, args.nproc, display_path(exp.path))
     argv = getattr(args, "argv", None) or sys.argv[1:]
     if args.nproc and args.nproc > 1:
-        return launch_torchrun(args.nproc, argv)
+        return launch_local(args.nproc, argv)
     if args.parallel and args.parallel > 1:
         cuda = bool(plan) and inputs[plan[0].hash].device.type == "cuda"
         del inputs  # the workers check and load their own runs

@@ -1,11 +1,12 @@
 """Several processes: ``--nproc N`` (one run at a time over N DDP ranks) and ``--parallel K`` (K runs at once).
 
-``--nproc N`` re-launches the same command under ``torchrun --standalone --nproc_per_node N``.
-Every rank walks the same deterministic plan; rank 0 alone talks to MLflow (decides skip /
-resume / run, claims, logs) and broadcasts the run id to train, or None to skip (:func:`announce`,
-:func:`follow_plan`). Errors that are the same on every rank (``RcnnLabError``: bad input, a
-non-finite loss, which every rank sees because losses are averaged) are recorded by rank 0 and
-every rank goes on to the next run; any other error ends the job on every rank
+``--nproc N`` re-launches the same command as N local ranks around a rendezvous store that listens
+on 127.0.0.1 only (``rcnn_lab.runner.launch``; runs over several machines use ``torchrun``
+directly). Every rank walks the same deterministic plan; rank 0 alone talks to MLflow (decides
+skip / resume / run, claims, logs) and broadcasts the run id to train, or None to skip
+(:func:`announce`, :func:`follow_plan`). Errors that are the same on every rank (``RcnnLabError``:
+bad input, a non-finite loss, which every rank sees because losses are averaged) are recorded by
+rank 0 and every rank goes on to the next run; any other error ends the job on every rank
 (:func:`must_abort`), so no rank is left waiting in a collective with a rank that moved on.
 
 ``--parallel K`` starts K ``rcnn-lab run ... --shard i/K`` worker processes (one GPU each via
@@ -31,20 +32,29 @@ from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
 
-# --- DDP ranks (inside torchrun) ---------------------------------------------------------------
+# --- DDP ranks (under --nproc or torchrun) ----------------------------------------------------
 
 def join(device) -> distributed.World:
-    """Under torchrun: join the process group (on ``device``'s backend) before any decision is broadcast."""
+    """A DDP rank: join the process group (on ``device``'s backend) before any decision is broadcast.
+
+    From here on SIGTERM (how launchers stop ranks) interrupts like Ctrl-C, so rank 0 records the run
+    KILLED; a rank may get both (Ctrl-C reaches it from the terminal and from its launcher), so
+    only the first signal interrupts and later ones are ignored while the run is recorded (the
+    launcher kills ranks that do not end within its grace period).
+    """
     w = distributed.env_world()
     if not w.active:
         return w
     w, _ = distributed.setup(device)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops workers with SIGTERM: record KILLED, like Ctrl-C
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
     return w
 
 
 def _interrupt(signum, frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -113,25 +123,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "rcnn_lab", *strip_option(argv, "--nproc")]
-
-
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run ``argv`` (an ``rcnn-lab`` command line) on ``nproc`` local DDP processes; their exit code."""
-    if distributed.env_world().active:
-        raise ConfigError([Problem("--nproc", "already running under torchrun; drop --nproc (torchrun sets the processes)")])
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
-    proc = subprocess.Popen(torchrun_command(nproc, argv), env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # torchrun and the ranks got the signal too: let them record KILLED and stop
-        proc.wait()
-        return 130
 
 
 def worker_env(index: int, workers: int, cuda: bool) -> dict[str, str]:

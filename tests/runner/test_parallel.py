@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
 
-from rcnn_lab.runner import parallel
+from rcnn_lab.runner import launch, parallel
 from rcnn_lab.runner import tracking as tr
 from tests.runner.conftest import cli, files_under, tiny_experiment
 
@@ -18,10 +19,21 @@ def test_relaunched_command_lines_drop_the_launch_flag():
     argv = ["run", "e.yaml", "--nproc", "2", "--no-progress", "--set", "a=1", "--np=4", "--parallel", "3"]
     assert parallel.strip_option(argv, "--nproc") == ["run", "e.yaml", "--no-progress", "--set", "a=1", "--parallel", "3"]
     assert parallel.strip_option(argv, "--parallel") == argv[:-2]
-    cmd = parallel.torchrun_command(2, argv)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("-m", 3):][:3] == ["-m", "rcnn_lab", "run"]
-    assert "--nproc" not in cmd and "--np=4" not in cmd
+    assert launch.rank_command(argv) == [sys.executable, "-m", "rcnn_lab", "run", "e.yaml", "--no-progress", "--set", "a=1",
+                                         "--parallel", "3"]
+
+
+def test_a_rank_is_interrupted_once_and_ignores_later_signals():
+    """Ctrl-C reaches a rank from the terminal and from its launcher: the second must not cut short
+    the recording of the run as KILLED."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            parallel._interrupt(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_workers_share_the_cpu_cores(monkeypatch):
