@@ -60,7 +60,7 @@ class World:
 
 
 def env_world() -> World:
-    """The world ``torchrun`` describes in the environment (single process without it)."""
+    """The world ``torchrun`` (or ``--nproc``'s launcher) describes in the environment (single process without it)."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1:
         return World()
