@@ -11,11 +11,11 @@ hook alternate in ABBA order (``--rounds`` of ``--steps`` timed steps each; the 
 round is a warm-up) so that load from other processes hits both alike. Per step:
 
 * **CPU time** of the process, all threads: data, forward, backward, optimizer, hooks and whatever
-  MLflow's logging thread did meanwhile. Unlike wall time it hardly depends on other processes.
+  the journal's shipper thread did meanwhile. Unlike wall time it hardly depends on other processes.
 * **wall time** between consecutive iterations (noisy on a shared machine).
 * **hook time**: what the training thread itself spends in ``MLflowHook.after_step`` (building
-  metrics, queueing a batch every ``--every`` steps).
-* **write time**: one batch written synchronously, i.e. the work MLflow's logging thread does.
+  metrics, appending a batch to the run's journal every ``--every`` steps).
+* **write time**: one batch journaled and stored synchronously, i.e. the work the journal's shipper thread does.
 
 Hook time + write time per step, over the step time, bounds the overhead even if no logging work
 overlapped with training; the end-to-end difference is also printed but is noisy on a shared machine.
@@ -42,6 +42,7 @@ from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.hooks import MLflowHook
+from rcnn_lab.runner.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "benchmarks" / "mlflow_overhead.md"
@@ -51,7 +52,7 @@ GOAL = 0.02
 
 class StepTimer(Hook):
     """Wall and process CPU time (all threads) between consecutive ``after_step`` calls; registered last,
-    so a step includes the other hooks and whatever MLflow's logging thread did meanwhile."""
+    so a step includes the other hooks and whatever the journal's shipper thread did meanwhile."""
 
     def __init__(self):
         self.last, self.wall, self.cpu, self.record = None, [], [], None
@@ -86,29 +87,35 @@ def one_round(config, out: Path, client=None, exp_id=None, every: int = 20) -> t
     timer, timed = StepTimer(), None
     if client is not None:
         run = client.create_run(exp_id)
-        timed = Timed(MLflowHook(client, run.info.run_id, every, Periods.of(config.train),
-                                 asynchronous=config.tracking.async_logging))
+        journal = Journal(client, run.info.run_id, out / "tracking")
+        timed = Timed(MLflowHook(journal, every, Periods.of(config.train), asynchronous=config.tracking.async_logging))
     Trainer(config, out, hooks=[*([timed] if timed else []), timer], resume=False).fit()
     if timed is not None:
-        client.set_terminated(timed.inner.run_id)
+        timed.inner.journal.end("FINISHED")
+        timed.inner.journal.close(0)
     return timer, timed
 
 
 def write_cost(client, exp_id: str, record, every: int, batches: int = 30) -> tuple[float, float]:
-    """(wall, CPU) seconds of writing one batch of ``every`` steps synchronously: all the work MLflow's
-    logging thread does for those steps."""
+    """(wall, CPU) seconds of writing one batch of ``every`` steps synchronously: all the work the
+    journal's shipper thread does for those steps."""
     run_id = client.create_run(exp_id).info.run_id
-    hook = MLflowHook(client, run_id, every, Periods(iterations=10**9), asynchronous=False)
-    trainer = None  # the hook reads nothing from the trainer
-    wall = cpu = 0.0
-    for b in range(batches):
-        for i in range(1, every):
-            hook.after_step(trainer, replace(record, iteration=b * every + i))
-        start = (time.perf_counter(), time.process_time())
-        hook.after_step(trainer, replace(record, iteration=(b + 1) * every))  # this one sends the batch
-        wall += time.perf_counter() - start[0]
-        cpu += time.process_time() - start[1]
-    client.set_terminated(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = Journal(client, run_id, Path(tmp) / "tracking", start=False)  # shipped here, on this thread
+        hook = MLflowHook(journal, every, Periods(iterations=10**9))
+        trainer = None  # the hook reads nothing from the trainer
+        wall = cpu = 0.0
+        for b in range(batches):
+            for i in range(1, every):
+                hook.after_step(trainer, replace(record, iteration=b * every + i))
+            start = (time.perf_counter(), time.process_time())
+            hook.after_step(trainer, replace(record, iteration=(b + 1) * every))  # this one journals the batch
+            journal.drain()  # and this stores it: the shipper thread's work
+            wall += time.perf_counter() - start[0]
+            cpu += time.process_time() - start[1]
+        journal.end("FINISHED")
+        journal.drain()
+        journal.close(0)
     return wall / batches, cpu / batches
 
 
@@ -182,11 +189,12 @@ Goal: at most {GOAL * 100:.0f} % of the step time for all logging work. At this 
 cost per step, the batch write spread over {res['log_every']} steps): {res['config_wall'] * 100:.2f} % / {res['config_cpu'] * 100:.2f} %,
 **{'met' if ok_config else 'NOT met'}**.
 
-The training thread only builds `Metric` objects and queues one `log_batch` every
-`tracking.log_every` steps (default `train.log_every`); MLflow's logging thread writes them to the
-store, so the write costs the training thread nothing unless the cores are busy. It waits for the
-queue only before a checkpoint and at the last step (so a resume never misses metrics), which the
-hook row includes. The end-to-end difference of two training runs is within their round-to-round
+The training thread only builds the metric points and appends one line to the run's journal
+(`runner/journal.py`) every `tracking.log_every` steps (default `train.log_every`); the journal's
+shipper thread stores them with `log_batch`, so the write costs the training thread nothing unless
+the cores are busy, and nothing at all waits for the store (an outage does not stop training). Before
+a checkpoint and at the last step the journal is fsynced (so a resume never misses metrics), which
+the hook row includes. The end-to-end difference of two training runs is within their round-to-round
 noise on a shared machine (several percent of wall time, a percent or two of CPU time); the rows
 above time the logging work itself.
 """

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `run --nproc/--parallel` relaunch this command line
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that has gone (`| head`) shows here, not as an error at exit
+        return code
     except BrokenInstallError as exc:  # the install, not the command: one line before anything ran
         print(f"rcnn-lab: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rcnn-lab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rcnn-lab run EXP --dry-run | head`: the reader has gone, which is not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":

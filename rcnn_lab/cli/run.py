@@ -92,6 +92,8 @@ def cmd_run(args) -> int:
                         progress=not args.no_progress and sys.stderr.isatty())
     if env_world().main and not args.no_summary:
         print_summary(outcomes)
+    if any(o.unstored for o in outcomes):
+        return 3  # trained, but the tracking store stopped answering: the last line said how to store the rest
     return 1 if any(o.status == Status.FAILED for o in outcomes) else 0
 
 

@@ -276,6 +276,12 @@ class TrackingConfig:
     log_checkpoint: bool = False
     log_every: int = 0
     async_logging: bool = True
+    outage_buffer_mb: int = 256  # per run: unstored tracking writes kept on disk while the store is down
+
+    def check(self) -> Check:
+        out: Check = []
+        _positive(out, "outage_buffer_mb", self.outage_buffer_mb)
+        return out
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ class ProgressHook(Hook):
 
     def before_train(self, trainer):
         self.started, self.first = time.perf_counter(), trainer.start_iteration
+        self.periods = getattr(trainer, "periods", self.periods)  # a train.epochs run's length is known only now
         if self.use_bar:
             from tqdm.auto import tqdm
 

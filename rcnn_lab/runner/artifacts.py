@@ -57,27 +57,28 @@ def cost_metrics(trainer, result) -> dict[str, float]:
     return out
 
 
-def log_results(c, run_id: str, trainer, result, out: Path, log_checkpoint: bool) -> None:
+def log_results(journal, trainer, result, out: Path, log_checkpoint: bool) -> None:
+    """The run's result files, through its journal (stored in MLflow in order, or replayed later)."""
     import matplotlib.pyplot as plt
 
     from rcnn_lab.engine import eval_file
 
-    c.log_text(run_id, json.dumps(result.per_class, indent=2), "eval/per_class.json")
-    c.log_text(run_id, json.dumps(result.metrics, indent=2), "eval/metrics.json")
+    journal.text(json.dumps(result.per_class, indent=2), "eval/per_class.json")
+    journal.text(json.dumps(result.metrics, indent=2), "eval/metrics.json")
     final = trainer.last_eval
     if final is not None and final.predictions is not None:  # detections + GT, for error analysis without retraining
         pred = final.predictions
         data = eval_file.build(pred.results, pred.image_ids, trainer.val_set.coco(), result.iterations,
                                trainer.config.eval.iou_types)
         path = eval_file.write(Path(out) / eval_file.ARTIFACT, data)
-        c.log_artifact(run_id, str(path), str(Path(eval_file.ARTIFACT).parent))
+        journal.artifact(path, str(Path(eval_file.ARTIFACT).parent))
     fig = loss_curve(result.history, trainer.config.name)
-    c.log_figure(run_id, fig, "loss_curve.png")
+    journal.figure(fig, "loss_curve.png")
     plt.close(fig)
     if log_checkpoint:
         final = ckpt.latest(ckpt.folder(out))
         if final is not None:
-            c.log_artifact(run_id, str(final), "checkpoint")
+            journal.artifact(final, "checkpoint")
 
 
 class GradNormHook(Hook):
@@ -104,12 +105,12 @@ class GradNormHook(Hook):
                 record.extra[f"grad_norm/{loss}/{comp}"] = value
 
 
-def extra_hooks(run, client, run_id) -> list[Hook]:
+def extra_hooks(run, journal) -> list[Hook]:
     from rcnn_lab.runner.hooks import GalleryHook
 
     hooks: list[Hook] = []
     if run.config.train.grad_probe_every:
         hooks.append(GradNormHook(run.config.train.grad_probe_every))
     if run.config.eval.gallery:
-        hooks.append(GalleryHook(client, run_id, run.config.eval.gallery))
+        hooks.append(GalleryHook(journal, run.config.eval.gallery))
     return hooks

@@ -1,4 +1,4 @@
-"""Training hooks that log to MLflow: batched (and by default asynchronous) metric logging."""
+"""Training hooks that log to MLflow through the run's journal (``runner.journal``): training never waits for the store."""
 
 from __future__ import annotations
 
@@ -9,22 +9,23 @@ from rcnn_lab.runner import tags
 
 
 class MLflowHook(Hook):
-    """Buffers per-step metrics and sends them with ``log_batch`` every ``every`` iterations.
+    """Buffers per-step metrics and hands them to the run's :class:`~rcnn_lab.runner.journal.Journal`
+    every ``every`` iterations; the journal stores them in MLflow from a background thread.
 
-    Asynchronous by default: ``log_batch(synchronous=False)`` queues the batch on MLflow's logging
-    thread and returns at once; ``flush(synchronous=True)`` waits for every queued batch of this run.
-    That happens at each step the trainer writes a checkpoint after (``periods``) and at the last
-    step, so a run resumed from a checkpoint never misses the metrics of the steps it contains.
-    Runs after every hook that adds to the step record (``Priority.LOG``).
+    Training never waits for the store: before each step the trainer writes a checkpoint after
+    (``periods``) the journal is put on disk (fsync), so a run resumed from a checkpoint never misses
+    the metrics of the steps it contains, whether or not the store answered. ``asynchronous=False``
+    (``tracking.async_logging: false``) also waits at every flush until the batch is stored, unless
+    the store is found unreachable. Runs after every hook that adds to the step record (``Priority.LOG``).
     """
 
     priority = Priority.LOG
 
-    def __init__(self, client, run_id: str, every: int, periods: Periods, asynchronous: bool = True):
-        self.client, self.run_id, self.every, self.asynchronous = client, run_id, max(1, every), asynchronous
+    def __init__(self, journal, every: int, periods: Periods, asynchronous: bool = True):
+        self.journal, self.every, self.asynchronous = journal, max(1, every), asynchronous
+        self.client, self.run_id = journal.client, journal.run_id
         self.periods = periods
         self.buffer: list = []
-        self.pending: list = []  # RunOperations of queued async batches
         self.logged_through: dict[str, int] = {}  # resumed run: last step already stored, per probe key
 
     def _already_logged(self, key: str, step: int) -> bool:
@@ -35,52 +36,47 @@ class MLflowHook(Hook):
         return step <= self.logged_through[key]
 
     def before_train(self, trainer) -> None:
+        # the trainer's periods: a train.epochs run's length (so its last checkpoint) is known only once its data is
+        self.periods = getattr(trainer, "periods", self.periods)
         if trainer.start_iteration == 0:  # a fresh run: nothing stored yet, no need to ask
             self.logged_through = {"loss": -1, "eval": -1}
 
-    def _metric(self, key: str, value: float, step: int):
-        from mlflow.entities import Metric
+    @staticmethod
+    def _point(key: str, value: float, step: int) -> tuple:
+        return key, float(value), int(time.time() * 1000), int(step)
 
-        return Metric(key, float(value), int(time.time() * 1000), step)
-
-    def flush(self, synchronous: bool = False) -> None:
-        from mlflow.entities import RunTag
-
-        if self.buffer or synchronous:
-            batch, self.buffer = self.buffer, []
-            beat = [RunTag(tags.HEARTBEAT, str(int(time.time())))]
-            for i in range(0, max(len(batch), 1), 1000):  # MLflow accepts at most 1000 metrics per batch
-                op = self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], tags=beat if i == 0 else (),
-                                           synchronous=not self.asynchronous)
-                if op is not None:
-                    self.pending.append(op)
+    def flush(self, synchronous: bool = False, step_metrics: bool = True) -> None:
+        """Hand the buffered points to the journal; ``synchronous``: and put them on disk."""
+        batch, self.buffer = self.buffer, []
+        self.journal.metrics(batch, step_metrics=step_metrics)
         if synchronous:
-            pending, self.pending = self.pending, []
-            for op in pending:
-                op.wait()
+            self.journal.sync()
+        if not self.asynchronous:
+            self.journal.wait_stored()
 
     def after_step(self, trainer, record: StepRecord) -> None:
         step = record.iteration
         if self._already_logged("loss", step):
             return
-        m = self._metric
-        self.buffer += [m(k, v, step) for k, v in record.losses.items()]
+        p = self._point
+        self.buffer += [p(k, v, step) for k, v in record.losses.items()]
         self.buffer += [
-            m("loss", record.total, step), m("lr", record.lr, step), m("data_time_s", record.data_time, step),
-            m("step_time_s", record.step_time, step), m("images_per_s", record.images / max(record.step_time, 1e-9), step),
-            m("peak_memory_mb", record.peak_memory_mb, step),
+            p("loss", record.total, step), p("lr", record.lr, step), p("data_time_s", record.data_time, step),
+            p("step_time_s", record.step_time, step), p("images_per_s", record.images / max(record.step_time, 1e-9), step),
+            p("peak_memory_mb", record.peak_memory_mb, step),
         ]
-        self.buffer += [m(k, v, step) for k, v in record.extra.items()]
+        self.buffer += [p(k, v, step) for k, v in record.extra.items()]
         if self.periods.checkpoints_after(step):
-            # the trainer writes a checkpoint next: a resume starts from it, so what led to it must be stored first
+            # the trainer writes a checkpoint next: a resume starts from it, so what led to it must be kept first
             self.flush(synchronous=True)
         elif step % self.every == 0:
             self.flush()
 
     def log_final(self, metrics: dict[str, float], iteration: int) -> None:
-        """Log the final evaluation as ``final/<name>`` at ``iteration`` and wait until it is stored."""
-        self.buffer += [self._metric(f"{tags.FINAL_PREFIX}{k}", v, iteration) for k, v in metrics.items()]
-        self.flush(synchronous=True)
+        """Log the final evaluation as ``final/<name>`` at ``iteration`` (kept even when the journal is full)."""
+        self.flush()
+        self.buffer = [self._point(f"{tags.FINAL_PREFIX}{k}", v, iteration) for k, v in metrics.items()]
+        self.flush(synchronous=True, step_metrics=False)
 
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
         probe = next(iter(metrics), None)
@@ -88,11 +84,9 @@ class MLflowHook(Hook):
             self.logged_through["eval"] = max((m.step for m in self.client.get_metric_history(self.run_id, probe)), default=-1)
         if iteration <= self.logged_through.get("eval", -1):
             return
-        self.buffer += [self._metric(k, v, iteration) for k, v in metrics.items()]
         self.flush()
-
-    def after_checkpoint(self, trainer, iteration, path) -> None:
-        self.flush(synchronous=True)  # and the heartbeat
+        self.buffer = [self._point(k, v, iteration) for k, v in metrics.items()]
+        self.flush(step_metrics=False)
 
     def after_train(self, trainer, result) -> None:
         self.flush(synchronous=True)
@@ -101,13 +95,13 @@ class MLflowHook(Hook):
 class GalleryHook(Hook):
     """Logs the prediction gallery (``eval.gallery`` fixed validation images, ``engine.gallery``) at every evaluation.
 
-    Each panel goes to MLflow as ``log_image(key="gallery/<image id>", step=iteration)``, so the run
+    Each panel goes to MLflow (through the run's journal) as ``log_image(key="gallery/<image id>", step=iteration)``, so the run
     page's image view steps through the evaluations and compares runs image by image; the last
     evaluation's panels are also stored as ``gallery/<image id>.png`` (what ``rcnn-lab report --gallery`` reads).
     """
 
-    def __init__(self, client, run_id: str, count: int):
-        self.client, self.run_id, self.count = client, run_id, count
+    def __init__(self, journal, count: int):
+        self.journal, self.count = journal, count
 
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
         from rcnn_lab.engine.gallery import draw_panel, gallery_indices
@@ -126,6 +120,6 @@ class GalleryHook(Hook):
             if image_id not in evaluated:
                 continue
             panel = draw_panel(image, target, by_image.get(image_id, []), trainer.val_set.categories)
-            self.client.log_image(self.run_id, panel, key=f"gallery/{image_id}", step=int(iteration), synchronous=True)
+            self.journal.image(panel, key=f"gallery/{image_id}", step=int(iteration))
             if final:
-                self.client.log_image(self.run_id, panel, artifact_file=f"gallery/{image_id}.png")
+                self.journal.image_file(panel, f"gallery/{image_id}.png")

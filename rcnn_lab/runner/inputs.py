@@ -39,17 +39,23 @@ def describe(spec: Any, dataset: Any, role: str) -> dict[str, Any]:
             "source": json.dumps(source, default=str), "profile": json.dumps(counts)}
 
 
-def log_datasets(c, run_id: str, config, train_set, val_set) -> None:
-    """Log both datasets of a run as inputs (best effort: a store without dataset support just skips them)."""
+def dataset_inputs(config, train_set, val_set) -> list[dict[str, Any]]:
+    """Both datasets of a run, described for ``log_inputs`` (plain values: a journal entry)."""
+    return [{**describe(spec, dataset, role), "context": context}
+            for spec, dataset, role, context in ((config.data.train, train_set, "train", "training"),
+                                                 (config.data.val, val_set, "val", "validation"))]
+
+
+def log_inputs(c, run_id: str, datasets: list[dict[str, Any]]) -> None:
+    """Log ``dataset_inputs`` as the run's inputs (best effort: a store without dataset support just skips them)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    entries = []
-    for spec, dataset, role, context in ((config.data.train, train_set, "train", "training"),
-                                         (config.data.val, val_set, "val", "validation")):
-        d = describe(spec, dataset, role)
-        entries.append(DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
-                                    tags=[InputTag(tags.DATASET_CONTEXT, context)]))
+    entries = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
+                            tags=[InputTag(tags.DATASET_CONTEXT, d["context"])]) for d in datasets]
     try:
         c.log_inputs(run_id, datasets=entries)
-    except Exception:  # e.g. an old server without the inputs API: the run itself matters more
-        pass
+    except Exception as exc:  # e.g. an old server without the inputs API: the run itself matters more
+        from rcnn_lab.runner.tracking import unreachable
+
+        if unreachable(exc):
+            raise  # the journal retries it

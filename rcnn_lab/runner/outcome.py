@@ -48,3 +48,4 @@ class Outcome:
     duration_s: float = 0.0
     run_id: str | None = None
     error: str | None = None
+    unstored: bool = False  # some of its tracking writes are still on disk only (the store stopped answering)

@@ -19,14 +19,17 @@ from rcnn_lab.engine.device import device_name
 from rcnn_lab.engine.hooks import Periods, ProgressHook
 from rcnn_lab.engine.preflight import RunInputs, preflight, prepare
 from rcnn_lab.engine.trainer import Trainer
-from rcnn_lab.runner import artifacts, claims, parallel, tags
+from rcnn_lab.runner import artifacts, claims, journal, parallel, tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.hooks import MLflowHook
-from rcnn_lab.runner.inputs import log_datasets
+from rcnn_lab.runner.inputs import dataset_inputs
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import PlannedRun, output_dir
 
 __all__ = ["Action", "Outcome", "Status", "decide", "plan_actions", "run_plan"]
+
+OUTAGE_WAIT_S = 60.0  # at the end of an invocation: how long to wait for a store that stopped answering
+INTERRUPTED_WAIT_S = 5.0  # the same after Ctrl-C
 
 
 def decide(c, exp_id: str | None, run: PlannedRun, force: bool) -> tuple[Action, object | None]:
@@ -81,9 +84,14 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     common = {**tr.git_state(), **tr.versions(), tags.EXPERIMENT_FILE: str(exp.path),
               tags.WORLD_SIZE: str(distributed.world().size)}
     beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
+    journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
+    interrupted = False
+    run = None
     try:
         for run in plan:
             run_inputs = inputs.pop(run.hash, None)  # a dataset is released after the last run that uses it
+            out = output_dir(root, exp, run)
+            _replay(c, out, run, echo)  # what an earlier invocation could not store, before any decision
             action, existing = decide(c, exp_id, run, force)
             if action == Action.RESUME and not claims.take_over(c, existing):  # another worker took it first
                 action = Action.BUSY
@@ -103,7 +111,6 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                                       tags={**common, **tr.claim_tags(), tags.KIND: tags.SWEEP,
                                             tags.PLAN_SIZE: str(len(plan))})
                 beats.enter_context(tr.Heartbeat(c, parent.info.run_id))
-            out = output_dir(root, exp, run)
             if action == Action.RESUME:  # claims.take_over marked it RUNNING with our claim
                 run_id = existing.info.run_id
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
@@ -125,19 +132,69 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 echo(f"run    {run.label} ({run.hash}) as run {run_id}")
             parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
-                outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, progress=progress, echo=echo))
+                outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, journals, progress=progress, echo=echo))
     except KeyboardInterrupt:
-        beats.close()
-        if parent is not None:
-            c.set_terminated(parent.info.run_id, Status.KILLED.value)
+        interrupted = True
         raise
+    except Exception as exc:
+        if not tr.unreachable(exc):
+            raise
+        raise tr.TrackingError(f"tracking store {uri} stopped answering ({tr.failure_reason(exc)}) before "
+                               f"{run.label if run else 'the first run'}; run the same command again once it answers "
+                               "(finished runs are skipped, interrupted ones resume)") from None
     finally:
         beats.close()
-    if parent is not None:
-        failed = any(o.status == Status.FAILED for o in outcomes)
-        c.set_terminated(parent.info.run_id, (Status.FAILED if failed else Status.FINISHED).value)
-        echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent.info.run_id} (rcnn-lab ui to browse)")
+        unstored = _close_journals(journals, uri, exp, INTERRUPTED_WAIT_S if interrupted else OUTAGE_WAIT_S, echo)
+        for o in outcomes:
+            o.unstored = o.run_id in unstored
+        if parent is not None and not unstored:
+            failed = any(o.status == Status.FAILED for o in outcomes)
+            status = Status.KILLED if interrupted else Status.FAILED if failed else Status.FINISHED
+            _quietly(c.set_terminated, parent.info.run_id, status.value)
+            if not interrupted:
+                echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent.info.run_id} "
+                     "(rcnn-lab ui to browse)")
     return outcomes
+
+
+def _replay(c, out: Path, run: PlannedRun, echo) -> None:
+    """Store the writes an earlier invocation left in ``out``'s journal (the store was down when it ended)."""
+    stored = journal.replay(c, journal.folder(out))
+    if stored is not None and stored.unstored:
+        echo(f"stored {run.label}: {stored.describe()} that an earlier invocation could not store (run {stored.run_id})")
+
+
+def _close_journals(journals: list, uri: str, exp: Experiment, wait_s: float, echo) -> set[str]:
+    """Let every run's writes reach the store (waiting at most ``wait_s`` of an outage); one line for
+    what could not be stored and how to store it. -> the run ids with writes left on disk."""
+    left, notes = [], []
+    for j in journals:
+        b = j.close(wait_s)
+        if b.unstored:
+            left.append(b)
+        if b.dropped:
+            notes.append(f"{b.dropped:,} per-step metric points of run {b.run_id} were dropped during the outage "
+                         "(the journal reached tracking.outage_buffer_mb)")
+        if b.rejected:
+            notes.append(f"{b.rejected} write(s) to run {b.run_id} were refused by the store ({b.reason})")
+    for note in notes:
+        echo(f"tracking: {note}")
+    if left:
+        since = min((b.since for b in left if b.since), default=None)
+        when = f" since {time.strftime('%H:%M:%S', time.localtime(since))}" if since else ""
+        reason = next((b.outage for b in left if b.outage), "no answer")
+        what = "; ".join(f"run {b.run_id}: {b.describe()}" for b in left)
+        echo(f"tracking store {uri} unreachable{when} ({reason}): not stored for {len(left)} run(s) ({what}); kept on "
+             f"disk beside their checkpoints; run `rcnn-lab run {exp.path}` again once the store answers: it stores "
+             "them first and retrains nothing that finished")
+    return {b.run_id for b in left}
+
+
+def _quietly(call, *args) -> None:
+    try:
+        call(*args)
+    except Exception:  # the store itself may be what failed; the next invocation marks a stale sweep run KILLED
+        pass
 
 
 def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common: dict) -> str:
@@ -162,42 +219,38 @@ def command_line_keys(variant) -> dict:
     return {k: v for k, v in variant.changed.items() if variant.source_of(k).startswith("--")}
 
 
-def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs, *,
+def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs, journals: list, *,
                progress: bool, echo) -> Outcome:
+    """Train one run. Every write to its MLflow run goes through its journal (appended to ``journals``):
+    training, failure records included, goes on whether or not the store answers."""
     started = time.perf_counter()
     t, periods = run.config.tracking, Periods.of(run.config.train)
-    hook = MLflowHook(c, run_id, t.log_every or periods.log_every, periods, t.async_logging)
+    j = journal.Journal(c, run_id, journal.folder(out), max_bytes=t.outage_buffer_mb * journal.MIB)
+    journals.append(j)
+    hook = MLflowHook(j, t.log_every or periods.log_every, periods, t.async_logging)
     try:
-        hooks = [ProgressHook(periods, progress, run.label), *artifacts.extra_hooks(run, c, run_id), hook]
+        hooks = [ProgressHook(periods, progress, run.label), *artifacts.extra_hooks(run, j), hook]
         trainer = Trainer(run.config, out, hooks=hooks, inputs=inputs)
         if trainer.start_iteration == 0:
-            c.log_text(run_id, artifacts.model_summary(trainer.model), "model_summary.txt")
-            log_datasets(c, run_id, run.config, trainer.train_set, trainer.val_set)
+            j.text(artifacts.model_summary(trainer.model), "model_summary.txt")
+            j.inputs(dataset_inputs(run.config, trainer.train_set, trainer.val_set))
         result = trainer.fit()
         result.metrics.update(artifacts.cost_metrics(trainer, result))
         hook.log_final(result.metrics, result.iterations)
-        artifacts.log_results(c, run_id, trainer, result, out, t.log_checkpoint)
-        c.set_terminated(run_id, Status.FINISHED.value)
+        artifacts.log_results(j, trainer, result, out, t.log_checkpoint)
+        j.end(Status.FINISHED.value)
         return Outcome(run, Status.FINISHED, action, result.metrics, time.perf_counter() - started, run_id)
     except KeyboardInterrupt:  # Ctrl-C: keep what was measured, mark KILLED; the next invocation resumes
-        _flush_quietly(hook)
-        c.set_terminated(run_id, Status.KILLED.value)
+        hook.flush(synchronous=True)
+        j.end(Status.KILLED.value)
         raise
     except Exception as exc:  # recorded, not swallowed: tag + artifact, and the sweep goes on
-        _flush_quietly(hook)
+        hook.flush(synchronous=True)
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        c.set_tag(run_id, tags.ERROR, message)
-        c.log_text(run_id, traceback.format_exc(), "error.txt")
-        c.set_terminated(run_id, Status.FAILED.value)
+        j.tags({tags.ERROR: message})
+        j.text(traceback.format_exc(), "error.txt")
+        j.end(Status.FAILED.value)
         echo(f"FAILED {run.label}: {message}")
         if parallel.must_abort(exc):  # not known to be the same on every rank: end the distributed job
             raise
         return Outcome(run, Status.FAILED, action, {}, time.perf_counter() - started, run_id, message)
-
-
-def _flush_quietly(hook) -> None:
-    """Best effort: the metrics logged before an interruption or failure are stored too."""
-    try:
-        hook.flush(synchronous=True)
-    except Exception:  # the store itself may be what failed; the status update below still matters
-        pass

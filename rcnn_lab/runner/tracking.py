@@ -93,7 +93,8 @@ def _fail_fast_http():
                 os.environ[k] = v
 
 
-def _reason(exc: Exception) -> str:
+def failure_reason(exc: Exception) -> str:
+    """The short reason of a store failure ("connection refused", the first line of the error)."""
     text = str(exc)
     for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
                           ("Name or service not known", "unknown host"), ("nodename nor servname", "unknown host")):
@@ -101,6 +102,20 @@ def _reason(exc: Exception) -> str:
             return short
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return first[:160]
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The store did not answer a call (down, timed out, busy, a 5xx): the same call may pass later.
+    Anything else is the store refusing it (an invalid value, a deleted run, a missing local file)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        code = exc.get_http_status_code()
+        return code >= 500 or code in (408, 429) or _busy(exc)
+    return _busy(exc)
 
 
 @contextmanager
@@ -156,11 +171,11 @@ def client(uri: str, attempts: int = 5):
     if db is not None:
         if _busy(error):
             raise TrackingError(f"tracking store {uri} is busy (another process holds its lock: "
-                                f"{_reason(error)}); retry in a moment") from None
-        raise TrackingError(f"tracking store {uri} cannot be opened ({_reason(error)}); fix the path in "
+                                f"{failure_reason(error)}); retry in a moment") from None
+        raise TrackingError(f"tracking store {uri} cannot be opened ({failure_reason(error)}); fix the path in "
                             "tracking.uri / MLFLOW_TRACKING_URI") from None
     raise TrackingError(
-        f"tracking store {uri} is unreachable ({_reason(error)}); start it (mlflow server --host 127.0.0.1 "
+        f"tracking store {uri} is unreachable ({failure_reason(error)}); start it (mlflow server --host 127.0.0.1 "
         "--port PORT) or point tracking.uri / MLFLOW_TRACKING_URI at a reachable store"
     ) from None
 

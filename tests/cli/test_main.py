@@ -57,3 +57,14 @@ def test_answers_without_importing_torch(tmp_path, argv, code, words):
 def test_a_command_that_builds_models_still_runs(capsys):
     assert main(["validate", str(ROOT / "experiments" / "quickstart.yaml")]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """``rcnn-lab run EXP --dry-run | head``: the closed pipe is no error, and no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "rcnn_lab", "run", str(ROOT / "experiments" / "anchors_ablation.yaml"),
+                             "--dry-run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "RCNN_LAB_RUNS": str(tmp_path / "runs")})
+    proc.stdout.close()  # the reader is gone before the plan is printed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err

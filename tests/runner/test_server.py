@@ -32,37 +32,47 @@ def _answers(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, new_store):
-    """-> (url, server folder). The server always stops at the end."""
-    root = tmp_path_factory.mktemp("server")
-    backend = new_store(root)
-    url = f"http://127.0.0.1:{_free_port()}"
+def _serve(root, backend: str, url: str):
+    """Start ``mlflow server`` at ``url`` on ``backend`` and wait until it answers -> the process."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1",
          "--backend-store-uri", backend, "--artifacts-destination", (root / "served").as_uri()],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.time() + 240
+    while not _answers(url):
+        if proc.poll() is not None:
+            tail = (root / "server.log").read_text().strip().splitlines()[-1:]
+            pytest.skip(f"mlflow server cannot start here: {tail}")
+        if time.time() > deadline:
+            _stop(proc)
+            pytest.fail(f"mlflow server did not answer within 240 s: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.25)
+    return proc
+
+
+def _stop(proc) -> None:
+    proc.terminate()
     try:
-        deadline = time.time() + 240
-        while not _answers(url):
-            if proc.poll() is not None:
-                tail = (root / "server.log").read_text().strip().splitlines()[-1:]
-                pytest.skip(f"mlflow server cannot start here: {tail}")
-            if time.time() > deadline:
-                pytest.fail(f"mlflow server did not answer within 240 s: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.25)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, new_store):
+    """-> (url, server folder). The server always stops at the end."""
+    root = tmp_path_factory.mktemp("server")
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = _serve(root, new_store(root), url)
+    try:
         yield url, root
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop(proc)
 
 
 def test_run_logs_runs_metrics_and_artifacts_to_a_server(server, tmp_path):
@@ -92,3 +102,58 @@ def test_run_logs_runs_metrics_and_artifacts_to_a_server(server, tmp_path):
     code, out, _ = cli("run", str(exp), "--no-progress")  # the server knows it finished: skipped
     assert code == 0 and "skip   b seed=0" in out
     assert len(c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'variant'")) == 1
+
+
+def test_a_server_that_stops_mid_training_and_returns_gets_every_step_while_training_goes_on(tmp_path, new_store,
+                                                                                            monkeypatch):
+    """The server is stopped after step 2 and started again after step 5: training never waits for it,
+    the journal retries, and the run ends FINISHED with every step stored once."""
+    from mlflow import MlflowClient
+
+    from rcnn_lab.runner import journal
+    from rcnn_lab.runner import tracking as tr
+    from rcnn_lab.runner.hooks import MLflowHook
+
+    root = tmp_path / "server"
+    root.mkdir()
+    backend, url = new_store(root), f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setattr(journal, "RETRY_S", 0.2)
+    failures, real_ship, real_after_step = [], journal.ship, MLflowHook.after_step
+
+    def ship(c, run_id, entry):
+        try:
+            return real_ship(c, run_id, entry)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    server = [_serve(root, backend, url)]
+
+    def after_step(self, trainer, record):
+        real_after_step(self, trainer, record)
+        if record.iteration == 2:
+            _stop(server[0])
+        elif record.iteration == 5:
+            deadline = time.time() + 60
+            while not failures and time.time() < deadline:  # the shipper met the dead server meanwhile
+                time.sleep(0.05)
+            server[0] = _serve(root, backend, url)
+
+    monkeypatch.setattr(journal, "ship", ship)
+    monkeypatch.setattr(MLflowHook, "after_step", after_step)
+    monkeypatch.chdir(tmp_path)
+    try:
+        exp = tiny_experiment(tmp_path / "e", url, iterations=8)
+        code, out, err = cli("run", str(exp), "--no-progress")
+        assert code == 0, err
+        assert failures and all(tr.unreachable(exc) for exc in failures)
+        assert "Traceback" not in out + err and "tracking store" not in out.replace(f"tracked in {url}", "")
+        c = MlflowClient(url)
+        (child,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
+        assert child.info.status == "FINISHED" and "final/segm_AP" in child.data.metrics
+        assert sorted(m.step for m in c.get_metric_history(child.info.run_id, "loss")) == list(range(1, 9))
+        assert not list((tmp_path / "runs" / "outputs").rglob("journal.jsonl"))  # all stored: no journal left
+    finally:
+        _stop(server[0])

@@ -233,3 +233,58 @@ def test_bad_input_found_by_preflight_exits_2_before_any_store_exists(tmp_path):
     assert code == 2
     assert "model.num_classes: is 4 but data.train has 5 categories" in err
     assert files_under(tmp_path) == {"exp.yaml"}
+
+
+def test_a_store_down_until_the_end_loses_nothing_and_the_rerun_stores_it_without_retraining(tmp_path, new_store,
+                                                                                            monkeypatch):
+    """The tracking store stops answering before the first write and is still down when training ends:
+    training finishes, the command ends with one line (exit 3) and keeps the writes on disk; once the
+    store answers, the same command stores them, the run is FINISHED and nothing is retrained."""
+    import threading
+
+    import requests
+    from mlflow import MlflowClient
+
+    from rcnn_lab.runner import journal
+    from rcnn_lab.runner import sweep as runner_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RCNN_LAB_RUNS", raising=False)
+    uri = new_store(tmp_path)
+    exp = tiny_experiment(tmp_path / "e", uri, iterations=4, train="  checkpoint_every: 2\n")
+    down, real_ship = threading.Event(), journal.ship
+
+    def ship(c, run_id, entry):  # every write after the run's creation meets a dead store
+        if down.is_set():
+            raise requests.exceptions.ConnectionError("HTTPConnectionPool(host='tracking'): Connection refused")
+        return real_ship(c, run_id, entry)
+
+    monkeypatch.setattr(journal, "ship", ship)
+    monkeypatch.setattr(journal, "RETRY_S", 0.05)
+    monkeypatch.setattr(runner_sweep, "OUTAGE_WAIT_S", 0.5)
+    down.set()
+    code, out, err = cli("run", str(exp), "--no-progress")
+    assert code == 3 and "Traceback" not in out + err
+    closing = [line for line in out.splitlines() if line.startswith("tracking store")]
+    assert len(closing) == 1 and "unreachable since" in closing[0] and "(connection refused)" in closing[0]
+    assert "not stored for 1 run(s)" in closing[0] and "its end (FINISHED)" in closing[0]
+    assert f"rcnn-lab run {exp}" in closing[0]
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
+    assert run.info.status == "RUNNING" and c.get_metric_history(run.info.run_id, "loss") == []
+    outputs = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
+    assert any(ckpt.folder(p.parent.parent) == p.parent for p in outputs)  # the checkpoints are there
+
+    down.clear()
+    code, out, err = cli("run", str(exp), "--no-progress")
+    assert code == 0, err
+    assert re.search(r"stored b seed=0: \d+ metric points, \d+ files, .*its end \(FINISHED\)", out)
+    assert re.search(r"skip\s+b seed=0", out) and not re.search(r"^run\s", out, re.M)  # nothing retrained
+    run = c.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "final/bbox_AP" in run.data.metrics
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "eval")} >= {"eval/metrics.json", "eval/per_class.json"}
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
+    assert {p: t for p, t in kept.items() if p in outputs and "tracking" not in p.parts} == \
+        {p: t for p, t in outputs.items() if "tracking" not in p.parts}  # checkpoints kept, untouched
