@@ -288,3 +288,32 @@ def test_a_store_down_until_the_end_loses_nothing_and_the_rerun_stores_it_withou
     kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
     assert {p: t for p, t in kept.items() if p in outputs and "tracking" not in p.parts} == \
         {p: t for p, t in outputs.items() if "tracking" not in p.parts}  # checkpoints kept, untouched
+
+
+def test_a_store_that_stops_answering_between_two_runs_ends_the_sweep_with_one_line(tmp_path, new_store, monkeypatch):
+    import requests
+    from mlflow import MlflowClient
+
+    from rcnn_lab.runner import sweep as runner_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RCNN_LAB_RUNS", raising=False)
+    uri = new_store(tmp_path)
+    exp = tiny_experiment(tmp_path / "e", uri, iterations=1, variants="  b: {}\n  c: {train.optimizer.lr: 0.02}\n")
+    real_decide, calls = runner_sweep.decide, []
+
+    def decide(c, exp_id, run, force):
+        calls.append(run.variant.name)
+        if len(calls) == 2:
+            raise requests.exceptions.ConnectionError("HTTPConnectionPool(host='tracking'): Connection refused")
+        return real_decide(c, exp_id, run, force)
+
+    monkeypatch.setattr(runner_sweep, "decide", decide)
+    code, out, err = cli("run", str(exp), "--no-progress")
+    assert code == 3 and calls == ["b", "c"] and "Traceback" not in out + err
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert line.startswith("rcnn-lab run: error: tracking store") and "stopped answering (connection refused) before c seed=0" in line and "run the same command again" in line
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
+    assert run.data.tags["rcnn_lab.variant"] == "b" and run.info.status == "FINISHED"  # the first run is stored whole
