@@ -17,7 +17,8 @@ def add_arguments_report(p: argparse.ArgumentParser) -> None:
                    help="experiment files or MLflow experiment names (several: one combined table)")
     p.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
                    help="final metric to summarize (repeatable or comma-separated, e.g. segm_AP,bbox_AP50; "
-                   "default: bbox_AP and segm_AP)")
+                   "default: bbox_AP and segm_AP); NAME@STEPS: a training metric's mean over each run's last STEPS "
+                   "steps, e.g. loss_rpn_box_reg@200 or grad_norm/loss_mask/rpn.head.bbox_pred@500")
     p.add_argument("--format", choices=FORMATS, help="table format (default: from --out's suffix, else md)")
     p.add_argument("--out", metavar="PATH",
                    help="write the table to PATH (a folder gets report.<format>) and PNG plots next to it")
@@ -40,12 +41,24 @@ def add_arguments_report(p: argparse.ArgumentParser) -> None:
 
 
 def _metrics(values: list[str] | None) -> list[str] | None:
+    from rcnn_lab.report.steps import is_step_metric, parse
+
     if not values:
         return None
     names = [m.strip() for v in values for m in v.split(",") if m.strip()]
     if not names:
         raise ConfigError([Problem("--metric", "needs a metric name, e.g. --metric segm_AP")])
+    for name in names:
+        if is_step_metric(name):
+            parse(name)  # a malformed NAME@STEPS fails here, before any store is read
     return list(dict.fromkeys(names))
+
+
+def _file_part(metric: str) -> str:
+    """A metric name as part of a plot's file name (``grad_norm/loss_mask/rpn.head.conv@500`` has slashes)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", metric)
 
 
 def output_paths(out: str, fmt: str | None) -> tuple[Path, Path, str]:
@@ -84,9 +97,9 @@ def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None, co
     written = []
     metrics = summary_metrics(table)
     for m in metrics:
-        written.append(plot_metric(table, m, f"{stem}_{m}.png"))
+        written.append(plot_metric(table, m, f"{stem}_{_file_part(m)}.png"))
     for m in metrics:
-        scatter = plot_cost(table, m, f"{stem}_{m}_vs_{cost}.png", cost)
+        scatter = plot_cost(table, m, f"{stem}_{_file_part(m)}_vs_{cost}.png", cost)
         if scatter is not None:
             written.append(scatter)
     scan = param_key(table) if group_by is None else None
@@ -95,7 +108,7 @@ def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None, co
         short = key.replace(".", "_")
         for m in metrics:
             plot = plot_param if key == scan else plot_grid
-            written.append(plot(table, m, key, f"{stem}_{m}_vs_{short}.png"))
+            written.append(plot(table, m, key, f"{stem}_{_file_part(m)}_vs_{short}.png"))
     losses = plot_losses(df, f"{stem}_losses.png", uri)
     if losses is not None:
         written.append(losses)
@@ -154,6 +167,7 @@ def cmd_report(args) -> int:
     from rcnn_lab.report.cost import COSTS
     from rcnn_lab.report.render import markdown
     from rcnn_lab.report.stats import mixed_environments
+    from rcnn_lab.report.steps import add_step_means, is_step_metric
 
     metrics = _metrics(args.metrics)
     if args.cost not in COSTS:  # checked before anything is written
@@ -162,6 +176,9 @@ def cmd_report(args) -> int:
         raise ConfigError([Problem("--cost", f"unknown cost {args.cost!r}{did_you_mean(args.cost, list(COSTS))} "
                                    f"(costs: {', '.join(COSTS)})")])
     df = runs(args.experiments, tracking_uri=args.uri)
+    step_metrics = [m for m in metrics or [] if is_step_metric(m)]
+    if step_metrics:
+        df = add_step_means(df, step_metrics, args.uri)
     present = set(df["experiment"])
     empty = [(n, u) for n, u in df.attrs.get("tracking_uris", {}).items() if n not in present]
     if empty:

@@ -39,7 +39,7 @@ def plot_cost(summary: pd.DataFrame, metric: str, path: str | Path, cost: str = 
 
     Returns None (writes nothing) when no row has that cost logged.
     """
-    from rcnn_lab.report.plots import _check_metric, _figure, _label_column, _names, _save, _yerr
+    from rcnn_lab.report.plots import _check_metric, _figure, _label_column, _names, _save, _yerr, metric_label
 
     if cost not in COSTS:
         raise ConfigError([Problem("--cost", f"unknown cost {cost!r}{did_you_mean(cost, list(COSTS))} "
@@ -63,7 +63,7 @@ def plot_cost(summary: pd.DataFrame, metric: str, path: str | Path, cost: str = 
         if np.isfinite(xi) and np.isfinite(yi):
             ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(COSTS[cost] + (" (higher is cheaper)" if cost in HIGHER_IS_CHEAPER else ""))
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric} vs {COSTS[cost]} (mean and CI; baseline in orange)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

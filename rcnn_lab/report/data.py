@@ -174,10 +174,12 @@ def runs(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | Non
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    """Names of the ``final/*`` metric columns of a ``runs()`` frame (params are dotted or top-level config keys)."""
+    """Names of the metric columns of a ``runs()`` frame: ``final/*`` metrics, and the ``NAME@N`` training-metric
+    means ``report.steps.add_step_means`` adds (params are dotted or top-level config keys)."""
     return [
         c for c in df.columns
-        if c not in RUN_COLUMNS and "." not in c and c not in _TOP_LEVEL_KEYS and pd.api.types.is_numeric_dtype(df[c])
+        if c not in RUN_COLUMNS and ("@" in c or ("." not in c and c not in _TOP_LEVEL_KEYS))
+        and pd.api.types.is_numeric_dtype(df[c])
     ]
 
 

@@ -25,6 +25,25 @@ def _figure(width: float = 7.0, height: float = 4.0):
     return fig, fig.add_subplot()
 
 
+def config_columns(summary: pd.DataFrame) -> list[str]:
+    """The dotted config-key columns of a ``summary()`` table (not the statistics of a ``NAME@N`` metric with dots)."""
+    stats = tuple(f"{m}_" for m in summary_metrics(summary))
+    return [c for c in summary.columns if "." in c and not c.startswith(stats)]
+
+
+def metric_label(metric: str, width: int = 28) -> str:
+    """An axis label for ``metric``: a long training-metric name (``grad_norm/LOSS/COMPONENT@N``) broken after its slashes."""
+    if len(metric) <= width or "/" not in metric:
+        return metric
+    lines, line = [], ""
+    for part in metric.replace("/", "/\n").split("\n"):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join([*lines, line])
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +102,7 @@ def plot_metric(summary: pd.DataFrame, metric: str, path: str | Path) -> Path:
     if np.isfinite(tops).any() and np.nanmax(tops) > 0:
         ax.set_ylim(top=float(np.nanmax(tops)) * 1.15)  # room for the labels
     ax.set_xticks(x, names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center", fontsize=8)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric}: mean and {_confidence(summary)} (baseline in orange)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -92,11 +111,11 @@ def plot_metric(summary: pd.DataFrame, metric: str, path: str | Path) -> Path:
 def plot_grid(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -> Path:
     """``metric`` against the values of config key ``key``, one line per value of the other changed keys."""
     _check_metric(summary, metric)
+    keys = config_columns(summary)
     if key not in summary.columns:
-        keys = [c for c in summary.columns if "." in c]
         raise ConfigError([Problem("--group-by", f"the summary has no column {key!r}{did_you_mean(key, keys)} "
                                    f"(config keys: {', '.join(keys) or 'none'})")])
-    others = [c for c in summary.columns if "." in c and c != key]
+    others = [c for c in keys if c != key]
     values = list(dict.fromkeys(summary[key].map(_cell)))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ticks = sorted(values) if numeric else values
@@ -114,7 +133,7 @@ def plot_grid(summary: pd.DataFrame, metric: str, key: str, path: str | Path) ->
     if not numeric:
         ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
     ax.set_xlabel(key)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)})", fontsize=10)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=7)
@@ -287,7 +306,7 @@ def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel(key)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)}; dashed: variants outside the scan)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -28,6 +28,7 @@ VARIANTS = {
 # second experiment: a baseline with two seeds and a variant with a single seed
 VARIANTS2 = {"base2": ({}, [0.50, 0.52], [0.40, 0.42]), "other2": ({KEY: 150}, [0.55], [0.45])}
 ITERATIONS, BATCH = 100, 4
+GRAD_NORM = "grad_norm/loss_box_reg/rpn.head.bbox_pred"  # a per-step metric with slashes and dots in its name
 T0 = 1_700_000_000_000  # ms
 
 
@@ -50,6 +51,7 @@ def _log(client, exp_id: str, parent: str, start: int, variant: str, seed: int, 
               "data.batch_size": json.dumps(BATCH), "train.seed": json.dumps(seed), "eval.iou_types": '["bbox", "segm"]'}
     metrics = [Metric(f"{tags.FINAL_PREFIX}{k}", v, start, ITERATIONS) for k, v in (final or {}).items()]
     metrics += [Metric("loss", 2.0 - 0.1 * step + 0.01 * seed, start + step, step) for step in range(1, 11)]
+    metrics += [Metric(GRAD_NORM, 0.5 + 0.1 * seed + 0.01 * step, start + step, step) for step in (5, 10)]
     metrics += [Metric("bbox_AP", (final or {}).get("bbox_AP", 0.0), start, ITERATIONS)]
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     if status:
