@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rcnn_lab.report.cost import pareto_front, plot_cost
-from tests.report.test_stats import EXP, PNG, df, uri  # noqa: F401  (module fixtures)
+from tests.report.test_stats import EXP, PNG, df  # noqa: F401  (module fixture; uri: conftest)
 
 
 def test_pareto_front_keeps_the_undominated_points():

@@ -98,11 +98,6 @@ def build_store(root: Path) -> str:
     return uri
 
 
-@pytest.fixture(scope="module")
-def uri(tmp_path_factory) -> str:
-    return build_store(tmp_path_factory.mktemp("mlflow"))
-
-
 def test_runs_one_row_per_child_with_tags_metrics_and_params(uri):
     from rcnn_lab.report import runs
 

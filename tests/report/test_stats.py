@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tests.report.test_data import BATCH, BOX, EXP, EXP2, ITERATIONS, KEY, VARIANTS, VARIANTS2, build_store
+from tests.report.test_data import BATCH, BOX, EXP, EXP2, ITERATIONS, KEY, VARIANTS, VARIANTS2
 
 PNG = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside MLflow's sqlalchemy store
-
-
-@pytest.fixture(scope="module")
-def uri(tmp_path_factory) -> str:
-    return build_store(tmp_path_factory.mktemp("mlflow"))
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,10 @@ import pytest
 
 from rcnn_lab.errors import ConfigError
 from rcnn_lab.report import steps
-from tests.report.test_data import EXP, GRAD_NORM, SEEDS, VARIANTS, build_store
+from tests.report.test_data import EXP, GRAD_NORM, SEEDS, VARIANTS
 from tests.runner.conftest import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")  # inside MLflow's sqlalchemy store
-
-
-@pytest.fixture(scope="module")
-def uri(tmp_path_factory) -> str:
-    return build_store(tmp_path_factory.mktemp("mlflow"))
 
 
 @pytest.fixture(scope="module")
