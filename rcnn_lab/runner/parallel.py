@@ -27,10 +27,18 @@ from pathlib import Path
 
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem, RcnnLabError
-from rcnn_lab.runner import tags
+from rcnn_lab.runner import claims, tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
+
+SWEEP_ENV = "RCNN_LAB_SWEEP_RUN"  # --parallel: the sweep run its coordinator made; the workers' runs nest under it
+
+
+def given_sweep_run() -> str | None:
+    """In a ``--parallel`` worker: the id of the invocation's one sweep run (its coordinator's)."""
+    return os.environ.get(SWEEP_ENV) or None
+
 
 # --- DDP ranks (under --nproc or torchrun) ----------------------------------------------------
 
@@ -160,30 +168,52 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, 
     uri = tr.resolve_uri(exp.tracking.uri)
     c = tr.client(uri)  # create the store and experiment once, before K workers race to
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri))
+    for stale in claims.end_stale_sweeps(c, exp_id):
+        print(f"marked KILLED: sweep run {stale} (its process is gone)")
+    # one sweep run for the whole invocation: every worker's runs nest under it (report --out attaches there)
+    sweep = tr.start_sweep(c, exp_id, exp, len(plan), tr.common_tags(exp, 1))
     base = strip_option(argv, "--parallel") + ["--no-progress", "--no-summary"]
     started_ms = int(time.time() * 1000)
     lock, procs, pumps = threading.Lock(), [], []
-    for i in range(workers):
-        cmd = [sys.executable, "-m", "rcnn_lab", *base, "--shard", f"{i}/{workers}"]
-        proc = subprocess.Popen(cmd, env=worker_env(i, workers, cuda), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        pump = threading.Thread(target=_pump, args=(proc, [r.label for r in plan[i::workers]], lock), daemon=True)
-        pump.start()
-        procs.append(proc)
-        pumps.append(pump)
+    status = Status.KILLED
     try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the workers got the signal too: let them record KILLED, then stop
-        for p in procs:
-            p.wait()
-        raise
-    for pump in pumps:
-        pump.join()
-    outcomes = outcomes_from_store(c, exp_id, plan, started_ms)
-    code = max(codes)
-    if code == 0 and any(o.status in (Status.FAILED, Status.PLANNED, Status.KILLED) for o in outcomes):
-        code = 1
+        with tr.Heartbeat(c, sweep):
+            for i in range(workers):
+                cmd = [sys.executable, "-m", "rcnn_lab", *base, "--shard", f"{i}/{workers}"]
+                proc = subprocess.Popen(cmd, env={**worker_env(i, workers, cuda), SWEEP_ENV: sweep},
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                pump = threading.Thread(target=_pump, args=(proc, [r.label for r in plan[i::workers]], lock),
+                                        daemon=True)
+                pump.start()
+                procs.append(proc)
+                pumps.append(pump)
+            try:
+                codes = [p.wait() for p in procs]
+            except KeyboardInterrupt:  # the workers got the signal too: let them record KILLED, then stop
+                for p in procs:
+                    p.wait()
+                raise
+        for pump in pumps:
+            pump.join()
+        outcomes = outcomes_from_store(c, exp_id, plan, started_ms)
+        code = max(codes)
+        if code == 0 and any(o.status in (Status.FAILED, Status.PLANNED, Status.KILLED) for o in outcomes):
+            code = 1
+        status = Status.FAILED if code else Status.FINISHED
+    finally:
+        _end_sweep(c, exp_id, sweep, status)
     return outcomes, code
+
+
+def _end_sweep(c, exp_id: str, sweep: str, status: Status) -> None:
+    """End the invocation's sweep run; one that no run nests under (everything was skipped) is deleted."""
+    try:
+        if c.search_runs([exp_id], filter_string=tags.filter_equals(tags.PARENT, sweep), max_results=1):
+            c.set_terminated(sweep, status.value)
+        else:
+            c.delete_run(sweep)
+    except Exception:  # the store itself may be what failed; the next invocation marks a stale sweep run KILLED
+        pass
 
 
 def outcomes_from_store(c, exp_id: str, plan, since_ms: int) -> list:

@@ -79,10 +79,9 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
     for stale in claims.end_stale_sweeps(c, exp_id):
         echo(f"marked KILLED: sweep run {stale} (its process is gone)")
-    parent = None
+    parent = given = parallel.given_sweep_run()  # --parallel: the coordinator's sweep run; it also ends it
     outcomes: list[Outcome] = []
-    common = {**tr.git_state(), **tr.versions(), tags.EXPERIMENT_FILE: str(exp.path),
-              tags.WORLD_SIZE: str(distributed.world().size)}
+    common = tr.common_tags(exp, distributed.world().size)
     beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
     journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
     interrupted = False
@@ -107,15 +106,13 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 continue
             run_inputs = run_inputs or prepare(run.config)  # a config planned twice (--seeds 0,0 --force)
             if parent is None:
-                parent = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                      tags={**common, **tr.claim_tags(), tags.KIND: tags.SWEEP,
-                                            tags.PLAN_SIZE: str(len(plan))})
-                beats.enter_context(tr.Heartbeat(c, parent.info.run_id))
+                parent = tr.start_sweep(c, exp_id, exp, len(plan), common)
+                beats.enter_context(tr.Heartbeat(c, parent))
             if action == Action.RESUME:  # claims.take_over marked it RUNNING with our claim
                 run_id = existing.info.run_id
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
             else:
-                run_id = _start_child(c, exp_id, parent.info.run_id, run, run_inputs.device, common)
+                run_id = _start_child(c, exp_id, parent, run, run_inputs.device, common)
                 rival = claims.rival(c, exp_id, run.hash, run_id, finished_wins=not force)
                 if rival is not None:  # another worker claimed this config first: back off
                     claims.back_off(c, run_id, rival)
@@ -147,13 +144,13 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
         unstored = _close_journals(journals, uri, exp, INTERRUPTED_WAIT_S if interrupted else OUTAGE_WAIT_S, echo)
         for o in outcomes:
             o.unstored = o.run_id in unstored
-        if parent is not None and not unstored:
+        if parent is not None and parent != given and not unstored:
             failed = any(o.status == Status.FAILED for o in outcomes)
             status = Status.KILLED if interrupted else Status.FAILED if failed else Status.FINISHED
-            _quietly(c.set_terminated, parent.info.run_id, status.value)
-            if not interrupted:
-                echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent.info.run_id} "
-                     "(rcnn-lab ui to browse)")
+            _quietly(c.set_terminated, parent, status.value)
+        trained = any(o.action in (Action.RUN, Action.RESUME) for o in outcomes)
+        if parent is not None and (parent != given or trained) and not interrupted and not unstored:
+            echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent} (rcnn-lab ui to browse)")
     return outcomes
 
 

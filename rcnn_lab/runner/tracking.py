@@ -248,6 +248,18 @@ def versions() -> dict[str, str]:
     return {tags.VERSION: __version__, tags.TORCH: torch.__version__, tags.TORCHVISION: torchvision.__version__}
 
 
+def common_tags(exp, world_size: int) -> dict[str, str]:
+    """Tags every run of an invocation carries: the code's commit, library versions, experiment file, ranks."""
+    return {**git_state(), **versions(), tags.EXPERIMENT_FILE: str(exp.path), tags.WORLD_SIZE: str(world_size)}
+
+
+def start_sweep(c, exp_id: str, exp, plan_size: int, common: dict[str, str]) -> str:
+    """A new sweep (parent) run of ``exp``, claimed by this process (heartbeat: :class:`Heartbeat`); its id."""
+    run = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                       tags={**common, **claim_tags(), tags.KIND: tags.SWEEP, tags.PLAN_SIZE: str(plan_size)})
+    return run.info.run_id
+
+
 def claim_tags() -> dict[str, str]:
     return {tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()), tags.HEARTBEAT: str(int(time.time()))}
 
