@@ -97,7 +97,7 @@ class Journal:
         self.written = self._count_lines()
         self.sent = self.queue[0][0] if self.queue else self.written
         self.unsent_bytes = sum(n for _, _, n in self.queue)
-        self.dropped = self.rejected = 0
+        self.dropped = self.rejected = self._files = 0
         self.reason = ""
         self.outage: tuple[float, str] | None = None  # (since, reason) while the store does not answer
         self._file = open(self.folder / "journal.jsonl", "a", encoding="utf-8")
@@ -153,7 +153,8 @@ class Journal:
         self._append({"op": "tags", "t": {k: str(v) for k, v in values.items()}})
 
     def _own_file(self, artifact_file: str) -> Path:
-        path = self.folder / "files" / str(self.written) / Path(artifact_file).name
+        self._files += 1  # a fresh folder per file: names repeat (eval/metrics.json), and lines are compacted away
+        path = self.folder / "files" / f"{os.getpid()}-{self._files}" / Path(artifact_file).name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
