@@ -88,6 +88,8 @@ CASES = [
     # 3. accepted but wrong
     Case("max-images-zero", {"exp.yaml": OK + "eval: {max_images: 0}\n"}, expect=("eval.max_images",)),
     Case("max-images-negative", {"exp.yaml": OK + "eval: {max_images: -5}\n"}, expect=("eval.max_images",)),
+    Case("outage-buffer-zero", {"exp.yaml": OK + "tracking: {outage_buffer_mb: 0}\n"},
+         expect=("tracking.outage_buffer_mb", "must be positive")),
     Case("lr-negative", {"exp.yaml": OK + "train: {optimizer: {type: sgd, lr: -0.1}}\n"}, expect=("train.optimizer.lr", "> 0")),
     Case("lr-nan", {"exp.yaml": OK}, ["--set", "train.optimizer.lr=.nan"], expect=("--set", "train.optimizer.lr", "finite")),
     Case("lr-inf-adamw", {"exp.yaml": OK + "train: {optimizer: {type: adamw, lr: .inf}}\n"}, expect=("finite",)),
