@@ -88,6 +88,7 @@ class Journal:
         except BlockingIOError:
             self._owner.close()
             raise JournalBusy(str(self.folder)) from None
+        _drop_torn_line(self.folder / "journal.jsonl")  # a process killed mid-write: later lines must start afresh
         owner = self.folder / "run_id"
         if owner.exists() and owner.read_text().strip() != run_id and self._load_unsent():
             self._owner.close()
@@ -359,6 +360,16 @@ def replay(c, where: Path) -> Backlog | None:
 def _parent(artifact_file: str) -> str | None:
     parent = str(Path(artifact_file).parent)
     return None if parent in ("", ".") else parent
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line without its newline (the write of a killed process) off the journal at ``path``."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _save_png(image, path: Path) -> None:

@@ -145,7 +145,7 @@ def test_a_journal_has_one_owner(store, tmp_path):
     j.close(0)
 
 
-def test_writes_after_a_kill_are_read_back_and_a_torn_last_line_is_ignored(store, tmp_path):
+def test_writes_after_a_kill_are_read_back_and_a_torn_last_line_is_cut(store, tmp_path):
     flap, run_id = store
     where = tmp_path / "tracking"
     j = Journal(flap, run_id, where, start=False)  # never shipped: as if killed before the store was written
@@ -154,5 +154,8 @@ def test_writes_after_a_kill_are_read_back_and_a_torn_last_line_is_ignored(store
     j._owner.close()  # the process is gone: its lock with it
     with open(where / "journal.jsonl", "a") as f:
         f.write('{"op":"metrics","m":[["loss"')  # killed mid-write
+    resumed = Journal(flap, run_id, where, start=False)  # the run resumes: its next write starts a line of its own
+    resumed.metrics(_loss(4))
+    resumed._owner.close()
     stored = jr.replay(flap, where)
-    assert stored.metrics == 3 and _steps(flap.c, run_id) == [1, 2, 3]
+    assert stored.metrics == 4 and _steps(flap.c, run_id) == [1, 2, 3, 4]
