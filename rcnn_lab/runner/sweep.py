@@ -84,7 +84,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     common = tr.common_tags(exp, distributed.world().size)
     beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
     journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
-    interrupted = False
+    interrupted = crashed = False
     run = None
     try:
         for run in plan:
@@ -134,6 +134,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
         interrupted = True
         raise
     except Exception as exc:
+        crashed = True
         if not tr.unreachable(exc):
             raise
         raise tr.TrackingError(f"tracking store {uri} stopped answering ({tr.failure_reason(exc)}) before "
@@ -145,11 +146,11 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
         for o in outcomes:
             o.unstored = o.run_id in unstored
         if parent is not None and parent != given and not unstored:
-            failed = any(o.status == Status.FAILED for o in outcomes)
+            failed = crashed or any(o.status == Status.FAILED for o in outcomes)
             status = Status.KILLED if interrupted else Status.FAILED if failed else Status.FINISHED
             _quietly(c.set_terminated, parent, status.value)
         trained = any(o.action in (Action.RUN, Action.RESUME) for o in outcomes)
-        if parent is not None and (parent != given or trained) and not interrupted and not unstored:
+        if parent is not None and (parent != given or trained) and not (interrupted or crashed or unstored):
             echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent} (rcnn-lab ui to browse)")
     return outcomes
 

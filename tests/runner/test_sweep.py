@@ -317,3 +317,4 @@ def test_a_store_that_stops_answering_between_two_runs_ends_the_sweep_with_one_l
     c = MlflowClient(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
     assert run.data.tags["rcnn_lab.variant"] == "b" and run.info.status == "FINISHED"  # the first run is stored whole
+    assert c.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the sweep did not finish
