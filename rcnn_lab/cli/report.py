@@ -56,9 +56,9 @@ def _metrics(values: list[str] | None) -> list[str] | None:
 
 def _file_part(metric: str) -> str:
     """A metric name as part of a plot's file name (``grad_norm/loss_mask/rpn.head.conv@500`` has slashes)."""
-    import re
+    from rcnn_lab.runner.plan import file_part
 
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", metric)
+    return file_part(metric)
 
 
 def output_paths(out: str, fmt: str | None) -> tuple[Path, Path, str]:

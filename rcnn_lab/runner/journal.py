@@ -89,13 +89,15 @@ class Journal:
             self._owner.close()
             raise JournalBusy(str(self.folder)) from None
         _drop_torn_line(self.folder / "journal.jsonl")  # a process killed mid-write: later lines must start afresh
+        lines = self._lines()  # read once: a journal left by an outage may be large
+        unsent = self._unsent(lines)
         owner = self.folder / "run_id"
-        if owner.exists() and owner.read_text().strip() != run_id and self._load_unsent():
+        if owner.exists() and owner.read_text().strip() != run_id and unsent:
             self._owner.close()
             raise RuntimeError(f"{self.folder} holds the unstored writes of run {owner.read_text().strip()}; replay them first")
         owner.write_text(run_id)
-        self.queue: deque[tuple[int, dict, int]] = deque(self._load_unsent())  # (line index, entry, bytes)
-        self.written = self._count_lines()
+        self.queue: deque[tuple[int, dict, int]] = deque(unsent)  # (line index, entry, bytes)
+        self.written = len(lines)
         self.sent = self.queue[0][0] if self.queue else self.written
         self.unsent_bytes = sum(n for _, _, n in self.queue)
         self.dropped = self.rejected = self._files = 0
@@ -115,14 +117,11 @@ class Journal:
         path = self.folder / "journal.jsonl"
         return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
-    def _count_lines(self) -> int:
-        return len(self._lines())
-
-    def _load_unsent(self) -> list[tuple[int, dict, int]]:
+    def _unsent(self, lines: list[str]) -> list[tuple[int, dict, int]]:
         sent_file = self.folder / "journal.sent"
         sent = int(sent_file.read_text() or 0) if sent_file.exists() else 0
         out = []
-        for i, line in enumerate(self._lines()):
+        for i, line in enumerate(lines):
             if i >= sent:
                 try:
                     out.append((i, json.loads(line), len(line) + 1))

@@ -32,7 +32,7 @@ from datetime import timedelta
 
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem
-from rcnn_lab.runner.parallel import _cores, strip_option
+from rcnn_lab.runner.parallel import cores, strip_option
 
 LOOPBACK = "127.0.0.1"
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -92,7 +92,7 @@ def rank_env(base: dict[str, str], rank: int, nproc: int, port: int) -> dict[str
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                GROUP_RANK="0", GROUP_WORLD_SIZE="1", MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port),
                TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     ifname = loopback_interface()
     for var in IFNAME_VARS:
         if not env.get(var):

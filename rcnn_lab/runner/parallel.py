@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem, RcnnLabError
-from rcnn_lab.runner import claims, tags
+from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
@@ -126,7 +126,7 @@ def strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _cores() -> int:
+def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -142,7 +142,7 @@ def worker_env(index: int, workers: int, cuda: bool) -> dict[str, str]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = [g for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    threads = str(max(1, _cores() // workers))
+    threads = str(max(1, cores() // workers))
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
     return env
 
@@ -168,8 +168,6 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, 
     uri = tr.resolve_uri(exp.tracking.uri)
     c = tr.client(uri)  # create the store and experiment once, before K workers race to
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri))
-    for stale in claims.end_stale_sweeps(c, exp_id):
-        print(f"marked KILLED: sweep run {stale} (its process is gone)")
     # one sweep run for the whole invocation: every worker's runs nest under it (report --out attaches there)
     sweep = tr.start_sweep(c, exp_id, exp, len(plan), tr.common_tags(exp, 1))
     base = strip_option(argv, "--parallel") + ["--no-progress", "--no-summary"]

@@ -11,6 +11,11 @@ from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean
 
 
+def file_part(text: str) -> str:
+    """``text`` as part of a file or folder name: every run of other characters than ``A-Za-z0-9_.=-`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
 @dataclass(frozen=True)
 class PlannedRun:
     variant: Variant
@@ -25,7 +30,7 @@ class PlannedRun:
     @property
     def slug(self) -> str:
         """Folder-safe name for outputs."""
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.variant.name}-s{self.seed}")[:80] + f"-{self.hash[:8]}"
+        return file_part(f"{self.variant.name}-s{self.seed}")[:80] + f"-{self.hash[:8]}"
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

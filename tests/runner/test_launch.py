@@ -163,7 +163,7 @@ def test_an_interrupt_reaches_every_rank_and_returns_130(tmp_path):
 
 
 def test_rank_environment_keeps_what_the_user_set(monkeypatch):
-    monkeypatch.setattr(launch, "_cores", lambda: 8)
+    monkeypatch.setattr(launch, "cores", lambda: 8)
     env = launch.rank_env({"PATH": "/bin", "WORLD_SIZE": "9"}, 1, 2, 12345)
     loop = launch.loopback_interface()
     assert env["PATH"] == "/bin" and env["WORLD_SIZE"] == "2" and env["RANK"] == env["LOCAL_RANK"] == "1"

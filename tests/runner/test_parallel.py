@@ -37,7 +37,7 @@ def test_a_rank_is_interrupted_once_and_ignores_later_signals():
 
 
 def test_workers_share_the_cpu_cores(monkeypatch):
-    monkeypatch.setattr(parallel, "_cores", lambda: 8)
+    monkeypatch.setattr(parallel, "cores", lambda: 8)
     env = parallel.worker_env(1, 3, cuda=False)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
     assert parallel.worker_env(0, 16, cuda=False)["OMP_NUM_THREADS"] == "1"
