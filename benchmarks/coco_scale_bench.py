@@ -6,6 +6,9 @@ per size) and measures, each in a fresh process so peak RSS is its own:
 
 * ``json.load`` of the file, pycocotools ``COCO(file)`` and ``CocoDataset(images, file)``:
   wall time, peak RSS, and for the dataset the bytes its index holds after the build;
+* the on-disk cache of the index (``rcnn_lab.data.coco_cache``, in a temporary folder): that
+  first build stores it; a second build in a fresh process maps it (time, peak RSS); N fresh
+  processes mapping it at once (the PSS of the mapped index and of each whole process);
 * a DataLoader with 4 workers over the dataset reading random items: the PSS of the main
   process and of the workers after 100 and after 20,000 items, and items/s per worker;
 * at val2017's size (5,000 images, 36,781 instances, 100 detections per image): building the
@@ -17,6 +20,8 @@ Run from the repository root::
     python benchmarks/coco_scale_bench.py              # full size (a few GB RAM, some minutes); writes docs/benchmarks/coco_scale.md
     python benchmarks/coco_scale_bench.py --scale 0.02 --no-write   # 2 % of every count
     python benchmarks/coco_scale_bench.py --smoke      # seconds: tiny sizes, nothing written
+    python benchmarks/coco_scale_bench.py --only cache # the synthetic file and the cache figures only
+                                                       # (minutes); rewrites that section of the report
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import gc
 import json
 import os
 import platform
-import resource
+import re
 import shutil
 import subprocess
 import sys
@@ -35,101 +40,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _publish import publish
+from _coco_file import CATEGORY_IDS, write_coco
+from _memory import mapped_mb, peak_mb, pss_mb, rss_mb
+from _publish import publish, publish_section
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "benchmarks" / "coco_scale.md"
-SIZES = [(640, 480), (480, 640), (640, 427), (427, 640), (500, 375)]  # (width, height), COCO's most common
-CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # COCO's 80
-
-
-# --- the synthetic file ----------------------------------------------------------------------
-
-def write_coco(out: Path, num_images: int, num_instances: int, crowd: float, seed: int) -> tuple[Path, Path]:
-    """Write ``out/images/*.jpg`` (hard links) and ``out/annotations.json``; return both paths."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images = out / "images"
-    images.mkdir(parents=True)
-    sources = []
-    for k, (w, h) in enumerate(SIZES):
-        pixels = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)[:h, :w]
-        sources.append(out / f"source_{k}.jpg")
-        Image.fromarray(pixels).save(sources[-1], quality=90)
-    ids = rng.choice(np.arange(1, 6 * num_images + 1), num_images, replace=False)  # sparse, unsorted like COCO's
-    size_of = rng.integers(0, len(SIZES), num_images)
-    owner = rng.integers(0, num_images, num_instances)  # ~6.8 instances per image on average at COCO's counts
-    is_crowd = rng.random(num_instances) < crowd
-    category = rng.choice(CATEGORY_IDS, num_instances)
-    path = out / "annotations.json"
-    with path.open("w") as f:
-        f.write('{"info":{"description":"synthetic COCO-size file","version":"1.0"},"licenses":[{"id":1,"name":"x"}],')
-        f.write('"images":[')
-        for i in range(num_images):
-            w, h = SIZES[size_of[i]]
-            name = f"{ids[i]:012d}.jpg"
-            os.link(sources[size_of[i]], images / name)
-            f.write(("," if i else "") + f'{{"license":1,"file_name":"{name}","coco_url":"http://images.example/{name}",'
-                    f'"height":{h},"width":{w},"date_captured":"2013-11-14 17:02:52","id":{ids[i]}}}')
-        f.write('],"annotations":[')
-        for chunk in range(0, num_instances, 50_000):
-            k = np.arange(chunk, min(chunk + 50_000, num_instances))
-            wh = np.array(SIZES, np.float64)[size_of[owner[k]]]
-            w, h = wh[:, 0], wh[:, 1]
-            bw = np.clip(rng.lognormal(np.log(w / 6), 0.8), 4, w)
-            bh = np.clip(rng.lognormal(np.log(h / 6), 0.8), 4, h)
-            x, y = rng.uniform(0, 1, len(k)) * (w - bw), rng.uniform(0, 1, len(k)) * (h - bh)
-            vertices = rng.integers(8, 32, len(k))
-            angle = np.where(np.arange(32) < vertices[:, None], rng.uniform(0, 2 * np.pi, (len(k), 32)), np.inf)
-            angle = np.sort(angle, 1)
-            radius = rng.uniform(0.7, 1.0, (len(k), 32))
-            px = np.round(x[:, None] + bw[:, None] / 2 * (1 + radius * np.cos(np.where(np.isinf(angle), 0, angle))), 2)
-            py = np.round(y[:, None] + bh[:, None] / 2 * (1 + radius * np.sin(np.where(np.isinf(angle), 0, angle))), 2)
-            for j, i in enumerate(k.tolist()):
-                n, W, H = int(vertices[j]), int(w[j]), int(h[j])
-                if is_crowd[i]:
-                    x0, y0, x1, y1 = int(x[j]), int(y[j]), int(x[j] + bw[j]), int(y[j] + bh[j])
-                    col = [y0, y1 - y0, H - y1]
-                    counts = [x0 * H + col[0]] + [col[1], col[2] + col[0]] * (x1 - x0 - 1) + [col[1], col[2] + (W - x1) * H]
-                    seg = f'{{"counts":{json.dumps(counts, separators=(",", ":"))},"size":[{H},{W}]}}'
-                    box, area = [x0, y0, x1 - x0, y1 - y0], float((x1 - x0) * (y1 - y0))
-                else:
-                    qx, qy = px[j, :n], py[j, :n]
-                    seg = "[[" + ",".join(map("{:.2f}".format, np.stack([qx, qy], 1).ravel().tolist())) + "]]"
-                    x0, y0 = qx.min(), qy.min()
-                    box = [x0, y0, qx.max() - x0, qy.max() - y0]
-                    area = 0.5 * abs(float(np.dot(qx, np.roll(qy, 1)) - np.dot(qy, np.roll(qx, 1))))
-                f.write(("," if i else "") + f'{{"segmentation":{seg},"area":{area:.4f},"iscrowd":{int(is_crowd[i])},'
-                        f'"image_id":{ids[owner[i]]},"bbox":[{",".join(f"{v:.2f}" for v in box)}],'
-                        f'"category_id":{category[i]},"id":{i + 1}}}')
-        f.write('],"categories":[' + ",".join(f'{{"supercategory":"thing","id":{c},"name":"class{c}"}}'
-                                              for c in CATEGORY_IDS) + "]}")
-    for source in sources:
-        source.unlink()
-    return images, path
 
 
 # --- measurements, each in its own process -------------------------------------------------------
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+def hold(images: str, annotations: str) -> None:
+    """A process of the sharing measurement: build from the cache, read every page of the index,
+    say so, and stay alive until stdin closes."""
+    from rcnn_lab.data.coco import CocoDataset
+    from rcnn_lab.data.coco_cache import ARRAYS
 
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def pss_mb(pid: int) -> tuple[float, float]:
-    """(PSS, private) of process ``pid`` in MB, from /proc/PID/smaps_rollup."""
-    fields = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
-    return fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"]
+    start = time.perf_counter()
+    ds = CocoDataset(images, annotations)
+    built = time.perf_counter() - start
+    touched = sum(int(np.asarray(getattr(ds.index, name)).reshape(-1).view(np.uint8)[::4096].sum()) for name in ARRAYS)
+    print(json.dumps({"time_s": built, "touched": touched, "index_mb": ds.index.nbytes / 2**20}), flush=True)
+    sys.stdin.readline()
 
 
 def child(kind: str, images: str, annotations: str, options: dict) -> dict:
@@ -155,7 +87,7 @@ def child(kind: str, images: str, annotations: str, options: dict) -> dict:
     built = time.perf_counter() - start
     out = {"time_s": built, "peak_mb": peak_mb(), "base_mb": base, "index_mb": ds.index.nbytes / 2**20,
            "after_mb": rss_mb(), "images": len(ds), "annotations": ds.index.num_annotations}
-    if kind == "dataset":
+    if kind in ("dataset", "cached"):
         return out
     if kind == "workers":
         return {**out, **workers(ds, options["workers"], options["items"], options["seed"])}
@@ -235,14 +167,47 @@ def evaluation(ds, dets: int, seed: int) -> dict:
     return out
 
 
-def measure(kind: str, images: Path, annotations: Path, **options) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+def child_env(cache: Path) -> dict:
+    """A measured process's environment: this checkout first, one thread, the benchmark's own cache folder."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+            "RCNN_LAB_CACHE": str(cache)}
+
+
+PHASE = re.compile(r"^rcnn-lab: coco [^:]+: (\w+) .*\((\d+\.\d) s\)$")
+
+
+def measure(kind: str, images: Path, annotations: Path, cache: Path, **options) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", kind, str(images), str(annotations), json.dumps(options)],
-                          env=env, capture_output=True, text=True)
+                          env=child_env(cache), capture_output=True, text=True)
     sys.stderr.write(done.stderr)
     if done.returncode:
         raise SystemExit(f"{kind} measurement failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    phases = {m[1]: float(m[2]) for m in map(PHASE.match, done.stderr.splitlines()) if m}  # the build's progress lines
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "phases": phases}
+
+
+def shared(images: Path, annotations: Path, cache: Path, processes: int) -> dict:
+    """``processes`` fresh processes build the dataset from the cache at once and hold it: per process, the
+    RSS and PSS of the mapped index and the PSS of the whole process."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "hold", str(images), str(annotations), "{}"],
+                              env=child_env(cache), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    try:
+        ready = [json.loads(p.stdout.readline()) for p in procs]
+        folder = str(cache.resolve())
+        out = {"processes": processes, "build_s": [r["time_s"] for r in ready], "index_mb": ready[0]["index_mb"],
+               "mapped": [mapped_mb(p.pid, folder) for p in procs], "pss": [pss_mb(p.pid)[0] for p in procs]}
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(60)
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"sharing measurement failed (exits {[p.returncode for p in procs]})")
+    return out
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -267,7 +232,9 @@ def report(args, sizes: dict, r: dict) -> str:
         "(`before` is the RSS just before the load: the `CocoDataset` process has imported torch).", "",
         "| load | time | peak RSS | RSS before | peak - before |", "|---|---:|---:|---:|---:|",
         *[f"| {name} | {m['time_s']:.1f} s | {m['peak_mb'] / gb:.2f} GB | {m['base_mb']:,.0f} MB | {(m['peak_mb'] - m['base_mb']) / gb:.2f} GB |"
-          for name, m in (("`json.load`", js), ("pycocotools `COCO(file)`", pc), ("`CocoDataset(images, file)`", ds))], "",
+          for name, m in (("`json.load`", js), ("pycocotools `COCO(file)`", pc), ("`CocoDataset(images, file)`", ds),
+                          ("the same, from the cache (fresh process)", r["cached"]))], "",
+        "(`CocoDataset`'s first build includes storing its index in the on-disk cache; see *Cached index* below.)", "",
         f"After the build the dataset's index holds **{ds['index_mb']:,.0f} MB** in numpy buffers "
         f"({ds['images']:,} images, {ds['annotations']:,} annotations); the process's RSS is {ds['after_mb'] / gb:.2f} GB.", "",
         f"## DataLoader workers ({len(wk['early']) - 1} workers, random items)", "",
@@ -298,6 +265,56 @@ def report(args, sizes: dict, r: dict) -> str:
         f"{ev['ap_pycocotools'][1]:.4f} / {ev['ap_faster'][1]:.4f} (pycocotools / faster-coco-eval) on these "
         f"synthetic detections; faster-coco-eval is {ev['eval_pycocotools_s'] / ev['eval_faster_s']:.1f}x faster.", "",
     ]
+    return "\n".join(lines) + "\n" + cache_section(args, sizes, r)
+
+
+def cache_section(args, sizes: dict, r: dict) -> str:
+    """The ``## Cached index`` section: first vs cached build, and processes sharing the mapped entry."""
+    cold, hot, sh = r["dataset"], r["cached"], r["shared"]
+    n, gb = sh["processes"], 1024
+    rss, pss = [m[0] for m in sh["mapped"]], [m[1] for m in sh["mapped"]]
+    above_cold, above_hot = (max(0.0, m["peak_mb"] - m["base_mb"]) for m in (cold, hot))
+
+    def ok(flag: bool) -> str:
+        return "met" if flag else "**not met**"
+
+    def row(name: str, m: dict, note: str = "") -> str:
+        return (f"| {name} | {m['time_s']:.1f} s{note} | {m['peak_mb'] / gb:.2f} GB | {m['base_mb']:,.0f} MB | "
+                f"{above_hot if m is hot else above_cold:,.0f} MB | {m['after_mb']:,.0f} MB |")
+
+    lines = [
+        "## Cached index", "",
+        f"`python benchmarks/coco_scale_bench.py{args.flags}` on {os.cpu_count()} cores, load average {args.load:.1f} "
+        "when it started" + (" (the machine was shared with other jobs: absolute times are inflated, compare ratios)"
+                             if args.load > 0.5 else "") + f". The {sizes['file_mb']:,.0f} MB synthetic file ({sizes['images']:,} images, "
+        f"{sizes['instances']:,} instances): the first `CocoDataset` build parses and checks it and stores the index "
+        "in the on-disk cache (a temporary folder here); a second build in a fresh process maps the stored entry "
+        "(`rcnn_lab.data.coco_cache`). Each build runs in its own process, which has imported torch (`RSS before`).", "",
+        "| build | time | peak RSS | RSS before | peak - before | RSS after |", "|---|---:|---:|---:|---:|---:|",
+        row("first: read, parse, check, store", cold, f" (store {cold['phases'].get('stored', float('nan')):.1f} s)"),
+        row("second, fresh process: from the cache", hot), "",
+        f"The entry holds {r['entry_mb']:,.0f} MB on disk (the index's {cold['index_mb']:,.0f} MB of arrays, one `.npy` "
+        "file each, and a small `entry.json`). The cached build reads the image file names (to check the files exist) "
+        "and maps the rest: its pages load as items are read, from the page cache that every process on the machine shares.", "",
+        f"### {n} processes mapping the entry at once", "",
+        f"{n} fresh processes built the dataset from the cache at the same time and then read every page of their index "
+        "(a worst case: training reads it item by item). PSS splits each shared page among the processes mapping it.", "",
+        "| | per process (mean) | all together |", "|---|---:|---:|",
+        f"| build from the cache | {sum(sh['build_s']) / n:.1f} s | |",
+        f"| index mapped: RSS | {sum(rss) / n:,.0f} MB | {sum(rss):,.0f} MB |",
+        f"| index mapped: PSS | {sum(pss) / n:,.0f} MB | {sum(pss):,.0f} MB |",
+        f"| whole process: PSS | {sum(sh['pss']) / n:,.0f} MB | {sum(sh['pss']):,.0f} MB |", "",
+        f"Without the cache each of the {n} processes would parse the file ({cold['time_s']:.1f} s, "
+        f"{above_cold / gb:.2f} GB above its baseline at the peak) and keep its own {cold['index_mb']:,.0f} MB index: "
+        f"{n * cold['index_mb']:,.0f} MB in all, against {sum(pss):,.0f} MB of PSS for the shared one.", "",
+        "| goal | measured | |", "|---|---:|---|",
+        f"| cached build <= 0.05x the first build's time | {hot['time_s'] / cold['time_s']:.3f}x "
+        f"({hot['time_s']:.1f} s / {cold['time_s']:.1f} s) | {ok(hot['time_s'] <= 0.05 * cold['time_s'])} |",
+        f"| cached build's peak above its baseline <= 0.25x the first's | {above_hot / above_cold:.2f}x "
+        f"({above_hot:,.0f} MB / {above_cold:,.0f} MB) | {ok(above_hot <= 0.25 * above_cold)} |",
+        f"| {n} processes' mapped index PSS <= 1.1x one index | {sum(pss) / cold['index_mb']:.2f}x | "
+        f"{ok(sum(pss) <= 1.1 * cold['index_mb'])} |", "",
+    ]
     return "\n".join(lines)
 
 
@@ -312,6 +329,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every image/instance count")
     parser.add_argument("--items", type=int, default=20_000, help="random items the workers read")
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=4, help="processes mapping the cached index at once")
+    parser.add_argument("--only", choices=["all", "cache"], default="all",
+                        help="cache: the train-size file and the cache figures only; rewrites that section of the report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); implies --no-write")
     parser.add_argument("--no-write", action="store_true", help="print the report only")
@@ -319,11 +339,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, images, annotations, options = args.child
-        print(json.dumps(child(kind, images, annotations, json.loads(options))))
+        if kind == "hold":
+            hold(images, annotations)
+        else:
+            print(json.dumps(child(kind, images, annotations, json.loads(options))))
         return
+    args.load = os.getloadavg()[0]
     args.flags = "".join(f" {a}" for a in sys.argv[1:])
     if args.smoke:
-        args.scale, args.items, args.dets, args.workers, args.no_write = 0.002, 200, 10, 2, True
+        args.scale, args.items, args.dets, args.workers, args.processes, args.no_write = 0.002, 200, 10, 2, 2, True
     train = (max(4, round(args.images * args.scale)), max(4, round(args.instances * args.scale)))
     val = (max(4, round(args.val_images * args.scale)), max(4, round(args.val_instances * args.scale)))
     with tempfile.TemporaryDirectory(prefix="coco_scale_") as tmp:
@@ -332,11 +356,19 @@ def main() -> None:
         sizes = {"images": train[0], "instances": train[1], "write_s": time.perf_counter() - start,
                  "file_mb": annotations.stat().st_size / 2**20}
         print(f"wrote {annotations.stat().st_size / 2**20:,.0f} MB in {sizes['write_s']:.0f} s", file=sys.stderr)
-        results = {kind: measure(kind, images, annotations) for kind in ("json", "pycocotools", "dataset")}
-        results["workers"] = measure("workers", images, annotations, workers=args.workers, items=args.items, seed=args.seed)
+        cache = Path(tmp) / "cache"  # the measured builds' cache: empty until the first CocoDataset build
+        kinds = ("dataset", "cached") if args.only == "cache" else ("json", "pycocotools", "dataset", "cached")
+        results = {kind: measure(kind, images, annotations, cache) for kind in kinds}
+        results["shared"] = shared(images, annotations, cache, args.processes)
+        results["entry_mb"] = folder_mb(cache)
+        if args.only == "cache":
+            publish_section(cache_section(args, sizes, results), REPORT, write=not args.no_write)
+            return
+        results["workers"] = measure("workers", images, annotations, cache, workers=args.workers, items=args.items,
+                                     seed=args.seed)
         shutil.rmtree(Path(tmp) / "train")
         val_images, val_annotations = write_coco(Path(tmp) / "val", *val, args.crowd, args.seed + 1)
-        results["eval"] = measure("eval", val_images, val_annotations, dets=args.dets, seed=args.seed)
+        results["eval"] = measure("eval", val_images, val_annotations, cache, dets=args.dets, seed=args.seed)
     publish(report(args, sizes, results), REPORT, write=not args.no_write)
 
 

@@ -21,6 +21,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 register_builtins()
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty on-disk cache (rcnn_lab.data.cache): none writes to the home folder."""
+    monkeypatch.setenv("RCNN_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     """Write a YAML file under tmp_path and return its path."""

@@ -13,6 +13,9 @@ torchvision's reference scripts do, while ``coco()`` keeps them so COCOeval igno
 that match a crowd region. ``crowd: keep`` puts them in the targets with ``iscrowd = 1`` for
 training code that handles them.
 
+The checked index of a file is kept in an on-disk cache (``rcnn_lab.data.coco_cache``): later
+builds of the same, unchanged file map it instead of parsing (``RCNN_LAB_CACHE=off`` turns it off).
+
 The JSON is checked when the dataset is built (structure, ids, segmentations) and every listed
 image file must exist, so mistakes fail before training starts. Problems name the JSON file,
 the spec key (``annotations`` or ``images``, rooted at e.g. ``data.train`` by the registry) and
@@ -32,8 +35,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rcnn_lab.data.coco_cache import load_or_parse
 from rcnn_lab.data.coco_index import Progress
-from rcnn_lab.data.coco_json import is_number, load_coco_json, parse_checked, parse_coco_json, parse_fast, read_coco_bytes
+from rcnn_lab.data.coco_json import (
+    ParsedCoco,
+    is_number,
+    load_coco_json,
+    parse_checked,
+    parse_coco_json,
+    parse_fast,
+    read_coco_bytes,
+)
 from rcnn_lab.errors import ConfigError, Problem, display_path
 from rcnn_lab.registry import DATASETS
 
@@ -93,11 +105,13 @@ class CocoDataset(Dataset):
     """Images folder + COCO JSON following the Dataset contract (see the module docstring).
 
     ``progress``: print one line per build phase on stderr; None: when the file is 64 MB or more.
+    ``cache``: use the on-disk cache of the checked index (:mod:`rcnn_lab.data.coco_cache`; also
+    off with ``RCNN_LAB_CACHE=off``). Not a config key: it changes no result.
     """
 
     def __init__(self, images: str | Path, annotations: str | Path, crowd: Literal["drop", "keep"] = "drop",
                  remove_images_without_annotations: bool = False, category_ids: list[int] | None = None,
-                 max_images: int | None = None, progress: bool | None = None):
+                 max_images: int | None = None, progress: bool | None = None, *, cache: bool = True):
         self.root, self.annotation_file = Path(images), Path(annotations)
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
@@ -106,15 +120,13 @@ class CocoDataset(Dataset):
             raise ConfigError([Problem("crowd", f"expected 'drop' or 'keep', got {crowd!r}")])
         if max_images is not None and max_images < 1:
             raise ConfigError([Problem("max_images", f"must be >= 1 or null, got {max_images}")])
-        file = display_path(self.annotation_file)
-        raw = read_coco_bytes(self.annotation_file)
-        show = progress if progress is not None else len(raw) >= _PROGRESS_BYTES
-        report = Progress(f"coco {self.annotation_file.name}", show)
-        report(f"read {len(raw) / 2**20:,.0f} MB")
-        parsed = parse_fast(raw, file, category_ids, report)
-        if parsed is None:  # something unusual: the plain path reports it (or accepts it) exactly
-            parsed = parse_checked(parse_coco_json(raw, self.annotation_file), file, category_ids)
-        del raw
+        try:
+            size = self.annotation_file.stat().st_size
+        except OSError:
+            size = 0  # read_coco_bytes reports it
+        report = Progress(f"coco {self.annotation_file.name}", progress if progress is not None else size >= _PROGRESS_BYTES)
+        parsed = load_or_parse(self.annotation_file, category_ids, lambda: self._parse(category_ids, report), report,
+                               cache=cache)
         self.index, self._label, self.categories = parsed.index, parsed.label, parsed.categories
         self.crowd = crowd
         rows = np.arange(len(self.index))
@@ -127,6 +139,16 @@ class CocoDataset(Dataset):
         self._check_files()
         report(f"found the {len(rows):,} image files")
         self._coco = None
+
+    def _parse(self, category_ids: list[int] | None, report: Progress) -> ParsedCoco:
+        """Read and check the file (the cache's miss)."""
+        file = display_path(self.annotation_file)
+        raw = read_coco_bytes(self.annotation_file)
+        report(f"read {len(raw) / 2**20:,.0f} MB")
+        parsed = parse_fast(raw, file, category_ids, report)
+        if parsed is None:  # something unusual: the plain path reports it (or accepts it) exactly
+            parsed = parse_checked(parse_coco_json(raw, self.annotation_file), file, category_ids)
+        return parsed
 
     def _trained(self) -> np.ndarray:
         """Which annotation rows become targets (see ``_train_annotations``), vectorised."""

@@ -98,6 +98,25 @@ class CocoIndex:
         """Bytes held by the index's arrays."""
         return sum(getattr(self, f).nbytes for f in self.__dataclass_fields__ if isinstance(getattr(self, f), np.ndarray))
 
+    def problem(self) -> str | None:
+        """Why the arrays cannot be one index (dtypes, lengths, offsets that do not fit), or None.
+        Cheap (reads a few elements): checks an index loaded from the cache."""
+        n, m = len(self.image_ids), len(self.crowd)
+        i8, u1 = np.dtype(np.int64), np.dtype(np.uint8)
+        expect = {"image_ids": (i8, (n,)), "widths": (i8, (n,)), "heights": (i8, (n,)), "names": (u1, None),
+                  "name_offsets": (i8, (n + 1,)), "ann_offsets": (i8, (n + 1,)), "ann_json": (u1, None),
+                  "ann_json_offsets": (i8, (m + 1,)), "boxes": (np.dtype(np.float64), (m, 4)), "crowd": (np.dtype(bool), (m,))}
+        for name, (dtype, shape) in expect.items():
+            array = getattr(self, name)
+            if array.dtype != dtype or (array.shape != shape if shape else array.ndim != 1):
+                return f"{name} is {array.dtype} {list(array.shape)}, expected {dtype} {list(shape) if shape else '[k]'}"
+        ends = {"name_offsets": (self.name_offsets, len(self.names)), "ann_offsets": (self.ann_offsets, m),
+                "ann_json_offsets": (self.ann_json_offsets, len(self.ann_json) + 1 if m else 0)}
+        for name, (offsets, end) in ends.items():
+            if offsets[0] != 0 or offsets[-1] != end:
+                return f"{name} runs from {offsets[0]} to {offsets[-1]}, expected 0 to {end}"
+        return None
+
     def file_name(self, row: int) -> str:
         return self.names[self.name_offsets[row]:self.name_offsets[row + 1]].tobytes().decode("utf-8", "surrogatepass")
 

@@ -20,7 +20,7 @@ def plain(monkeypatch, *args, **kwargs) -> CocoDataset:
     """The dataset built by the plain path alone (json.loads and the entry-by-entry check)."""
     with monkeypatch.context() as m:
         m.setattr(coco_module, "parse_fast", lambda *a: None)
-        return CocoDataset(*args, **kwargs)
+        return CocoDataset(*args, **kwargs, cache=False)  # a cached entry would skip the plain path
 
 
 def same_dataset(a: CocoDataset, b: CocoDataset) -> None:
@@ -85,7 +85,7 @@ def test_progress_prints_one_line_per_phase(tiny, capsys):  # noqa: F811
     root, ann, _ = tiny
     CocoDataset(root, ann)
     assert capsys.readouterr().err == ""  # small files build silently
-    CocoDataset(root, ann, progress=True)
+    CocoDataset(root, ann, progress=True, cache=False)  # the cache's lines: tests/data/test_coco_cache.py
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(": ")[2].split()[0] for line in lines] == ["read", "parsed", "checked", "indexed", "found"]
     assert all(line.startswith("rcnn-lab: coco annotations.json: ") and line.endswith(" s)") for line in lines)
