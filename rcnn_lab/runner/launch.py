@@ -14,6 +14,10 @@ torch offers no option to bind it elsewhere. This launcher replaces torchrun for
 * A rank that fails ends the others (SIGTERM, then SIGKILL after :data:`GRACE_S`) and its exit
   code is returned. SIGINT / SIGTERM to the launcher is passed on to the ranks (which record the
   run KILLED, see ``rcnn_lab.runner.parallel.join``); the launcher then returns 130.
+* A launcher that cannot pass anything on (SIGKILL, the OOM killer) still takes its ranks with it
+  on Linux: each rank asks the kernel for SIGTERM when the launcher ends (:func:`die_with_launcher`).
+
+This module imports neither torch nor the rest of the runner at load: a rank imports it first thing.
 
 Runs over several machines use torchrun directly (docs/cluster.md): the rendezvous must then be
 reachable from the other machines, which is the user's network choice.
@@ -30,23 +34,27 @@ import threading
 import time
 from datetime import timedelta
 
-from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem
-from rcnn_lab.runner.parallel import cores, strip_option
 
 LOOPBACK = "127.0.0.1"
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+LAUNCHER_PID_VAR = "RCNN_LAB_LAUNCHER_PID"  # in a rank's environment: it was started by launch() in that process
 GRACE_S = 30.0  # as torchrun: how long stopped ranks get to record their run before SIGKILL
 _POLL_S = 0.05
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def rank_command(argv: list[str]) -> list[str]:
     """What every rank runs: the same ``rcnn-lab`` command line without ``--nproc``."""
+    from rcnn_lab.runner.parallel import strip_option
+
     return [sys.executable, "-m", "rcnn_lab", *strip_option(argv, "--nproc")]
 
 
 def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``argv`` (an ``rcnn-lab`` command line) on ``nproc`` local DDP ranks; their exit code."""
+    from rcnn_lab.engine import distributed
+
     if distributed.env_world().active:
         raise ConfigError([Problem("--nproc", "already running under torchrun; drop --nproc (torchrun sets the processes)")])
     return launch(nproc, rank_command(argv))
@@ -54,7 +62,11 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 
 def launch(nproc: int, command: list[str], *, grace_s: float = GRACE_S) -> int:
     """Run ``command`` as ranks 0..nproc-1 around a store listening on 127.0.0.1; the exit code:
-    0, the first failing rank's code (128 + N for a rank killed by signal N), or 130 when interrupted."""
+    0, the first failing rank's code (128 + N for a rank killed by signal N), or 130 when interrupted.
+
+    Call it from the main thread: the kernel sends a rank its death signal (:func:`die_with_launcher`)
+    when the *thread* that started it ends, not only when the whole process does.
+    """
     import subprocess
 
     from torch.distributed import TCPStore
@@ -86,18 +98,51 @@ def launch(nproc: int, command: list[str], *, grace_s: float = GRACE_S) -> int:
 
 
 def rank_env(base: dict[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
-    """Rank ``rank``'s environment: torchrun's variables for one machine, loopback sockets, and
-    ``cores // nproc`` threads; ``OMP_NUM_THREADS`` and the socket interfaces keep a value set in ``base``."""
+    """Rank ``rank``'s environment: torchrun's variables for one machine, loopback sockets,
+    ``cores // nproc`` threads, and this process's pid as the launcher's (:data:`LAUNCHER_PID_VAR`);
+    ``OMP_NUM_THREADS`` and the socket interfaces keep a value set in ``base``."""
+    from rcnn_lab.runner.parallel import cores
+
     env = dict(base)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                GROUP_RANK="0", GROUP_WORLD_SIZE="1", MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port),
                TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
+    env[LAUNCHER_PID_VAR] = str(os.getpid())
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     ifname = loopback_interface()
     for var in IFNAME_VARS:
         if not env.get(var):
             env[var] = ifname
     return env
+
+
+def die_with_launcher() -> None:
+    """In a rank that :func:`launch` started (its environment says so): be sent SIGTERM when the
+    launcher ends, however it ends; a no-op in any other process. ``python -m rcnn_lab`` calls it first.
+
+    SIGTERM stops a rank as Ctrl-C does (``rcnn_lab.runner.parallel.join``): rank 0 marks the run
+    KILLED and rerunning the command resumes it; a rank still starting up just exits. A launcher
+    that ended before the signal was asked for sends none: the rank's parent is then no longer the
+    launcher, and the rank sends the signal to itself.
+    """
+    launcher = os.environ.pop(LAUNCHER_PID_VAR, None)  # not passed on: a rank's own children are no ranks
+    if launcher is None or not set_parent_death_signal(signal.SIGTERM):
+        return
+    if os.getppid() != int(launcher):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent ends (Linux ``prctl(PR_SET_PDEATHSIG)``,
+    also after a SIGKILL of the parent); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False  # no such call (macOS, Windows): ranks there are stopped by supervise() alone, which SIGKILL skips
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc with prctl (unusual builds)
+        return False
 
 
 def loopback_interface() -> str:

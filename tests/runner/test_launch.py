@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rcnn_lab.errors import ConfigError
-from rcnn_lab.runner import launch
+from rcnn_lab.runner import launch, parallel
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc (Linux)")
 
@@ -62,6 +62,18 @@ except KeyboardInterrupt:
     sys.exit(130)
 """
 
+# a rank of `python -m rcnn_lab` in small: asks for its launcher's death signal first, then reports and sleeps
+ORPHAN_RANK = """
+import os, signal, sys, time
+from pathlib import Path
+from rcnn_lab.runner.launch import die_with_launcher
+die_with_launcher()
+out, rank = Path(sys.argv[1]), os.environ["RANK"]
+signal.signal(signal.SIGTERM, lambda signum, frame: ((out / f"term{rank}").write_text(""), sys.exit(143)))
+(out / f"pid{rank}").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
 
 def listening(pid: int) -> list[tuple[str, int]]:
     """The TCP sockets process ``pid`` listens on: (address, port)."""
@@ -100,6 +112,21 @@ def wait_for(paths, proc=None, timeout=120):
         assert proc is None or proc.poll() is None, f"launcher ended early with {proc.returncode}"
         assert time.time() < deadline, f"timed out waiting for {paths}"
         time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie nobody has reaped yet has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def gone_within(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(alive(pid) for pid in pids)
 
 
 def launcher(out: Path, *command: str) -> subprocess.Popen:
@@ -162,13 +189,63 @@ def test_an_interrupt_reaches_every_rank_and_returns_130(tmp_path):
     assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
 
 
+def test_ranks_end_with_a_launcher_killed_by_sigkill(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(ORPHAN_RANK)
+    proc = launcher(tmp_path, sys.executable, str(script), str(tmp_path))
+    pids = []
+    try:
+        wait_for([tmp_path / "pid0", tmp_path / "pid1"], proc)
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+        proc.kill()  # nothing to pass on: the kernel tells the ranks
+        proc.wait(timeout=10)
+        assert gone_within(pids, 5)
+    finally:
+        for pid in [p for p in pids if alive(p)]:
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "term0").exists() and (tmp_path / "term1").exists()  # SIGTERM: each rank's handler ran
+
+
+def test_a_rank_whose_launcher_ended_before_it_started_exits_at_once(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(ORPHAN_RANK)
+    # the "launcher" starts the rank (which waits 0.5 s, then becomes Python) and ends at once
+    start = ("import os, subprocess, sys; env = {**os.environ, 'RANK': '0', sys.argv[1]: str(os.getpid())}; "
+             "print(subprocess.Popen(['sh', '-c', 'sleep 0.5; exec \"$0\" \"$@\"', *sys.argv[2:]], env=env, stdout=subprocess.DEVNULL).pid)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", start, launch.LAUNCHER_PID_VAR, sys.executable, str(script), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=60, check=True)
+    rank = int(done.stdout)
+    assert gone_within([rank], 30)  # rank_env's variable, and a parent that is not the launcher: SIGTERM to itself
+    assert not (tmp_path / "pid0").exists()  # before anything else ran
+
+
+def test_death_signal_is_a_no_op_outside_a_rank(monkeypatch):
+    monkeypatch.delenv(launch.LAUNCHER_PID_VAR, raising=False)
+    asked = []
+    monkeypatch.setattr(launch, "set_parent_death_signal", asked.append)
+    launch.die_with_launcher()
+    assert asked == []
+
+
+def test_importing_launch_imports_no_torch():
+    """``python -m rcnn_lab`` imports it before anything else, to ask for the death signal at once."""
+    code = "import sys, rcnn_lab.runner.launch; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_rank_environment_keeps_what_the_user_set(monkeypatch):
-    monkeypatch.setattr(launch, "cores", lambda: 8)
+    monkeypatch.setattr(parallel, "cores", lambda: 8)
     env = launch.rank_env({"PATH": "/bin", "WORLD_SIZE": "9"}, 1, 2, 12345)
     loop = launch.loopback_interface()
     assert env["PATH"] == "/bin" and env["WORLD_SIZE"] == "2" and env["RANK"] == env["LOCAL_RANK"] == "1"
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "12345" and env["OMP_NUM_THREADS"] == "4"
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == loop
+    assert env[launch.LAUNCHER_PID_VAR] == str(os.getpid())  # the process that starts the ranks
     user = launch.rank_env({"GLOO_SOCKET_IFNAME": "eth7", "NCCL_SOCKET_IFNAME": "ib0", "OMP_NUM_THREADS": "3"}, 0, 2, 1)
     assert (user["GLOO_SOCKET_IFNAME"], user["NCCL_SOCKET_IFNAME"], user["OMP_NUM_THREADS"]) == ("eth7", "ib0", "3")
 
