@@ -277,6 +277,25 @@ def param_series(summary: pd.DataFrame, metric: str, key: str) -> tuple[list[dic
     return series, references
 
 
+def dodged(xs: list[np.ndarray], log: bool, step: float = 0.02) -> list[np.ndarray]:
+    """The x positions of several series' points, where ``m`` series have a point at the same x: those
+    ``m`` points move apart (the ``j``-th of them by ``(j - (m - 1) / 2) * step`` of the axis span, a factor
+    of ``10**(that * decades)`` on a log axis) so that their intervals do not hide each other. Every
+    other point keeps its x."""
+    out = [np.asarray(x, float).copy() for x in xs]
+    values = [v for x in out for v in x.tolist()]
+    if not values:
+        return out
+    lo, hi = min(values), max(values)
+    span = (math.log10(hi / lo) if log and lo > 0 else hi - lo) or 1.0
+    for value in sorted(set(values)):
+        sharing = [(k, i) for k, x in enumerate(out) for i in np.flatnonzero(x == value).tolist()]
+        for j, (k, i) in enumerate(sharing if len(sharing) > 1 else []):
+            shift = (j - (len(sharing) - 1) / 2) * step * span
+            out[k][i] = value * 10 ** shift if log else value + shift
+    return out
+
+
 def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -> Path:
     """``metric`` (mean and CI) against the numeric config key ``key`` (e.g. ``model.rpn.proposal_gradient_scale``).
 
@@ -291,9 +310,9 @@ def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -
     fig, ax = _figure(9.5, 4.4)
     xs = np.concatenate([s["x"] for s in series])
     log = bool((xs > 0).all() and xs.max() / xs.min() >= 10)
-    for s in series:
+    for s, x in zip(series, dodged([s["x"] for s in series], log), strict=True):
         yerr = np.vstack([np.nan_to_num(s["mean"] - s["low"]), np.nan_to_num(s["high"] - s["mean"])])
-        ax.errorbar(s["x"], s["mean"], yerr=yerr, marker="o", capsize=3, label=s["label"])
+        ax.errorbar(x, s["mean"], yerr=yerr, marker="o", capsize=3, label=s["label"])
     colours = iter(["black", "tab:gray", "tab:brown", "tab:olive", "tab:pink", "tab:cyan"])  # not the series' colours
     for r in references:
         colour = next(colours, "black")
@@ -307,7 +326,7 @@ def plot_param(summary: pd.DataFrame, metric: str, key: str, path: str | Path) -
     ax.minorticks_off()
     ax.set_xlabel(key)
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(f"{metric} vs {_short(key)} (mean, {_confidence(summary)}; dashed: variants outside the scan)",
+    ax.set_title(f"{metric} vs {_short(key)}\n(mean, {_confidence(summary)}; dashed: variants outside the scan)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)

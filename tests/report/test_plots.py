@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -75,6 +76,21 @@ def test_param_series_points_per_other_keys_and_references_for_the_rest(table):
     assert [(r["label"], r["baseline"]) for r in references] == [
         ("detach (baseline)", True), ("mask_only", False), ("detach_2x", False)]
     assert [r["mean"] for r in references] == pytest.approx([0.62, 0.41, 0.71])
+
+
+def test_dodged_spreads_the_points_that_share_an_x_and_leaves_the_rest():
+    from rcnn_lab.report.plots import dodged
+
+    scan = np.array([0.01, 0.1, 1.0])
+    assert [x.tolist() for x in dodged([scan], log=True)] == [scan.tolist()]  # one series: as is
+    assert [x.tolist() for x in dodged([scan, np.array([0.3])], log=True)] == [scan.tolist(), [0.3]]  # none shared
+    # 0.1 is shared by three series: their points move -0.1, 0 and +0.1 decade (step 0.05 of 2 decades); the
+    # scan's other points stay on their ticks
+    a, b, c = dodged([scan, np.array([0.1]), np.array([0.1])], log=True, step=0.05)
+    assert a.tolist() == pytest.approx([0.01, 0.1 * 10 ** -0.1, 1.0]) and a[0] == 0.01 and a[2] == 1.0
+    assert b.tolist() == [0.1] and c.tolist() == pytest.approx([0.1 * 10 ** 0.1])
+    d, e = dodged([np.array([1.0, 2.0]), np.array([2.0])], log=False, step=0.1)  # linear: a fraction of the span
+    assert d.tolist() == pytest.approx([1.0, 1.95]) and e.tolist() == pytest.approx([2.05])
 
 
 def test_plot_param_writes_a_png_and_rejects_a_key_no_variant_sets(table, tmp_path):
