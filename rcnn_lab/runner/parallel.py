@@ -29,6 +29,7 @@ from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem, RcnnLabError
 from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
+from rcnn_lab.runner.launch import LAUNCHER_PID_VAR
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
 
@@ -48,12 +49,14 @@ def join(device) -> distributed.World:
     From here on SIGTERM (how launchers stop ranks) interrupts like Ctrl-C, so rank 0 records the run
     KILLED; a rank may get both (Ctrl-C reaches it from the terminal and from its launcher), so
     only the first signal interrupts and later ones are ignored while the run is recorded (the
-    launcher kills ranks that do not end within its grace period).
+    launcher kills ranks that do not end within its grace period). A ``--parallel`` worker does the
+    same: it gets SIGTERM when its coordinator dies, however it dies (``launch.die_with_launcher``).
     """
     w = distributed.env_world()
-    if not w.active:
+    if w.active:
+        w, _ = distributed.setup(device)
+    elif given_sweep_run() is None:
         return w
-    w, _ = distributed.setup(device)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)
@@ -134,8 +137,10 @@ def cores() -> int:
 
 
 def worker_env(index: int, workers: int, cuda: bool) -> dict[str, str]:
-    """Environment of ``--parallel`` worker ``index``: its GPU, or its share of the CPU cores."""
+    """Environment of ``--parallel`` worker ``index``: its GPU, or its share of the CPU cores, and this
+    process as its launcher (a worker ends with its coordinator, as a rank with ``launch``'s)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[LAUNCHER_PID_VAR] = str(os.getpid())
     if cuda:
         import torch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -41,6 +42,28 @@ def test_workers_share_the_cpu_cores(monkeypatch):
     env = parallel.worker_env(1, 3, cuda=False)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
     assert parallel.worker_env(0, 16, cuda=False)["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_worker_ends_with_its_coordinator_and_stops_on_sigterm_as_on_ctrl_c(monkeypatch):
+    from rcnn_lab.runner.launch import LAUNCHER_PID_VAR
+
+    # the coordinator names itself the workers' launcher: die_with_launcher() asks for SIGTERM at its death
+    assert parallel.worker_env(0, 2, cuda=False)[LAUNCHER_PID_VAR] == str(os.getpid())
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        monkeypatch.delenv(parallel.SWEEP_ENV, raising=False)
+        parallel.join("cpu")  # a plain run: SIGTERM keeps its default
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        monkeypatch.setenv(parallel.SWEEP_ENV, "0123abcd")
+        parallel.join("cpu")  # a --parallel worker: SIGTERM interrupts like Ctrl-C (the run is recorded KILLED)
+        assert signal.getsignal(signal.SIGTERM) is parallel._interrupt
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # later signals wait for the recording
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_bad_scale_flags_fail_before_anything_is_written(tmp_path):
