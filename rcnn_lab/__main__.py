@@ -1,8 +1,8 @@
 import sys
 
-from rcnn_lab.runner.launch import die_with_launcher
+from rcnn_lab.runner.lifeline import die_with_launcher
 
-die_with_launcher()  # a rank of `run --nproc`: ends with its launcher; first, before torch is imported
+die_with_launcher()  # a --nproc rank or --parallel worker: ends with its launcher; first, before torch is imported
 
 from rcnn_lab.cli.main import main  # noqa: E402
 

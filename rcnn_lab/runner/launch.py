@@ -15,7 +15,7 @@ torch offers no option to bind it elsewhere. This launcher replaces torchrun for
   code is returned. SIGINT / SIGTERM to the launcher is passed on to the ranks (which record the
   run KILLED, see ``rcnn_lab.runner.parallel.join``); the launcher then returns 130.
 * A launcher that cannot pass anything on (SIGKILL, the OOM killer) still takes its ranks with it
-  on Linux: each rank asks the kernel for SIGTERM when the launcher ends (:func:`die_with_launcher`).
+  on Linux: each rank asks the kernel for SIGTERM when the launcher ends (``rcnn_lab.runner.lifeline``).
 
 This module imports neither torch nor the rest of the runner at load: a rank imports it first thing.
 
@@ -35,13 +35,12 @@ import time
 from datetime import timedelta
 
 from rcnn_lab.errors import ConfigError, Problem
+from rcnn_lab.runner.lifeline import LAUNCHER_PID_VAR
 
 LOOPBACK = "127.0.0.1"
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-LAUNCHER_PID_VAR = "RCNN_LAB_LAUNCHER_PID"  # in a rank's environment: it was started by launch() in that process
 GRACE_S = 30.0  # as torchrun: how long stopped ranks get to record their run before SIGKILL
 _POLL_S = 0.05
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def rank_command(argv: list[str]) -> list[str]:
@@ -64,7 +63,7 @@ def launch(nproc: int, command: list[str], *, grace_s: float = GRACE_S) -> int:
     """Run ``command`` as ranks 0..nproc-1 around a store listening on 127.0.0.1; the exit code:
     0, the first failing rank's code (128 + N for a rank killed by signal N), or 130 when interrupted.
 
-    Call it from the main thread: the kernel sends a rank its death signal (:func:`die_with_launcher`)
+    Call it from the main thread: the kernel sends a rank its death signal (``rcnn_lab.runner.lifeline``)
     when the *thread* that started it ends, not only when the whole process does.
     """
     import subprocess
@@ -114,35 +113,6 @@ def rank_env(base: dict[str, str], rank: int, nproc: int, port: int) -> dict[str
         if not env.get(var):
             env[var] = ifname
     return env
-
-
-def die_with_launcher() -> None:
-    """In a rank that :func:`launch` started (its environment says so): be sent SIGTERM when the
-    launcher ends, however it ends; a no-op in any other process. ``python -m rcnn_lab`` calls it first.
-
-    SIGTERM stops a rank as Ctrl-C does (``rcnn_lab.runner.parallel.join``): rank 0 marks the run
-    KILLED and rerunning the command resumes it; a rank still starting up just exits. A launcher
-    that ended before the signal was asked for sends none: the rank's parent is then no longer the
-    launcher, and the rank sends the signal to itself.
-    """
-    launcher = os.environ.pop(LAUNCHER_PID_VAR, None)  # not passed on: a rank's own children are no ranks
-    if launcher is None or not set_parent_death_signal(signal.SIGTERM):
-        return
-    if os.getppid() != int(launcher):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """Have the kernel send ``sig`` to this process when its parent ends (Linux ``prctl(PR_SET_PDEATHSIG)``,
-    also after a SIGKILL of the parent); False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False  # no such call (macOS, Windows): ranks there are stopped by supervise() alone, which SIGKILL skips
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # no libc with prctl (unusual builds)
-        return False
 
 
 def loopback_interface() -> str:

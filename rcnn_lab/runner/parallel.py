@@ -29,7 +29,7 @@ from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem, RcnnLabError
 from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
-from rcnn_lab.runner.launch import LAUNCHER_PID_VAR
+from rcnn_lab.runner.lifeline import LAUNCHER_PID_VAR
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
 
@@ -50,7 +50,7 @@ def join(device) -> distributed.World:
     KILLED; a rank may get both (Ctrl-C reaches it from the terminal and from its launcher), so
     only the first signal interrupts and later ones are ignored while the run is recorded (the
     launcher kills ranks that do not end within its grace period). A ``--parallel`` worker does the
-    same: it gets SIGTERM when its coordinator dies, however it dies (``launch.die_with_launcher``).
+    same: it gets SIGTERM when its coordinator dies, however it dies (``rcnn_lab.runner.lifeline``).
     """
     w = distributed.env_world()
     if w.active:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rcnn_lab.errors import ConfigError
-from rcnn_lab.runner import launch, parallel
+from rcnn_lab.runner import launch, lifeline, parallel
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc (Linux)")
 
@@ -66,7 +66,7 @@ except KeyboardInterrupt:
 ORPHAN_RANK = """
 import os, signal, sys, time
 from pathlib import Path
-from rcnn_lab.runner.launch import die_with_launcher
+from rcnn_lab.runner.lifeline import die_with_launcher
 die_with_launcher()
 out, rank = Path(sys.argv[1]), os.environ["RANK"]
 signal.signal(signal.SIGTERM, lambda signum, frame: ((out / f"term{rank}").write_text(""), sys.exit(143)))
@@ -215,7 +215,7 @@ def test_a_rank_whose_launcher_ended_before_it_started_exits_at_once(tmp_path):
     start = ("import os, subprocess, sys; env = {**os.environ, 'RANK': '0', sys.argv[1]: str(os.getpid())}; "
              "print(subprocess.Popen(['sh', '-c', 'sleep 0.5; exec \"$0\" \"$@\"', *sys.argv[2:]], env=env, stdout=subprocess.DEVNULL).pid)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", start, launch.LAUNCHER_PID_VAR, sys.executable, str(script), str(tmp_path)],
+    done = subprocess.run([sys.executable, "-c", start, lifeline.LAUNCHER_PID_VAR, sys.executable, str(script), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=60, check=True)
     rank = int(done.stdout)
     assert gone_within([rank], 30)  # rank_env's variable, and a parent that is not the launcher: SIGTERM to itself
@@ -223,16 +223,17 @@ def test_a_rank_whose_launcher_ended_before_it_started_exits_at_once(tmp_path):
 
 
 def test_death_signal_is_a_no_op_outside_a_rank(monkeypatch):
-    monkeypatch.delenv(launch.LAUNCHER_PID_VAR, raising=False)
+    monkeypatch.delenv(lifeline.LAUNCHER_PID_VAR, raising=False)
     asked = []
-    monkeypatch.setattr(launch, "set_parent_death_signal", asked.append)
-    launch.die_with_launcher()
+    monkeypatch.setattr(lifeline, "set_parent_death_signal", asked.append)
+    lifeline.die_with_launcher()
     assert asked == []
 
 
-def test_importing_launch_imports_no_torch():
-    """``python -m rcnn_lab`` imports it before anything else, to ask for the death signal at once."""
-    code = "import sys, rcnn_lab.runner.launch; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+def test_importing_lifeline_and_launch_imports_no_torch():
+    """``python -m rcnn_lab`` imports lifeline before anything else, to ask for the death signal at once."""
+    code = ("import sys, rcnn_lab.runner.lifeline, rcnn_lab.runner.launch; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
@@ -245,7 +246,7 @@ def test_rank_environment_keeps_what_the_user_set(monkeypatch):
     assert env["PATH"] == "/bin" and env["WORLD_SIZE"] == "2" and env["RANK"] == env["LOCAL_RANK"] == "1"
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "12345" and env["OMP_NUM_THREADS"] == "4"
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == loop
-    assert env[launch.LAUNCHER_PID_VAR] == str(os.getpid())  # the process that starts the ranks
+    assert env[lifeline.LAUNCHER_PID_VAR] == str(os.getpid())  # the process that starts the ranks
     user = launch.rank_env({"GLOO_SOCKET_IFNAME": "eth7", "NCCL_SOCKET_IFNAME": "ib0", "OMP_NUM_THREADS": "3"}, 0, 2, 1)
     assert (user["GLOO_SOCKET_IFNAME"], user["NCCL_SOCKET_IFNAME"], user["OMP_NUM_THREADS"]) == ("eth7", "ib0", "3")
 

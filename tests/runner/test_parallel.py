@@ -45,7 +45,7 @@ def test_workers_share_the_cpu_cores(monkeypatch):
 
 
 def test_a_worker_ends_with_its_coordinator_and_stops_on_sigterm_as_on_ctrl_c(monkeypatch):
-    from rcnn_lab.runner.launch import LAUNCHER_PID_VAR
+    from rcnn_lab.runner.lifeline import LAUNCHER_PID_VAR
 
     # the coordinator names itself the workers' launcher: die_with_launcher() asks for SIGTERM at its death
     assert parallel.worker_env(0, 2, cuda=False)[LAUNCHER_PID_VAR] == str(os.getpid())
