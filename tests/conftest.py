@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,16 @@ register_builtins()
 def _cache_in_tmp(tmp_path_factory, monkeypatch):
     """Every test gets its own empty on-disk cache (rcnn_lab.data.cache): none writes to the home folder."""
     monkeypatch.setenv("RCNN_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A sweep run in-process makes SIGINT/SIGTERM interrupt it (rcnn_lab.runner.parallel.join): put
+    pytest's handlers back after each test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

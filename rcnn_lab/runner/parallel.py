@@ -44,19 +44,20 @@ def given_sweep_run() -> str | None:
 # --- DDP ranks (under --nproc or torchrun) ----------------------------------------------------
 
 def join(device) -> distributed.World:
-    """A DDP rank: join the process group (on ``device``'s backend) before any decision is broadcast.
+    """Start of a sweep: a DDP rank joins the process group (on ``device``'s backend) before any
+    decision is broadcast.
 
-    From here on SIGTERM (how launchers stop ranks) interrupts like Ctrl-C, so rank 0 records the run
-    KILLED; a rank may get both (Ctrl-C reaches it from the terminal and from its launcher), so
-    only the first signal interrupts and later ones are ignored while the run is recorded (the
-    launcher kills ranks that do not end within its grace period). A ``--parallel`` worker does the
-    same: it gets SIGTERM when its coordinator dies, however it dies (``rcnn_lab.runner.lifeline``).
+    From here on SIGTERM interrupts like Ctrl-C, in every process that trains: the run is recorded
+    KILLED and rerunning the command resumes it. SIGTERM is how launchers stop ranks, how a
+    ``--parallel`` worker learns that its coordinator died (``rcnn_lab.runner.lifeline``), and what
+    a scheduler sends at a time limit (Slurm, Kubernetes) before SIGKILL. A process may get both
+    (Ctrl-C reaches a rank from the terminal and from its launcher), so only the first signal
+    interrupts and later ones are ignored while the run is recorded (a launcher kills ranks that do
+    not end within its grace period).
     """
     w = distributed.env_world()
     if w.active:
         w, _ = distributed.setup(device)
-    elif given_sweep_run() is None:
-        return w
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)

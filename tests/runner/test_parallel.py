@@ -44,7 +44,7 @@ def test_workers_share_the_cpu_cores(monkeypatch):
     assert parallel.worker_env(0, 16, cuda=False)["OMP_NUM_THREADS"] == "1"
 
 
-def test_a_worker_ends_with_its_coordinator_and_stops_on_sigterm_as_on_ctrl_c(monkeypatch):
+def test_a_worker_ends_with_its_coordinator_and_a_sweep_stops_on_sigterm_as_on_ctrl_c(monkeypatch):
     from rcnn_lab.runner.lifeline import LAUNCHER_PID_VAR
 
     # the coordinator names itself the workers' launcher: die_with_launcher() asks for SIGTERM at its death
@@ -52,11 +52,9 @@ def test_a_worker_ends_with_its_coordinator_and_stops_on_sigterm_as_on_ctrl_c(mo
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         monkeypatch.delenv(parallel.SWEEP_ENV, raising=False)
-        parallel.join("cpu")  # a plain run: SIGTERM keeps its default
-        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
-        monkeypatch.setenv(parallel.SWEEP_ENV, "0123abcd")
-        parallel.join("cpu")  # a --parallel worker: SIGTERM interrupts like Ctrl-C (the run is recorded KILLED)
-        assert signal.getsignal(signal.SIGTERM) is parallel._interrupt
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        parallel.join("cpu")  # any sweep (plain, --parallel worker, rank): SIGTERM interrupts like Ctrl-C
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is parallel._interrupt
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
