@@ -74,12 +74,14 @@ def _state(folder: Path):
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, new_store):
-    """Folders of a kill -9'd run, a Ctrl-C'd run (both then rerun) and an uninterrupted reference."""
+    """Folders of a kill -9'd run, a Ctrl-C'd run, a SIGTERM'd run (a scheduler's time limit; all three then
+    rerun) and an uninterrupted reference."""
     root = tmp_path_factory.mktemp("resume")
-    killed, ctrl_c, reference = root / "killed", root / "ctrl_c", root / "reference"
-    for f in (killed, ctrl_c, reference):
+    killed, ctrl_c, sigterm, reference = root / "killed", root / "ctrl_c", root / "sigterm", root / "reference"
+    for f in (killed, ctrl_c, sigterm, reference):
         new_store(f)
-    procs = {killed: (_start(killed), signal.SIGKILL), ctrl_c: (_start(ctrl_c), signal.SIGINT)}
+    procs = {killed: (_start(killed), signal.SIGKILL), ctrl_c: (_start(ctrl_c), signal.SIGINT),
+             sigterm: (_start(sigterm), signal.SIGTERM)}
     outputs = _interrupt_after_first_checkpoint(procs)
     codes = {f: procs[f][0].returncode for f in procs}
     before = {f: _state(f)[0] for f in procs}
@@ -90,10 +92,10 @@ def interrupted(tmp_path_factory, new_store):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("RCNN_LAB_RUNS", raising=False)
         reruns = {}
-        for f in (killed, ctrl_c, reference):
+        for f in (killed, ctrl_c, sigterm, reference):
             mp.chdir(f)
             reruns[f] = cli("run", str(_experiment(f)), "--no-progress")
-    return dict(killed=killed, ctrl_c=ctrl_c, reference=reference, outputs=outputs, codes=codes, before=before,
+    return dict(killed=killed, ctrl_c=ctrl_c, sigterm=sigterm, reference=reference, outputs=outputs, codes=codes, before=before,
                 reruns=reruns, sweeps_before=sweeps_before, orphan=orphan)
 
 
@@ -121,7 +123,7 @@ def test_kill_9_leftovers_are_cleaned_by_the_rerun(interrupted):
 def test_resumed_run_logs_each_step_once(interrupted):
     from mlflow import MlflowClient
 
-    for which in ("killed", "ctrl_c"):
+    for which in ("killed", "ctrl_c", "sigterm"):
         f = interrupted[which]
         run = _state(f)[0]
         c = MlflowClient(f"sqlite:///{f / 'store' / 'mlflow.db'}")
@@ -140,8 +142,9 @@ def test_kill_9_leaves_a_running_run_that_the_rerun_resumes(interrupted):
     assert f"resume a seed=0 ({run.data.tags['rcnn_lab.config_hash']}) into run {run.info.run_id}" in out
 
 
-def test_ctrl_c_marks_the_run_killed_and_the_rerun_resumes(interrupted):
-    f = interrupted["ctrl_c"]
+@pytest.mark.parametrize("which", ["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_marks_the_run_killed_and_the_rerun_resumes(interrupted, which):
+    f = interrupted[which]
     assert interrupted["codes"][f] == 130 and "interrupted" in interrupted["outputs"][f]
     assert interrupted["before"][f].info.status == "KILLED"
     code, out, err = interrupted["reruns"][f]
@@ -151,7 +154,7 @@ def test_ctrl_c_marks_the_run_killed_and_the_rerun_resumes(interrupted):
     assert "resume a seed=0" in out
 
 
-@pytest.mark.parametrize("which", ["killed", "ctrl_c"])
+@pytest.mark.parametrize("which", ["killed", "ctrl_c", "sigterm"])
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(interrupted, which):
     _, weights, final, losses = _state(interrupted[which])
     ref_run, ref_weights, ref_final, ref_losses = _state(interrupted["reference"])
