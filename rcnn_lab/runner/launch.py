@@ -17,8 +17,6 @@ torch offers no option to bind it elsewhere. This launcher replaces torchrun for
 * A launcher that cannot pass anything on (SIGKILL, the OOM killer) still takes its ranks with it
   on Linux: each rank asks the kernel for SIGTERM when the launcher ends (``rcnn_lab.runner.lifeline``).
 
-This module imports neither torch nor the rest of the runner at load: a rank imports it first thing.
-
 Runs over several machines use torchrun directly (docs/cluster.md): the rendezvous must then be
 reachable from the other machines, which is the user's network choice.
 """
@@ -34,8 +32,10 @@ import threading
 import time
 from datetime import timedelta
 
+from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.runner.lifeline import LAUNCHER_PID_VAR
+from rcnn_lab.runner.parallel import cores, strip_option
 
 LOOPBACK = "127.0.0.1"
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -45,15 +45,11 @@ _POLL_S = 0.05
 
 def rank_command(argv: list[str]) -> list[str]:
     """What every rank runs: the same ``rcnn-lab`` command line without ``--nproc``."""
-    from rcnn_lab.runner.parallel import strip_option
-
     return [sys.executable, "-m", "rcnn_lab", *strip_option(argv, "--nproc")]
 
 
 def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``argv`` (an ``rcnn-lab`` command line) on ``nproc`` local DDP ranks; their exit code."""
-    from rcnn_lab.engine import distributed
-
     if distributed.env_world().active:
         raise ConfigError([Problem("--nproc", "already running under torchrun; drop --nproc (torchrun sets the processes)")])
     return launch(nproc, rank_command(argv))
@@ -100,8 +96,6 @@ def rank_env(base: dict[str, str], rank: int, nproc: int, port: int) -> dict[str
     """Rank ``rank``'s environment: torchrun's variables for one machine, loopback sockets,
     ``cores // nproc`` threads, and this process's pid as the launcher's (:data:`LAUNCHER_PID_VAR`);
     ``OMP_NUM_THREADS`` and the socket interfaces keep a value set in ``base``."""
-    from rcnn_lab.runner.parallel import cores
-
     env = dict(base)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                GROUP_RANK="0", GROUP_WORLD_SIZE="1", MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port),

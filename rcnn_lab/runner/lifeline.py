@@ -8,7 +8,8 @@ A launcher names itself in the child's environment (:data:`LAUNCHER_PID_VAR`); `
 calls :func:`die_with_launcher` before anything else. The kernel sends the signal when the *thread*
 that started the child ends: start children from the main thread.
 
-This module imports nothing of torch or the runner: a child imports it first thing.
+This module imports nothing of torch or the runner: a child imports it first thing
+(``tests/runner/test_launch.py`` checks).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ def die_with_launcher() -> None:
     A launcher that ended before the signal was asked for sends none: the process's parent is then
     no longer the launcher, and the process sends the signal to itself (one still starting up just exits).
     """
-    launcher = os.environ.pop(LAUNCHER_PID_VAR, None)  # not passed on: the child's own children are not its launcher's
-    if launcher is None or not set_parent_death_signal(signal.SIGTERM):
+    launcher = os.environ.pop(LAUNCHER_PID_VAR, "")  # not passed on: the child's own children are not its launcher's
+    if not launcher.isdigit():  # unset (not a child), or not a pid (set by hand): nothing to follow
         return
-    if os.getppid() != int(launcher):
+    if set_parent_death_signal(signal.SIGTERM) and os.getppid() != int(launcher):
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -50,17 +50,21 @@ def join(device) -> distributed.World:
     From here on SIGTERM interrupts like Ctrl-C, in every process that trains: the run is recorded
     KILLED and rerunning the command resumes it. SIGTERM is how launchers stop ranks, how a
     ``--parallel`` worker learns that its coordinator died (``rcnn_lab.runner.lifeline``), and what
-    a scheduler sends at a time limit (Slurm, Kubernetes) before SIGKILL. A process may get both
-    (Ctrl-C reaches a rank from the terminal and from its launcher), so only the first signal
+    a scheduler sends at a time limit (Slurm, Kubernetes) before SIGKILL. A rank may get both
+    (Ctrl-C reaches it from the terminal and from its launcher), so in a rank only the first signal
     interrupts and later ones are ignored while the run is recorded (a launcher kills ranks that do
-    not end within its grace period).
+    not end within its grace period). Any other process interrupts on every signal, as Python does
+    on Ctrl-C, so a second one still cuts a slow recording short.
     """
     w = distributed.env_world()
     if w.active:
         w, _ = distributed.setup(device)
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _interrupt)
+        if w.active:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _interrupt)
+        else:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # Python's own Ctrl-C handler
     return w
 
 

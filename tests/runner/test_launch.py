@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rcnn_lab.errors import ConfigError
-from rcnn_lab.runner import launch, lifeline, parallel
+from rcnn_lab.runner import launch, lifeline
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc (Linux)")
 
@@ -227,20 +227,21 @@ def test_death_signal_is_a_no_op_outside_a_rank(monkeypatch):
     asked = []
     monkeypatch.setattr(lifeline, "set_parent_death_signal", asked.append)
     lifeline.die_with_launcher()
-    assert asked == []
+    monkeypatch.setenv(lifeline.LAUNCHER_PID_VAR, "not-a-pid")  # set by hand: ignored, and no crash at start-up
+    lifeline.die_with_launcher()
+    assert asked == [] and lifeline.LAUNCHER_PID_VAR not in os.environ
 
 
-def test_importing_lifeline_and_launch_imports_no_torch():
+def test_importing_lifeline_imports_no_torch():
     """``python -m rcnn_lab`` imports lifeline before anything else, to ask for the death signal at once."""
-    code = ("import sys, rcnn_lab.runner.lifeline, rcnn_lab.runner.launch; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    code = "import sys, rcnn_lab.runner.lifeline; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_rank_environment_keeps_what_the_user_set(monkeypatch):
-    monkeypatch.setattr(parallel, "cores", lambda: 8)
+    monkeypatch.setattr(launch, "cores", lambda: 8)
     env = launch.rank_env({"PATH": "/bin", "WORLD_SIZE": "9"}, 1, 2, 12345)
     loop = launch.loopback_interface()
     assert env["PATH"] == "/bin" and env["WORLD_SIZE"] == "2" and env["RANK"] == env["LOCAL_RANK"] == "1"
