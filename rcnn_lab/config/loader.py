@@ -21,6 +21,7 @@ import yaml
 
 from rcnn_lab.config.schema import EXPERIMENT_KEYS, RunConfig, TrackingConfig
 from rcnn_lab.config.schema import warnings as config_warnings
+from rcnn_lab.config.search import SearchConfig, parse_search
 from rcnn_lab.config.types import Families, convert_dataclass, to_plain
 from rcnn_lab.config.yaml_io import MAX_DEPTH, read_yaml, safe_load
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean, display_path, excerpt
@@ -155,6 +156,7 @@ class Experiment:
     plugins: list[str] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)  # valid but probably unintended (printed by the CLI)
     plugin_files: list[str] = field(default_factory=list)  # plugin files and entry points loaded (printed by the CLI)
+    search: SearchConfig | None = None  # ``search:``: a hyperparameter search over the baseline's keys
 
     def variant(self, name: str) -> Variant:
         names = [v.name for v in self.variants]
@@ -206,7 +208,8 @@ def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]
 
 def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str, tuple[str, Any]] | None = None, *,
                     families: Families, load_plugins: Callable[[Path, list[str], Path], Any] | None = None,
-                    check: Callable[[RunConfig], list[Problem]] | None = None) -> Experiment:
+                    check: Callable[[RunConfig], list[Problem]] | None = None,
+                    metrics: Callable[[RunConfig], list[str]] | None = None) -> Experiment:
     """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem.
 
     ``overrides`` are ``--set`` texts; ``flags`` maps a command-line flag to the (dotted key, value)
@@ -215,7 +218,8 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
     The layers above supply what this one cannot know: ``families`` checks component specs (see
     ``config.types``), ``load_plugins(file, plugins, base)`` (returning the files it loaded) is called with the experiment's
     ``plugins:`` list before any spec is checked, and ``check`` adds problems of each valid
-    variant (e.g. its model). Most callers want ``rcnn_lab.engine.preflight.load_experiment``.
+    variant (e.g. its model); ``metrics(config)`` names the metrics a run logs (a ``search:`` objective
+    must be one). Most callers want ``rcnn_lab.engine.preflight.load_experiment``.
     """
     path = Path(path)
     prov: dict[str, str] = {}
@@ -262,6 +266,7 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
     seen: set[str] = set()
     variants: list[Variant] = []
     base_flat = None
+    baseline_data: dict = {}
     for name, over in expanded:
         vprov = dict(prov)
         data = copy.deepcopy(base_raw)
@@ -270,6 +275,8 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
         for key, value, source in parsed:
             set_dotted(data, key, value, vprov, source)
         vproblems: list[Problem] = []
+        if name == baseline:
+            baseline_data = copy.deepcopy(data)
         cfg = convert_dataclass(data, RunConfig, "", vproblems, families)
         if cfg is not None and not vproblems and check is not None:
             vproblems.extend(check(cfg))
@@ -293,8 +300,21 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
         variants.append(Variant(name, cfg, changed, baseline=(name == baseline), sources=vprov, file=file))
     if problems:
         raise ConfigError(problems)
+    search = _search(raw, baseline_data, next(v.config for v in variants if v.baseline), prov.get("search", file),
+                     families, check, metrics)
     name = variants[0].config.name
-    return Experiment(name, path, variants, list(seeds), list(plugins), warnings, plugin_files)
+    return Experiment(name, path, variants, list(seeds), list(plugins), warnings, plugin_files, search)
+
+
+def _search(raw: dict, baseline_data: dict, baseline: RunConfig, file: str, families: Families, check, metrics):
+    """``search:`` checked against the baseline variant (``config.search``); None without one."""
+    if raw.get("search") is None:
+        return None
+    setter = lambda d, k, v: set_dotted(d, k, v, {}, "search")  # noqa: E731  (variants' and --set's merge rules)
+    search, problems = parse_search(raw["search"], baseline_data, setter, families, file, check, metrics, baseline)
+    if problems:
+        raise ConfigError(problems)
+    return search
 
 
 def _source_of(path: str, prov: dict[str, str], default: str) -> str:

@@ -174,11 +174,18 @@ class ModelConfig:
     )
     rpn: RPNConfig = _default({})
     roi_heads: RoIHeadsConfig = _default({})
+    # the whole detector's initial weights (engine/weights.py): null | coco | a torchvision weights name
+    # (MaskRCNN_ResNet50_FPN_Weights.COCO_V1, ...) | /path/to/file.pth (state_dict or rcnn-lab checkpoint) | run:<run_id>
+    weights: str | None = None
 
     def check(self) -> Check:
         out: Check = []
         if self.num_classes < 2:
             out.append(("num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}"))
+        if self.weights is not None and not self.weights.strip():
+            out.append(("weights", "is empty; use null, coco, a torchvision weights name, a file path or run:<run_id>"))
+        elif self.weights is not None and self.weights.startswith("run:") and not self.weights[4:].strip():
+            out.append(("weights", "run: needs a run id (run:<run_id>, as `rcnn-lab report` or the MLflow UI lists it)"))
         if (self.rpn.proposal_gradient == "backprop" and "mask" in self.rpn.proposal_gradient_from
                 and self.roi_heads.mask_head is None):
             out.append(("rpn.proposal_gradient_from", "names mask but the model has no mask head "
@@ -321,6 +328,6 @@ def warnings(cfg: RunConfig) -> Check:
 
 
 # keys of an experiment file that are not part of a run's config
-EXPERIMENT_KEYS = ("base", "variants", "grid", "seeds", "baseline")
+EXPERIMENT_KEYS = ("base", "variants", "grid", "seeds", "baseline", "search")
 
 __all__ = ["RunConfig", "ModelConfig", "Spec", "EXPERIMENT_KEYS"]

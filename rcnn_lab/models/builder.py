@@ -63,9 +63,29 @@ def _resolution(pooler: nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+FINE_TUNE_DEFAULTS = {"trainable_layers": 3, "norm": "frozen_batchnorm"}
+
+
+def backbone_spec(cfg: ModelConfig, path: str = "model") -> Spec:
+    """The backbone spec to build: with detector weights (``model.weights``), torchvision's fine-tuning
+    defaults fill what the YAML leaves unset (null): 3 trainable stages and frozen BatchNorm, as
+    ``maskrcnn_resnet50_fpn(weights=...)`` decides it (``is_trained`` -> ``_validate_trainable_layers``
+    default 3, ``FrozenBatchNorm2d``). Backbones whose factory takes no such argument are built as written."""
+    spec = cfg.backbone
+    if cfg.weights is None:
+        return spec
+    accepted = {p.name for p in BACKBONES.get(spec.type, f"{path}.backbone.type").params()}
+    filled = {k: v for k, v in FINE_TUNE_DEFAULTS.items() if k in accepted and spec.kwargs.get(k) is None}
+    return Spec(spec.type, {**spec.kwargs, **filled}) if filled else spec
+
+
 def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
-    """Build the Mask R-CNN described by ``cfg`` (a validated ``ModelConfig``)."""
-    backbone = _build(BACKBONES, cfg.backbone, f"{path}.backbone")
+    """Build the Mask R-CNN described by ``cfg`` (a validated ``ModelConfig``).
+
+    ``model.weights`` is not loaded here (``engine/weights.py`` does, after seeding and building);
+    it only sets the backbone's fine-tuning defaults (:func:`backbone_spec`).
+    """
+    backbone = _build(BACKBONES, backbone_spec(cfg, path), f"{path}.backbone")
     names = featmap_names(backbone)
     anchors = _build(ANCHOR_GENERATORS, cfg.anchor_generator, f"{path}.anchor_generator")
     levels = len(getattr(anchors, "sizes", names))

@@ -1,0 +1,274 @@
+"""``model.weights``: initialise a whole detector from torchvision's weights or a file, by name and shape.
+
+A spec is a torchvision weights name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``, the Faster R-CNN
+ones, or an alias: ``coco``, ``coco_v2``), or a local file: a torchvision-format state_dict or an
+rcnn-lab checkpoint (``engine/checkpoint.py``). ``run:<id>`` (a finished run's last checkpoint)
+needs the tracking store: ``runner/weights.py`` turns it into a file before this module reads it.
+
+Loading follows detectron2's checkpointer: a tensor of the model is taken from the file when the
+file holds one of the same name and shape; a shape change (the predictors when ``num_classes``
+differs) keeps the model's fresh tensor and is listed, and so are names missing on either side.
+A file of which fewer than half of the model's tensors load is another architecture: an error,
+not a run with random weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rcnn_lab.errors import ConfigError, Problem, cut, display_path, excerpt
+
+KEY = "model.weights"
+RUN_PREFIX = "run:"  # run:<run_id>: resolved by runner/weights.py
+MIN_FRACTION = 0.5  # fewer of the model's tensors loaded than this: the file is for another architecture
+
+# short names -> torchvision's name, per model kind (mask: with a mask head; box: Faster R-CNN)
+ALIASES = {
+    "coco": {"mask": "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "box": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"},
+    "coco_v2": {"mask": "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", "box": "FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1"},
+}
+_HUB_NAME = re.compile(r"(MaskRCNN|FasterRCNN)_\w+_Weights\.\w+")
+_IGNORED = ("num_batches_tracked",)  # BatchNorm counters: not weights; FrozenBatchNorm2d has none
+
+
+def is_run(spec: str | None) -> bool:
+    return isinstance(spec, str) and spec.startswith(RUN_PREFIX)
+
+
+def run_id_of(spec: str) -> str:
+    return spec[len(RUN_PREFIX):].strip()
+
+
+def is_hub_name(spec: str) -> bool:
+    """A torchvision weights name or alias (a file of that name in the working folder wins)."""
+    return (spec in ALIASES or bool(_HUB_NAME.fullmatch(spec))) and not Path(spec).exists()
+
+
+def hub_name(spec: str, with_masks: bool = True) -> str:
+    """The torchvision name ``spec`` stands for (aliases resolved for a model with or without a mask head)."""
+    return ALIASES[spec]["mask" if with_masks else "box"] if spec in ALIASES else spec
+
+
+def hub_enum(spec: str, with_masks: bool = True, key: str = KEY, file: str | None = None):
+    """torchvision's ``WeightsEnum`` member for a weights name; one-line error for an unknown one."""
+    from torchvision.models import detection
+
+    name = hub_name(spec, with_masks)
+    enum_name, _, member = name.partition(".")
+    enum = getattr(detection, enum_name, None)
+    known = sorted(n for n in dir(detection) if _HUB_NAME.fullmatch(f"{n}.X"))
+    if enum is None:
+        raise ConfigError([Problem(key, f"unknown torchvision weights {excerpt(name)} (known: {', '.join(known)}, "
+                                        f"aliases: {', '.join(ALIASES)}); or give a file path", file)])
+    try:
+        return enum[member]
+    except KeyError:
+        members = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
+        raise ConfigError([Problem(key, f"{enum_name} has no {excerpt(member)} (use {members} or DEFAULT)", file)]) from None
+
+
+def hub_file(enum) -> Path:
+    """Where torch's hub cache keeps ``enum``'s file (torchvision downloads it there)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+
+
+def fetch(spec: str, *, key: str = KEY, file: str | None = None, with_masks: bool = True) -> Path:
+    """The local file of a weights name: torch's hub cache, downloaded there when missing.
+
+    Offline: a one-line ``ConfigError`` with the URL, the cache folder and the file alternative.
+    """
+    enum = hub_enum(spec, with_masks, key, file)
+    path = hub_file(enum)
+    if path.is_file():
+        return path
+    try:
+        torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True, map_location="cpu",
+                                           weights_only=True)
+    except Exception as exc:  # offline: URLError, socket errors, a hash mismatch ...
+        reason = cut(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", 100)
+        raise ConfigError([Problem(key, f"could not download {enum} ({reason}); offline, fetch {enum.url} "
+                                        f"elsewhere and put it in {path.parent}, or set {key}: /path/to/{path.name}",
+                                   file)]) from None
+    return path
+
+
+# --- identity ------------------------------------------------------------------------------------
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, mtime_ns, size) -> sha256
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file's content (cached while its path, mtime and size stay the same)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    cache_key = (real, st.st_mtime_ns, st.st_size)
+    if cache_key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[cache_key] = f"sha256:{h.hexdigest()}"
+    return _DIGESTS[cache_key]
+
+
+def identity_of(spec: str, *, key: str = KEY, file: str | None = None, with_masks: bool = True) -> str:
+    """What ``spec`` loads, for the config hash: torchvision's weights name, ``run:<id>``, or the
+    digest of a file's content (the same file under another path has the same identity)."""
+    if is_run(spec):
+        return f"{RUN_PREFIX}{run_id_of(spec)}"
+    if is_hub_name(spec):
+        return str(hub_enum(spec, with_masks, key, file))
+    path = _local(spec, key, file)
+    return file_digest(path)
+
+
+def _local(spec: str, key: str, file: str | None) -> Path:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError([Problem(key, f"weights file {excerpt(spec)} not found; give an existing .pth/.pt file, "
+                                        f"a torchvision weights name ({', '.join(ALIASES)}, "
+                                        "MaskRCNN_ResNet50_FPN_Weights.COCO_V1, ...) or run:<run_id>", file)])
+    return path
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def read_state(spec: str, *, key: str = KEY, file: str | None = None,
+               with_masks: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, identity) of a weights name or a local file (torchvision state_dict or rcnn-lab checkpoint).
+
+    ``key`` is the setting or flag that named ``spec`` and ``file`` the experiment file that set it:
+    both are named in the one-line errors.
+    """
+    if is_run(spec):
+        raise ConfigError([Problem(key, f"{excerpt(spec)} names a run of the tracking store; resolve it with "
+                                        "rcnn_lab.runner.weights first (rcnn-lab run does)", file)])
+    if is_hub_name(spec):
+        path = fetch(spec, key=key, file=file, with_masks=with_masks)
+        identity = str(hub_enum(spec, with_masks, key, file))
+    else:
+        path = _local(spec, key, file)
+        identity = file_digest(path)
+    return _state_of(path, key, file), identity
+
+
+def _state_of(path: Path, key: str, file: str | None) -> dict[str, torch.Tensor]:
+    from rcnn_lab.engine.checkpoint import load_failure
+
+    where = display_path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError([Problem(key, f"{where}: not a readable weights file ({load_failure(exc)}); "
+                                        "give a torchvision state_dict or an rcnn-lab checkpoint", file)]) from None
+    state = payload
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):  # rcnn-lab checkpoint (and detectron2's)
+        state = payload["model"]
+    elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):  # MMDetection / Lightning
+        state = payload["state_dict"]
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise ConfigError([Problem(key, f"{where}: holds no tensors by name (a {type(payload).__name__}); "
+                                        "give a torchvision state_dict or an rcnn-lab checkpoint", file)])
+    if all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+@dataclass
+class LoadReport:
+    """What :func:`load_into` did, tensor by tensor."""
+
+    loaded: list[str] = field(default_factory=list)
+    fresh: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, file shape, model shape)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    source: str = ""
+    identity: str = ""
+
+    @property
+    def total(self) -> int:
+        return len(self.loaded) + len(self.fresh) + len(self.missing)
+
+    def summary(self, limit: int = 4) -> str:
+        """``loaded 392 of 396 tensors; kept fresh: roi_heads.box_predictor.cls_score.weight (91 -> 2 classes), ...``"""
+        parts = [f"loaded {len(self.loaded)} of {self.total} tensors"]
+        if self.fresh:
+            shown = ", ".join(f"{n} ({_change(n, a, b)})" for n, a, b in self.fresh[:limit])
+            parts.append(f"kept fresh: {shown}" + (f", +{len(self.fresh) - limit} more" if len(self.fresh) > limit else ""))
+        if self.missing:
+            parts.append(f"not in the file (fresh): {_names(self.missing, limit)}")
+        if self.unexpected:
+            parts.append(f"not in the model (ignored): {_names(self.unexpected, limit)}")
+        return "; ".join(parts)
+
+    def as_text(self) -> str:
+        """The full list, one tensor a line (a run's artifact)."""
+        lines = [f"source: {self.source}", f"identity: {self.identity}", self.summary(), ""]
+        lines += [f"kept fresh (shape differs): {len(self.fresh)}"]
+        lines += [f"  {n}  file {list(a)} -> model {list(b)}" for n, a, b in self.fresh]
+        lines += [f"not in the file (fresh): {len(self.missing)}", *(f"  {n}" for n in self.missing)]
+        lines += [f"not in the model (ignored): {len(self.unexpected)}", *(f"  {n}" for n in self.unexpected)]
+        lines += [f"loaded: {len(self.loaded)}", *(f"  {n}" for n in self.loaded)]
+        return "\n".join(lines) + "\n"
+
+
+def _names(names: list[str], limit: int) -> str:
+    more = f", +{len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _change(name: str, old: tuple, new: tuple) -> str:
+    """How a predictor tensor changed, in classes where its first dimension counts them."""
+    if old and new and old[1:] == new[1:]:
+        per_class = 4 if name.rsplit(".", 2)[-2] == "bbox_pred" else 1
+        if name.rsplit(".", 2)[-2] in ("cls_score", "bbox_pred", "mask_fcn_logits") and not old[0] % per_class:
+            return f"{old[0] // per_class} -> {new[0] // per_class} classes"
+    return f"{list(old)} -> {list(new)}"
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, identity: str,
+              key: str = KEY, file: str | None = None) -> LoadReport:
+    """Copy into ``model`` every tensor of ``state`` with a name and shape of the model's; the rest of
+    the model keeps its (seeded) initialisation. Raises a one-line ``ConfigError`` when fewer than
+    half of the model's tensors load (weights for another architecture)."""
+    own = model.state_dict()
+    report = LoadReport(source=source, identity=identity)
+    for name, tensor in own.items():
+        if name not in state:
+            if not name.endswith(_IGNORED):
+                report.missing.append(name)
+        elif tuple(state[name].shape) != tuple(tensor.shape):
+            report.fresh.append((name, tuple(state[name].shape), tuple(tensor.shape)))
+        else:
+            report.loaded.append(name)
+    report.unexpected = [k for k in state if k not in own and not k.endswith(_IGNORED)]
+    counted = [n for n in own if not n.endswith(_IGNORED)]
+    useful = [n for n in report.loaded if not n.endswith(_IGNORED)]
+    if len(useful) < MIN_FRACTION * len(counted):
+        example = (f"e.g. {report.fresh[0][0]} is {list(report.fresh[0][1])} in the file, {list(report.fresh[0][2])} "
+                   "in the model" if report.fresh else f"e.g. {report.missing[0]} is not in the file" if report.missing else "")
+        raise ConfigError([Problem(key, f"{source} does not fit this model: {len(useful)} of {len(counted)} tensors "
+                                        f"match by name and shape ({example}); give weights of the same architecture "
+                                        "(model.backbone depth, heads) or change the model", file)])
+    with torch.no_grad():
+        model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
+    return report
+
+
+def apply(model: torch.nn.Module, spec: str, *, key: str = KEY, file: str | None = None,
+          with_masks: bool | None = None) -> LoadReport:
+    """:func:`read_state` + :func:`load_into`: initialise ``model`` from ``spec`` (a name or a local file)."""
+    if with_masks is None:
+        with_masks = getattr(getattr(model, "roi_heads", None), "mask_head", None) is not None
+    state, identity = read_state(spec, key=key, file=file, with_masks=with_masks)
+    source = str(hub_enum(spec, with_masks, key, file)) if is_hub_name(spec) else display_path(spec)
+    return load_into(model, state, source=source, identity=identity, key=key, file=file)
