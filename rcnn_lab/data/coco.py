@@ -46,6 +46,7 @@ from rcnn_lab.data.coco_json import (
     parse_fast,
     read_coco_bytes,
 )
+from rcnn_lab.data.images import ImageError, read_image
 from rcnn_lab.errors import ConfigError, Problem, display_path
 from rcnn_lab.registry import DATASETS
 
@@ -81,24 +82,8 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file to uint8 ``[3, H, W]`` RGB.
-
-    Uses ``torchvision.io.decode_image`` (its torchvision 0.29 deprecation warning silenced) and
-    falls back to PIL, a torchvision dependency, where that decoder is unavailable.
-    """
-    try:
-        from torchvision.io import ImageReadMode, decode_image
-    except ImportError:  # removed in a future torchvision
-        decode_image = None
-    if decode_image is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-            return decode_image(str(path), mode=ImageReadMode.RGB)
-    from PIL import Image
-
-    with Image.open(path) as image:
-        pixels = np.array(image.convert("RGB"))
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    """An image file as uint8 ``[3, H, W]`` RGB, read by ``rcnn_lab.data.images.read_image`` (8-bit files round-trip exactly)."""
+    return read_image(path).mul_(255.0).round_().to(torch.uint8)
 
 
 class CocoDataset(Dataset):
@@ -196,9 +181,9 @@ class CocoDataset(Dataset):
         img = self.index.image(row)
         path = self.root / img["file_name"]
         try:
-            image = read_rgb(path)
-        except (RuntimeError, OSError) as exc:
-            raise ConfigError([Problem("images", f"cannot decode '{display_path(path)}' ({exc}); replace or remove the image")]) from None
+            image = read_image(path)
+        except ImageError as exc:
+            raise exc.under("images") from None
         h, w = img["height"], img["width"]
         if tuple(image.shape[1:]) != (h, w):
             raise ConfigError([Problem("images", f"'{display_path(path)}' is {image.shape[2]}x{image.shape[1]} (WxH) but "
@@ -226,7 +211,7 @@ class CocoDataset(Dataset):
             "area": torch.tensor(area, dtype=torch.float32),
             "iscrowd": torch.tensor([int(bool(a.get("iscrowd", 0))) for a in anns], dtype=torch.int64),
         }
-        return image.float().div_(255.0), target
+        return image, target
 
     def aspect_ratios(self) -> list[float]:
         """Width / height per image, from the JSON."""
