@@ -40,7 +40,19 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
         return load_plugins(extra, base)
 
     return loader.load_experiment(path, list(overrides), flags, families=families, load_plugins=plugins,
-                                  check=_check_model if check_models else None)
+                                  check=_check_model if check_models else None, metrics=logged_metrics)
+
+
+# what a finished run logs besides the evaluation (``final/<name>``): ``runner.artifacts.cost_metrics`` and the
+# trainer's training time (tests/search/test_config.py holds the two to this list)
+COST_METRICS = ("params", "gflops", "peak_memory_mb", "images_per_s", "train_time_s")
+
+
+def logged_metrics(config: RunConfig) -> list[str]:
+    """Every final metric a run of ``config`` logs: COCO evaluation (``engine.evaluate.metric_names``), then cost."""
+    from rcnn_lab.engine.evaluate import metric_names
+
+    return [*metric_names(config.eval.iou_types, config.eval.class_agnostic), *COST_METRICS]
 
 
 def load_names(path: str | Path) -> loader.Experiment:
