@@ -59,6 +59,15 @@ class Periods:
         return bool(self.eval_every and step % self.eval_every == 0 and step < self.iterations)
 
 
+class StopTraining(Exception):
+    """Raised by a hook to end a run early (e.g. a pruner's decision at an evaluation): the runner records
+    the run KILLED with the iteration it reached and keeps its checkpoint, so that rerunning it resumes."""
+
+    def __init__(self, iteration: int, reason: str):
+        super().__init__(f"stopped at iteration {iteration}: {reason}")
+        self.iteration, self.reason = iteration, reason
+
+
 class Priority(IntEnum):
     """When a hook runs at each stage, lowest first."""
 

@@ -19,7 +19,7 @@ class _Text(str, Enum):
 
 
 class Status(_Text):
-    """Where a planned run stands after an invocation (MLflow's run statuses, plus three of ours)."""
+    """Where a planned run stands after an invocation (MLflow's run statuses, plus four of ours)."""
 
     FINISHED = "FINISHED"
     FAILED = "FAILED"
@@ -27,6 +27,7 @@ class Status(_Text):
     SKIPPED = "SKIPPED"  # a finished run of the same config exists (``--force`` reruns it)
     RUNNING_ELSEWHERE = "RUNNING-ELSEWHERE"  # another worker holds a live claim on it
     PLANNED = "PLANNED"  # no run of it exists yet
+    STOPPED = "STOPPED"  # ended early by a hook (``engine.hooks.StopTraining``): KILLED in MLflow, resumable
 
 
 class Action(_Text):

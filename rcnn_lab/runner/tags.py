@@ -38,6 +38,16 @@ CHANGED = f"{PREFIX}changed"  # JSON {dotted.key: value} of what the variant cha
 OVERRIDES = f"{PREFIX}overrides"  # JSON: the part of CHANGED set on the command line (--set, --device)
 ERROR = f"{PREFIX}error"  # first line of the exception of a FAILED run
 BACKED_OFF_TO = f"{PREFIX}backed_off_to"  # a deleted run whose worker deferred to this run's claim
+STOPPED_AT = f"{PREFIX}stopped_at"  # a run a hook ended early (KILLED, resumable): the iteration it reached
+STOP_REASON = f"{PREFIX}stop_reason"  # ... and why (e.g. "pruned")
+
+# Searches (``rcnn_lab.search``): one parent run per search (KIND = SEARCH); its trials' runs nest under it.
+SEARCH = "search"
+STUDY = f"{PREFIX}study"  # the Optuna study name (parent and trial runs)
+STORAGE = f"{PREFIX}study_storage"  # where the study lives (parent run)
+TRIAL = f"{PREFIX}trial"  # a trial's run: its Optuna trial number
+TRIAL_STATE = f"{PREFIX}trial_state"  # complete | pruned | failed | running
+STAGE = f"{PREFIX}search_stage"  # trial | confirm | baseline
 
 # Experiments: MLflow 3 opens an experiment with this tag on its "Model training" view (runs, metrics, images), not on
 # GenAI traces; MLflow >= 3.10's UI decides by its GenAI / Model training switch instead, which UI_WORKFLOW (a query of
