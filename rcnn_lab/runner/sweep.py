@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from rcnn_lab.config.loader import Experiment, flatten
 from rcnn_lab.config.types import to_plain
 from rcnn_lab.engine import distributed
 from rcnn_lab.engine.device import device_name
-from rcnn_lab.engine.hooks import Periods, ProgressHook
+from rcnn_lab.engine.hooks import Periods, ProgressHook, StopTraining
 from rcnn_lab.engine.preflight import RunInputs, preflight, prepare
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import artifacts, claims, journal, parallel, tags
@@ -63,12 +64,19 @@ def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool,
 
 
 def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunInputs] | None = None,
-             force: bool = False, root: Path | None = None, progress: bool = True, echo=print) -> list[Outcome]:
+             force: bool = False, root: Path | None = None, progress: bool = True, echo=print,
+             parent: str | None = None, child_tags: dict[str, str] | None = None,
+             hooks: Callable[[PlannedRun], list] | None = None) -> list[Outcome]:
     """Execute ``plan`` against MLflow; returns one outcome per planned run.
 
     ``inputs`` are what ``preflight(plan)`` checked (run here when not given: bad input raises
     ``ConfigError`` before any store is touched). ``root`` holds outputs (``outputs/EXP/RUN``) and
     local artifacts; default ``tr.runs_root(uri)``.
+
+    Extension points for the layers above (which the runner knows nothing of): ``parent`` nests the runs under
+    an existing run (left as it is at the end), ``child_tags`` are added to every new run, ``hooks(run)`` gives
+    extra training hooks per run; a hook that raises ``engine.hooks.StopTraining`` ends its run early
+    (``Status.STOPPED``, KILLED in MLflow with the iteration reached, checkpoint kept).
     """
     inputs = dict(preflight(plan) if inputs is None else inputs)  # each run takes (and releases) its own
     uri = tr.resolve_uri(exp.tracking.uri, root)
@@ -79,9 +87,9 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
     for stale in claims.end_stale_sweeps(c, exp_id):
         echo(f"marked KILLED: sweep run {stale} (its process is gone)")
-    parent = given = parallel.given_sweep_run()  # --parallel: the coordinator's sweep run; it also ends it
+    parent = given = parent or parallel.given_sweep_run()  # --parallel: the coordinator's sweep run; it also ends it
     outcomes: list[Outcome] = []
-    common = tr.common_tags(exp, distributed.world().size)
+    common = {**tr.common_tags(exp, distributed.world().size), **(child_tags or {})}
     beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
     journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
     interrupted = crashed = False
@@ -129,7 +137,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 echo(f"run    {run.label} ({run.hash}) as run {run_id}")
             parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
-                outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, journals, progress=progress, echo=echo))
+                outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, journals, progress=progress, echo=echo,
+                                           extra=hooks(run) if hooks is not None else []))
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -218,7 +227,7 @@ def command_line_keys(variant) -> dict:
 
 
 def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs, journals: list, *,
-               progress: bool, echo) -> Outcome:
+               progress: bool, echo, extra: list = ()) -> Outcome:
     """Train one run. Every write to its MLflow run goes through its journal (appended to ``journals``):
     training, failure records included, goes on whether or not the store answers."""
     started = time.perf_counter()
@@ -227,7 +236,7 @@ def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, input
     journals.append(j)
     hook = MLflowHook(j, t.log_every or periods.log_every, periods, t.async_logging)
     try:
-        hooks = [ProgressHook(periods, progress, run.label), *artifacts.extra_hooks(run, j), hook]
+        hooks = [ProgressHook(periods, progress, run.label), *artifacts.extra_hooks(run, j), *extra, hook]
         trainer = Trainer(run.config, out, hooks=hooks, inputs=inputs)
         if trainer.start_iteration == 0:
             j.text(artifacts.model_summary(trainer.model), "model_summary.txt")
@@ -238,6 +247,12 @@ def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, input
         artifacts.log_results(j, trainer, result, out, t.log_checkpoint)
         j.end(Status.FINISHED.value)
         return Outcome(run, Status.FINISHED, action, result.metrics, time.perf_counter() - started, run_id)
+    except StopTraining as stop:  # a hook ended it early: KILLED (resumable from its checkpoint), with where and why
+        hook.flush(synchronous=True)
+        j.tags({tags.STOPPED_AT: str(stop.iteration), tags.STOP_REASON: stop.reason[:500]})
+        j.end(Status.KILLED.value)
+        echo(f"stop   {run.label} at iteration {stop.iteration}: {stop.reason}")
+        return Outcome(run, Status.STOPPED, action, {}, time.perf_counter() - started, run_id, stop.reason)
     except KeyboardInterrupt:  # Ctrl-C: keep what was measured, mark KILLED; the next invocation resumes
         hook.flush(synchronous=True)
         j.end(Status.KILLED.value)
