@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("components", ("rcnn_lab.models", "rcnn_lab.data", "rcnn_lab.ops")),
     ("engine", ("rcnn_lab.engine", "rcnn_lab.components", "rcnn_lab.probe")),
     ("runner", ("rcnn_lab.runner",)),
+    ("search", ("rcnn_lab.search",)),
     ("report", ("rcnn_lab.report",)),
     ("cli", ("rcnn_lab.cli", "rcnn_lab.__main__", "rcnn_lab")),
 ]
