@@ -78,6 +78,9 @@ def cmd_run(args) -> int:
         return 0
     _check_scale_flags(args)
     inputs = preflight(plan)  # every run's device and datasets, checked once
+    from rcnn_lab.runner.weights import resolve_inputs
+
+    inputs = resolve_inputs(exp, plan, inputs)  # model.weights run:<id>: in the store, finished, with a checkpoint
     check_world(plan, args.nproc, display_path(exp.path))
     argv = getattr(args, "argv", None) or sys.argv[1:]
     if args.nproc and args.nproc > 1:

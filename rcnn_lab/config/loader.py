@@ -119,11 +119,22 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def config_hash(config: RunConfig) -> str:
-    """Stable hash of everything that affects results (not names, descriptions or tracking)."""
+def config_hash(config: RunConfig, weights: str | None = None) -> str:
+    """Stable hash of everything that affects results (not names, descriptions or tracking).
+
+    ``model.weights`` counts by ``weights``, its identity (``engine.weights.identity_of``: a weights
+    name or the digest of the file's content, so the same file under another path is the same run;
+    ``runner.plan`` passes it), else as written. Unset, it is left out: configs without it keep the
+    hash they had before the key existed.
+    """
     plain = to_plain(config)
     for key in ("name", "description", "tracking"):
         plain.pop(key, None)
+    model = plain.get("model", {})
+    if model.get("weights") is None:
+        model.pop("weights", None)
+    elif weights is not None:
+        model["weights"] = weights
     blob = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -102,6 +102,9 @@ class RunInputs:
     device: Any  # torch.device
     train_set: Any
     val_set: Any
+    # model.weights as the trainer loads it: a torchvision weights name or a local file (a run:<id> until
+    # runner.weights resolves it to the run's last checkpoint); None: no detector weights
+    weights: str | None = None
 
 
 def prepare(config: RunConfig, built: dict | None = None) -> RunInputs:
@@ -135,6 +138,10 @@ def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Pro
             BACKBONES.build(backbone, "model.backbone")
         except ConfigError as exc:
             problems += exc.problems
+    weights = config.model.weights
+    if weights is not None and ("weights", weights) not in built:
+        built[("weights", weights)] = True
+        problems += _weights_problems(config)
     sets = []
     for key in ("train", "val"):
         spec = getattr(config.data, key)
@@ -151,7 +158,26 @@ def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Pro
             check_num_classes(config.model.num_classes, *sets)
         except ConfigError as exc:
             problems += exc.problems
-    return (RunInputs(device, *sets) if not problems else None), problems
+    return (RunInputs(device, *sets, weights=weights) if not problems else None), problems
+
+
+def _weights_problems(config: RunConfig) -> list[Problem]:
+    """``model.weights`` before any run exists: a weights name is downloaded to torch's hub cache now
+    (offline and not cached: one line saying where to put the file), a file must exist. A ``run:<id>``
+    needs the tracking store: ``runner.weights`` checks it."""
+    from rcnn_lab.engine import weights as w
+
+    spec = config.model.weights
+    if w.is_run(spec):
+        return []
+    try:
+        if w.is_hub_name(spec):
+            w.fetch(spec, with_masks=config.model.roi_heads.mask_head is not None)
+        else:
+            w.identity_of(spec)
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def preflight(plan) -> dict[str, RunInputs]:

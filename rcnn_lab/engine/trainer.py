@@ -95,7 +95,16 @@ class Trainer:
         self.total_iterations = t.iterations if t.iterations is not None else t.epochs * self.iters_per_epoch
         self.periods = Periods.of(t, self.total_iterations)
         seed_everything(t.seed)
-        self.model = build_model(config.model).to(self.device)
+        model = build_model(config.model)
+        # model.weights after seeding and building (tensors it does not cover keep the seed's values);
+        # not when resuming (the run's own checkpoint wins); rank 0 alone: DDP broadcasts its state
+        resuming = resume and ckpt.latest(ckpt.folder(self.out_dir)) is not None
+        self.weights_report = None  # engine.weights.LoadReport of model.weights, when loaded here
+        if config.model.weights is not None and self.world.main and not resuming:
+            from rcnn_lab.engine.weights import apply
+
+            self.weights_report = apply(model, inputs.weights or config.model.weights)
+        self.model = model.to(self.device)
         if t.channels_last:  # CUDA: tensor-core layouts; CPU: oneDNN's native layout (fast max-pool)
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -14,7 +14,9 @@ not a run with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -88,8 +90,9 @@ def fetch(spec: str, *, key: str = KEY, file: str | None = None, with_masks: boo
     if path.is_file():
         return path
     try:
-        torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True, map_location="cpu",
-                                           weights_only=True)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch's "Downloading: ..." line: the error says it all
+            torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True, map_location="cpu",
+                                               weights_only=True)
     except Exception as exc:  # offline: URLError, socket errors, a hash mismatch ...
         reason = cut(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", 100)
         raise ConfigError([Problem(key, f"could not download {enum} ({reason}); offline, fetch {enum.url} "

@@ -18,6 +18,17 @@ def model_summary(model) -> str:
     return "\n".join(lines) + "\n\n" + repr(model) + "\n"
 
 
+WEIGHTS_ARTIFACT = "weights.txt"  # model.weights: every tensor, loaded or kept fresh
+
+
+def log_weights(journal, report) -> None:
+    """``model.weights``' load report: its summary and identity as tags, the full list as an artifact."""
+    from rcnn_lab.runner import tags
+
+    journal.tags({tags.WEIGHTS: report.summary()[:5000], tags.WEIGHTS_IDENTITY: report.identity[:5000]})
+    journal.text(report.as_text(), WEIGHTS_ARTIFACT)
+
+
 def loss_curve(history: list[dict], title: str):
     """Matplotlib figure of the logged losses against iterations."""
     import matplotlib

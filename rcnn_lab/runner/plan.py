@@ -30,7 +30,12 @@ class PlannedRun:
     @property
     def slug(self) -> str:
         """Folder-safe name for outputs."""
-        return file_part(f"{self.variant.name}-s{self.seed}")[:80] + f"-{self.hash[:8]}"
+        return slug(self.variant.name, self.seed, self.hash)
+
+
+def slug(variant: str, seed: int | str, config_hash: str) -> str:
+    """A run's output folder name from its variant, seed and config hash (also read back from a run's tags)."""
+    return file_part(f"{variant}-s{seed}")[:80] + f"-{config_hash[:8]}"
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -41,6 +46,17 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
         raise ConfigError([Problem("--shard", f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")])
     return int(m.group(1)), int(m.group(2))
+
+
+def weights_identity(variant: Variant) -> str | None:
+    """The identity of a variant's ``model.weights`` for its config hash (None when unset)."""
+    spec = variant.config.model.weights
+    if spec is None:
+        return None
+    from rcnn_lab.engine.weights import identity_of
+
+    return identity_of(spec, file=variant.source_of("model.weights"),
+                       with_masks=variant.config.model.roi_heads.mask_head is not None)
 
 
 def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] | None = None,
@@ -54,9 +70,10 @@ def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] |
     chosen = [v for v in exp.variants if not only or v.name in only]
     runs = []
     for v in chosen:
+        identity = weights_identity(v)
         for s in seeds if seeds is not None else exp.seeds:
             cfg = v.with_seed(s)
-            runs.append(PlannedRun(v, s, cfg, config_hash(cfg)))
+            runs.append(PlannedRun(v, s, cfg, config_hash(cfg, identity)))
     if shard is not None:
         i, n = shard
         runs = runs[i::n]

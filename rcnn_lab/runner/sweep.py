@@ -22,6 +22,7 @@ from rcnn_lab.engine.preflight import RunInputs, preflight, prepare
 from rcnn_lab.engine.trainer import Trainer
 from rcnn_lab.runner import artifacts, claims, journal, parallel, tags
 from rcnn_lab.runner import tracking as tr
+from rcnn_lab.runner import weights as run_weights
 from rcnn_lab.runner.hooks import MLflowHook
 from rcnn_lab.runner.inputs import dataset_inputs
 from rcnn_lab.runner.outcome import Action, Outcome, Status
@@ -84,6 +85,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
         return parallel.follow_plan(exp, plan, Path(root) if root is not None else tr.runs_root(uri), inputs)
     c = tr.client(uri)  # unreachable store: fails here, before any training
     root = Path(root) if root is not None else tr.runs_root(uri)
+    inputs = run_weights.resolve_inputs(exp, plan, inputs, root, c)  # model.weights run:<id> -> its checkpoint
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
     for stale in claims.end_stale_sweeps(c, exp_id):
         echo(f"marked KILLED: sweep run {stale} (its process is gone)")
@@ -238,6 +240,9 @@ def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, input
     try:
         hooks = [ProgressHook(periods, progress, run.label), *artifacts.extra_hooks(run, j), *extra, hook]
         trainer = Trainer(run.config, out, hooks=hooks, inputs=inputs)
+        if trainer.weights_report is not None:  # model.weights loaded (a fresh run, not a resumed one)
+            artifacts.log_weights(j, trainer.weights_report)
+            echo(f"weights {run.label}: {trainer.weights_report.source}: {trainer.weights_report.summary()}")
         if trainer.start_iteration == 0:
             j.text(artifacts.model_summary(trainer.model), "model_summary.txt")
             j.inputs(dataset_inputs(run.config, trainer.train_set, trainer.val_set))
