@@ -79,6 +79,21 @@ def backbone_spec(cfg: ModelConfig, path: str = "model") -> Spec:
     return Spec(spec.type, {**spec.kwargs, **filled}) if filled else spec
 
 
+def build_for_weights(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
+    """The model ``build_model`` builds, without reading the backbone's own weights (``model.backbone.weights``):
+    for detector weights that replace every tensor (``rcnn-lab predict``), so nothing is downloaded or read twice.
+    The backbone keeps what its weights would have given it: torchvision's defaults for a trained body
+    (``FINE_TUNE_DEFAULTS``: frozen BatchNorm, 3 trainable stages) where the YAML leaves them unset."""
+    from dataclasses import replace
+
+    spec = backbone_spec(cfg, path)
+    if spec.kwargs.get("weights") is None:
+        return build_model(cfg, path)
+    accepted = {p.name for p in BACKBONES.get(spec.type, f"{path}.backbone.type").params()}
+    filled = {k: v for k, v in FINE_TUNE_DEFAULTS.items() if k in accepted and spec.kwargs.get(k) is None}
+    return build_model(replace(cfg, backbone=Spec(spec.type, {**spec.kwargs, **filled, "weights": None})), path)
+
+
 def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
     """Build the Mask R-CNN described by ``cfg`` (a validated ``ModelConfig``).
 
