@@ -1,0 +1,126 @@
+"""The Optuna side of a search: storage, sampler, pruner, the study, and its MLflow parent run."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from rcnn_lab.config.loader import Experiment
+from rcnn_lab.config.search import SearchConfig
+from rcnn_lab.errors import ConfigError, Problem
+from rcnn_lab.runner import tags
+from rcnn_lab.runner import tracking as tr
+
+JOURNAL = "journal:"  # search.storage: journal:PATH -> Optuna's JournalStorage on a (shared) file
+PARENT_ATTR = "mlflow_parent_run"  # study user attr: the search's parent run in MLflow
+SQLITE_TIMEOUT_S = 60  # several workers on one sqlite file wait for its lock this long
+
+
+def quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)
+
+
+def storage_url(search: SearchConfig, uri: str, root: Path | None = None) -> str:
+    """``search.storage``, else ``sqlite:///<runs root>/optuna.db`` beside the MLflow store (``runs/optuna.db``)."""
+    if search.storage:
+        return search.storage
+    folder = Path(root) if root is not None else tr.runs_root(uri)
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
+
+
+def storage(url: str):
+    """An Optuna storage for ``url``: ``journal:PATH`` (JournalStorage, file backend) or an RDB URL."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if url.startswith(JOURNAL):
+        path = Path(url[len(JOURNAL):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as exc:  # a driver missing, a server down, a bad URL
+        raise ConfigError([Problem("search.storage", f"Optuna storage {url} cannot be opened "
+                                   f"({str(exc).splitlines()[0][:200]}); fix the URL or use journal:PATH")]) from None
+
+
+def study_name(exp: Experiment) -> str:
+    """One study per experiment and search space + objective (budget, sampler and pruner may change on resume)."""
+    return f"{exp.tracking_name}-search-{exp.search.fingerprint}"
+
+
+def directions(search: SearchConfig) -> list[str]:
+    return ["maximize" if d == "max" else "minimize" for d in search.objective.values()]
+
+
+def grid_size(search: SearchConfig) -> int:
+    return math.prod(len(p.grid()) for p in search.space)
+
+
+def sampler(search: SearchConfig, number: int):
+    """The sampler proposing trial ``number``, seeded with ``sampler.seed`` and the trial number: proposals are a
+    function of the seed and the study's history, the same after a resume, and parallel workers (different
+    trial numbers) never draw from the same random stream. QMC keeps one seed (its sequence is the point)."""
+    from optuna import samplers
+
+    from rcnn_lab.search.space import grid_values
+
+    kind, seed = search.sampler.type, search.sampler.seed
+    per_trial = (seed * 1_000_003 + number) % 2**32
+    if kind == "tpe":
+        return samplers.TPESampler(seed=per_trial, constant_liar=True, multivariate=True)
+    if kind == "random":
+        return samplers.RandomSampler(seed=per_trial)
+    if kind == "grid":
+        return samplers.GridSampler({p.key: grid_values(p) for p in search.space}, seed=per_trial)
+    if kind == "qmc":
+        return samplers.QMCSampler(seed=seed, scramble=True, warn_asynchronous_seeding=False,
+                                   independent_sampler=samplers.RandomSampler(seed=per_trial))
+    if kind == "nsga2":
+        return samplers.NSGAIISampler(seed=per_trial, population_size=max(4, min(50, (search.budget.trials or 20) // 4)))
+    raise ValueError(kind)  # the schema allows no other
+
+
+def pruner(search: SearchConfig):
+    from optuna import pruners
+
+    p = search.pruner
+    if p.type == "asha":
+        return pruners.SuccessiveHalvingPruner(min_resource=p.min_iterations, reduction_factor=p.reduction_factor)
+    return pruners.NopPruner()
+
+
+def open_study(exp: Experiment, url: str):
+    """Create or load the experiment's study on ``url`` (safe when several workers start together)."""
+    import optuna
+
+    quiet_optuna()
+    st = storage(url)
+    return optuna.create_study(storage=st, study_name=study_name(exp), directions=directions(exp.search),
+                               sampler=sampler(exp.search, 0), pruner=pruner(exp.search), load_if_exists=True)
+
+
+def parent_run(c, exp_id: str, exp: Experiment, study, url: str, common: dict[str, str]) -> str:
+    """The search's one parent run in MLflow (created by the first invocation, marked RUNNING again by later ones)."""
+    known = study.user_attrs.get(PARENT_ATTR)
+    if known:
+        try:
+            run = c.get_run(known)
+            if run.info.lifecycle_stage == "active":
+                if run.info.status != "RUNNING":
+                    c.update_run(known, status="RUNNING")
+                return known
+        except Exception:  # deleted from the store: start a new one
+            pass
+    run = c.create_run(exp_id, run_name=f"search {exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
+        **common, **tr.claim_tags(), tags.KIND: tags.SEARCH, tags.STUDY: study.study_name, tags.STORAGE: url})
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    return run.info.run_id
