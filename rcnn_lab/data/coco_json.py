@@ -17,33 +17,29 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from rcnn_lab.data.coco_checks import (
+    MAX_COORD,
+    MAX_PIXELS,
+    bbox_problem,
+    deepest,
+    id_problem,
+    image_size_problem,
+    is_int,
+    is_number,
+    locate,
+    name_problem,
+    parse_int,
+    polygons_fit,
+    rle_problem,
+    segmentation_problem,
+)
 from rcnn_lab.data.coco_index import CocoIndex, Progress
-from rcnn_lab.errors import ConfigError, Problem, display_path
+from rcnn_lab.errors import ConfigError, Problem, display_path, excerpt
 
 _MAX_PROBLEMS = 8
 _CHUNK = 16384  # annotations decoded per msgspec call: bounds the transient memory of the fast path
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_segmentation(seg: Any, height: int, width: int) -> str | None:
-    """Why ``seg`` cannot be decoded for a ``height x width`` image, or None."""
-    if seg is None or seg == []:
-        return None
-    if isinstance(seg, list):
-        for poly in seg:
-            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(map(is_number, poly))):
-                return "polygons must be lists of at least 3 x,y pairs of numbers"
-        return None
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [height, width]:
-            return f"RLE size {list(seg['size'])} differs from the image's [height, width] [{height}, {width}]"
-        if not isinstance(seg["counts"], (str, list)):
-            return "RLE counts must be a string (compressed) or a list of run lengths"
-        return None
-    return "segmentation must be a list of polygons or an RLE {size, counts}"
+_MAX_NESTING = 32  # what Python's JSON parsers may meet (a COCO file nests 5 levels; theirs recurse)
+_NUMBERS = bytes.maketrans(b"[],", b"   ")
 
 
 class _Checker:
@@ -64,8 +60,9 @@ class _Checker:
                 self.problems.append(Problem("annotations", f"... and {extra} more problems", self.file))
             raise ConfigError(self.problems)
 
-    def entries(self, data: dict, key: str, required: dict[str, tuple[type, ...]]) -> list[dict]:
-        """Entries of ``data[key]`` having the ``required`` keys with the right types; others are problems."""
+    def entries(self, data: dict, key: str, required: dict[str, tuple[type, ...]]) -> list[tuple[int, dict]]:
+        """``(position, entry)`` of the entries of ``data[key]`` having the ``required`` keys with the right
+        types and ids (``id``, ``*_id``) that fit in int64; others are problems."""
         good = []
         for i, entry in enumerate(data[key]):
             if not isinstance(entry, dict):
@@ -76,7 +73,13 @@ class _Checker:
                 what = ", ".join(f"'{k}'" + (" (missing)" if k not in entry else f" (got {entry[k]!r})") for k in bad)
                 self.add(f"{key}[{i}]: needs {what}; fix the file")
                 continue
-            good.append(entry)
+            ids = [k for k in required if k == "id" or k.endswith("_id")] + (["id"] if "id" in entry and "id" not in required else [])
+            bad = next(((k, entry[k]) for k in ids if not is_int(entry[k]) or id_problem(entry[k])), None)
+            if bad is not None:
+                self.add(f"{key}[{i}].{bad[0]}: " + (id_problem(bad[1]) if is_int(bad[1]) else
+                                                     f"must be an integer, got {excerpt(bad[1])}; fix the file"))
+                continue
+            good.append((i, entry))
         return good
 
 
@@ -96,7 +99,9 @@ def parse_coco_json(raw: bytes, path: str | Path) -> dict:
     """``json.loads`` of a COCO file's bytes; problems name the file, line and column."""
     p = Path(path)
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=parse_int)
+    except RecursionError:
+        raise nesting_error(raw, display_path(p)) from None
     except json.JSONDecodeError as exc:
         raise ConfigError([Problem("annotations", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
                                    "fix the file", display_path(p))]) from None
@@ -111,6 +116,14 @@ def parse_coco_json(raw: bytes, path: str | Path) -> dict:
         raise ConfigError([Problem("annotations", f"missing top-level list(s) {', '.join(repr(k) for k in missing)}; a COCO "
                                    "file needs images, annotations and categories", display_path(p))])
     return data
+
+
+def nesting_error(raw: bytes, file: str) -> ConfigError:
+    """The problem of a file nesting too deep for the JSON parsers, naming the entry."""
+    at = deepest(raw, _MAX_NESTING)
+    where = locate(raw, at) if at is not None else "the file"
+    return ConfigError([Problem("annotations", f"{where}: nests deeper than {_MAX_NESTING} levels (a COCO file needs 5); "
+                                "fix the file", file)])
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -150,31 +163,41 @@ def parse_checked(data: dict, file: str, category_ids: list[int] | None) -> Pars
     check.raise_if_any()
 
     by_id: dict[int, dict] = {}
-    for i, img in enumerate(imgs):
+    for i, img in imgs:
         if img["id"] in by_id:
             check.add(f"images[{i}]: image id {img['id']} is used twice; ids must be unique")
+        elif (why := name_problem(img["file_name"])) is not None:
+            check.add(f"images[{i}].file_name: {why}")
+        elif (why := image_size_problem(img["width"], img["height"])) is not None:
+            check.add(f"images[{i}]: {why}")
         by_id[img["id"]] = img
-    cat_ids = {c["id"] for c in cats}
+    cat_ids = {c["id"] for _, c in cats}
     if len(cat_ids) != len(cats):
         check.add("categories: some category ids are used twice; ids must be unique")
-    categories, label = _select(cats, category_ids, file)
+    check.raise_if_any()  # the annotations' checks need sound images
+    categories, label = _select([c for _, c in cats], category_ids, file)
 
     per_image: dict[int, list[dict]] = {i: [] for i in by_id}
-    for i, ann in enumerate(anns):
+    ann_ids: dict[int, int] = {}
+    for i, ann in anns:
         img = by_id.get(ann["image_id"])
         if img is None:
             check.add(f"annotations[{i}]: image_id {ann['image_id']} is not in images; fix the id or remove the annotation")
         elif ann["category_id"] not in cat_ids:
             check.add(f"annotations[{i}]: category_id {ann['category_id']} is not in categories; fix the id or add the category")
+        elif "id" in ann and ann["id"] in ann_ids:
+            check.add(f"annotations[{i}].id: {ann['id']} is also the id of annotations[{ann_ids[ann['id']]}]; "
+                      "fix the file so that annotation ids are unique")
         elif len(ann["bbox"]) != 4 or not all(map(is_number, ann["bbox"])):
-            check.add(f"annotations[{i}]: bbox must be 4 numbers [x, y, width, height], got {ann['bbox']!r}")
-        elif (why := check_segmentation(ann.get("segmentation"), img["height"], img["width"])) is not None:
-            check.add(f"annotations[{i}]: {why}; fix the segmentation")
+            check.add(f"annotations[{i}].bbox: must be 4 numbers [x, y, width, height], got {excerpt(ann['bbox'])}; fix the file")
+        elif (found := bbox_problem(ann["bbox"])) is not None:
+            check.add(f"annotations[{i}].bbox{found[0]}: {found[1]}; fix or remove the annotation")
+        elif (found := segmentation_problem(ann.get("segmentation"), img["height"], img["width"])) is not None:
+            check.add(f"annotations[{i}].segmentation{found[0]}: {found[1]}; fix the segmentation")
         elif ann["category_id"] in label:
             per_image[img["id"]].append(ann)
-    for img in imgs:
-        if img["width"] < 1 or img["height"] < 1:
-            check.add(f"images: image id {img['id']} has width {img['width']} and height {img['height']}; both must be >= 1")
+        if "id" in ann:
+            ann_ids.setdefault(ann["id"], i)
     check.raise_if_any()
     images = [by_id[i] for i in sorted(by_id)]
     return ParsedCoco(categories, label, CocoIndex.from_dicts(images, per_image))
@@ -198,6 +221,7 @@ class _Annotation(msgspec.Struct):
     bbox: list[float]
     segmentation: msgspec.Raw = msgspec.Raw(b"null")  # checked from its JSON text (see _polygons_ok), not decoded
     iscrowd: Any = 0
+    id: Any = None
 
 
 class _File(msgspec.Struct):
@@ -213,16 +237,16 @@ _SPACE = b" \t\n\r"
 _POLYGON_CHARS = b"[],0123456789.-+eE" + _SPACE  # all a list of polygons may hold
 
 
-def _polygons_ok(texts: list[bytes]) -> bool:
-    """True when every JSON text (valid JSON, as msgspec checked) is a list of polygons that
-    ``check_segmentation`` accepts: lists of numbers, each of even length >= 6. Vectorised: no
-    number is decoded; brackets give the depth, numbers after a bracket or comma at depth 2
-    the polygon lengths."""
+def _polygon_lengths(texts: list[bytes]) -> np.ndarray | None:
+    """Each polygon's count of numbers when every JSON text (valid JSON, as msgspec checked) is a list
+    of polygons that ``check_segmentation`` accepts (lists of numbers, each of even length >= 6); else
+    None. Vectorised: no number is decoded; brackets give the depth, numbers after a bracket or comma
+    at depth 2 the polygon lengths."""
     if not texts:
-        return True
+        return np.zeros(0, np.int64)
     joined = b"".join(texts)
     if joined.translate(None, _POLYGON_CHARS):
-        return False  # strings, objects, true/false/null somewhere
+        return None  # strings, objects, true/false/null somewhere
     if any(space in joined for space in _SPACE):
         joined = joined.translate(None, _SPACE)
     c = np.frombuffer(joined, np.uint8)
@@ -233,11 +257,22 @@ def _polygons_ok(texts: list[bytes]) -> bool:
     then_number[-1] = False
     depth = np.cumsum(opens[at].view(np.int8) - closes[at].view(np.int8), dtype=np.int32)
     if depth.max() > 2 or (depth[then_number] != 2).any():
-        return False  # deeper nesting, or numbers outside a polygon
+        return None  # deeper nesting, or numbers outside a polygon
     starts = opens[at] & (depth == 2)
     polygon = np.cumsum(starts, dtype=np.int32) - 1
     length = np.bincount(polygon[then_number], minlength=int(starts.sum()))
-    return not ((length < 6) | (length % 2 == 1)).any()
+    return None if ((length < 6) | (length % 2 == 1)).any() else length
+
+
+def _polygons_ok(texts: list[bytes]) -> bool:
+    """``_polygon_lengths`` accepts the texts and their coordinates are within the limits (``polygons_fit``)."""
+    lengths = _polygon_lengths(texts)
+    if lengths is None:
+        return False
+    if not len(lengths):
+        return True
+    numbers = np.fromstring(b"".join(texts).translate(_NUMBERS), dtype=np.float64, sep=" ")
+    return len(numbers) == int(lengths.sum()) and polygons_fit(numbers, lengths)
 
 
 class _Unusual(Exception):
@@ -250,6 +285,8 @@ def parse_fast(raw: bytes, file: str, category_ids: list[int] | None, progress: 
         top = _FILE.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    except RecursionError:
+        raise nesting_error(raw, file) from None
     progress(f"parsed {len(top.images):,} images, {len(top.annotations):,} annotations, {len(top.categories):,} categories")
     try:
         return _index_fast(top, file, category_ids, progress)
@@ -259,7 +296,7 @@ def parse_fast(raw: bytes, file: str, category_ids: list[int] | None, progress: 
 
 def _index_fast(top: _File, file: str, category_ids: list[int] | None, progress: Progress) -> ParsedCoco:
     check = _Checker(file)
-    cats = check.entries({"categories": top.categories}, "categories", {"id": (int,), "name": (str,)})
+    cats = [c for _, c in check.entries({"categories": top.categories}, "categories", {"id": (int,), "name": (str,)})]
     images = top.images
     n, m = len(images), len(top.annotations)
     ids = np.fromiter((im.id for im in images), np.int64, n)
@@ -268,14 +305,16 @@ def _index_fast(top: _File, file: str, category_ids: list[int] | None, progress:
     sorted_ids = np.sort(ids)
     cat_ids = {c["id"] for c in cats}
     if check.count or len(cat_ids) != len(cats) or (n > 1 and (np.diff(sorted_ids) == 0).any()) \
-            or (widths < 1).any() or (heights < 1).any():
+            or (widths < 1).any() or (heights < 1).any() or (widths > MAX_PIXELS).any() or (heights > MAX_PIXELS).any() \
+            or (widths * heights > MAX_PIXELS).any() or any(name_problem(im.file_name) for im in images):
         raise _Unusual
 
     ann_image = np.empty(m, np.int64)
     ann_cat = np.empty(m, np.int64)
     boxes = np.empty((m, 4), np.float64)
     crowd = np.empty(m, bool)
-    rle: list[tuple[int, list]] = []
+    ann_ids: list[int] = []
+    rle: list[tuple[int, Any]] = []
     raws = top.annotations
     for start in range(0, m, _CHUNK):
         anns = _ANNOTATIONS.decode(b"[" + b",".join(raws[start:start + _CHUNK]) + b"]")
@@ -283,6 +322,7 @@ def _index_fast(top: _File, file: str, category_ids: list[int] | None, progress:
         ann_image[start:start + k] = np.fromiter((a.image_id for a in anns), np.int64, k)
         ann_cat[start:start + k] = np.fromiter((a.category_id for a in anns), np.int64, k)
         crowd[start:start + k] = np.fromiter((bool(a.iscrowd) for a in anns), bool, k)
+        ann_ids += [a.id for a in anns if a.id is not None]
         bbox = [a.bbox for a in anns]
         if any(len(b) != 4 for b in bbox):
             raise _Unusual
@@ -294,12 +334,16 @@ def _index_fast(top: _File, file: str, category_ids: list[int] | None, progress:
             if first == 91:  # "[": polygons
                 polygons.append(seg)
             elif first == 123:  # "{": RLE
-                rle.append((start + j, _RLE_DECODE(seg).size))
+                rle.append((start + j, _RLE_DECODE(seg)))
             elif bytes(seg) != b"null":
                 raise _Unusual
         if not _polygons_ok(polygons):
             raise _Unusual
         del anns, bbox, polygons
+    if m and not ((np.abs(boxes) <= MAX_COORD).all() and (boxes[:, 2:] >= 0).all()):
+        raise _Unusual  # NaN, infinite, out-of-range values or a negative size
+    if not all(type(i) is int for i in ann_ids) or len(np.unique(np.fromiter(ann_ids, np.int64, len(ann_ids)))) != len(ann_ids):
+        raise _Unusual  # an annotation id that is not an int64 or is used twice
     position = np.searchsorted(sorted_ids, ann_image)
     if m and ((position >= n).any() or (sorted_ids[np.minimum(position, n - 1)] != ann_image).any()):
         raise _Unusual  # an image_id that is not in images
@@ -307,8 +351,8 @@ def _index_fast(top: _File, file: str, category_ids: list[int] | None, progress:
         raise _Unusual  # a category_id that is not in categories
     by_id = np.argsort(ids, kind="stable")
     ann_image = by_id[position]  # position of each annotation's image in file order
-    for k, size in rle:
-        if list(size) != [int(heights[ann_image[k]]), int(widths[ann_image[k]])]:
+    for k, seg in rle:
+        if rle_problem({"size": seg.size, "counts": seg.counts}, int(heights[ann_image[k]]), int(widths[ann_image[k]])):
             raise _Unusual
     progress(f"checked {n:,} images, {m:,} annotations")
 

@@ -153,8 +153,8 @@ def test_missing_images_folder_names_the_key(tiny, tmp_path):
     (lambda d: d["images"][0].pop("file_name"), "images[0]: needs 'file_name' (missing)"),
     (lambda d: d["annotations"][1].update(image_id=99), "annotations[1]: image_id 99 is not in images"),
     (lambda d: d["annotations"][0].update(category_id=42), "annotations[0]: category_id 42 is not in categories"),
-    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]), "annotations[0]: polygons must be lists"),
-    (lambda d: d["annotations"][1]["segmentation"].update(size=[5, 5]), "annotations[1]: RLE size [5, 5] differs"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]), "annotations[0].segmentation: polygons must be lists"),
+    (lambda d: d["annotations"][1]["segmentation"].update(size=[5, 5]), "annotations[1].segmentation: RLE size [5, 5] differs"),
 ])
 def test_bad_annotation_files_name_the_entry(tiny, edit, expected):
     root, ann, data = tiny

@@ -10,9 +10,11 @@ import torch
 
 from rcnn_lab.data import coco as coco_module
 from rcnn_lab.data.coco import CocoDataset
+from rcnn_lab.data.coco_checks import check_segmentation
 from rcnn_lab.data.coco_index import Progress
-from rcnn_lab.data.coco_json import _polygons_ok, check_segmentation, parse_fast
+from rcnn_lab.data.coco_json import _polygons_ok, parse_fast
 from rcnn_lab.data.export import export_shapes
+from rcnn_lab.errors import ConfigError, display_path
 from tests.data.test_coco import tiny  # noqa: F401  (fixture)
 
 
@@ -90,3 +92,64 @@ def test_progress_prints_one_line_per_phase(tiny, capsys):  # noqa: F811
     assert [line.split(": ")[2].split()[0] for line in lines] == ["read", "parsed", "checked", "indexed", "found"]
     assert all(line.startswith("rcnn-lab: coco annotations.json: ") and line.endswith(" s)") for line in lines)
     assert "3 images, 6 annotations" in lines[2]
+
+
+def _set(path: str, value):
+    """An edit of the tiny file: ``path`` like ``annotations.0.segmentation.0.3``."""
+    def edit(data):
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        target = data
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    return edit
+
+
+BAD_FILES = [  # (edit of the tiny file, the entry and reason the one line names)
+    (_set("annotations.0.segmentation.0.3", float("nan")), "annotations[0].segmentation[0][3]: is nan"),
+    (_set("annotations.0.segmentation.0.3", float("inf")), "annotations[0].segmentation[0][3]: is inf"),
+    (_set("annotations.0.segmentation.0.3", 1e400), "annotations[0].segmentation[0][3]: is inf"),
+    (_set("annotations.0.segmentation.0.3", 3e6), "annotations[0].segmentation[0][3]: is 3000000.0, beyond"),
+    (_set("annotations.0.segmentation.0", [0, 0, 1e6, 0, -1e6, 1e6, 1e6, -1e6]), "annotations[0].segmentation[0]: outline of"),
+    (_set("annotations.5.bbox.2", float("nan")), "annotations[5].bbox[2]: is nan"),
+    (_set("annotations.5.bbox.1", -float("inf")), "annotations[5].bbox[1]: is -inf"),
+    (_set("annotations.5.bbox", [4, 4, -6, 6]), "annotations[5].bbox: [4, 4, -6, 6] has a negative width or height"),
+    (_set("annotations.4.id", 1), "annotations[4].id: 1 is also the id of annotations[0]; fix the file so that annotation ids are unique"),
+    (_set("annotations.2.id", 2**64), "annotations[2].id: 18446744073709551616 does not fit in 64 bits"),
+    (_set("annotations.2.id", "7"), "annotations[2].id: must be an integer, got '7'"),
+    (_set("images.1.id", -(2**63) - 1), "images[1].id: -9223372036854775809 does not fit in 64 bits"),
+    (_set("categories.2.id", 2**63), "categories[2].id: 9223372036854775808 does not fit"),
+    (_set("annotations.1.segmentation.counts", "0000"), "annotations[1].segmentation: RLE runs cover 0 pixels"),
+    (_set("annotations.2.segmentation.counts", [10, 20]), "annotations[2].segmentation: RLE runs cover 30 pixels"),
+    (_set("images.0.width", 10**7), "images[0]: width x height is 10,000,000 x 20 = 200,000,000 pixels"),
+    (_set("images.2.height", 10**9), "images[2]: width x height is 16 x 1,000,000,000"),
+    (_set("images.2.file_name", "/etc/passwd"), "images[2].file_name: '/etc/passwd' is an absolute path"),
+    (_set("images.2.file_name", "sub/"), "images[2].file_name: 'sub/' names a folder"),
+]
+
+
+@pytest.mark.parametrize("edit,expected", BAD_FILES, ids=[e for _, e in BAD_FILES])
+def test_bad_values_are_one_problem_naming_the_entry(tiny, edit, expected):  # noqa: F811
+    root, ann, data = tiny
+    edit(data)
+    ann.write_text(json.dumps(data))
+    assert parse_fast(ann.read_bytes(), ann.name, None, Progress("t", False)) is None  # the plain path names it
+    with pytest.raises(ConfigError) as exc:
+        CocoDataset(root, ann, cache=False)
+    (line,) = [str(p) for p in exc.value.problems]
+    assert line.startswith(f"{display_path(ann)}: annotations: {expected}"), line
+    assert any(fix in line for fix in ("; fix", "; give", "; name the", "; use ids", "; check the sizes")), line
+
+
+def test_5000_digit_ids_and_deep_nesting_are_named(tiny):  # noqa: F811
+    root, ann, data = tiny
+    text = json.dumps(data)
+    for bad, expected in [
+        (text.replace('"id": 11,', '"id": ' + "9" * 5000 + ","), "images[1].id: a 5,000-digit integer does not fit"),
+        (text.replace('"segmentation": []', '"segmentation": ' + "[" * 100_000 + "]" * 100_000),
+         "annotations[4].segmentation: nests deeper than 32 levels"),
+    ]:
+        ann.write_text(bad)
+        with pytest.raises(ConfigError) as exc:
+            CocoDataset(root, ann, cache=False)
+        assert len(exc.value.problems) == 1 and expected in str(exc.value), str(exc.value)
