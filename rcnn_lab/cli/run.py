@@ -17,6 +17,9 @@ def add_arguments_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (sets train.device)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--force", action="store_true", help="rerun configs that already have a finished run")
+    p.add_argument("--restart", action="store_true",
+                   help="start over the interrupted runs whose checkpoint cannot be resumed (truncated, empty, foreign, "
+                        "past the run's end) instead of refusing")
     p.add_argument("--shard", metavar="I/N", help="run only slice I of N of the plan (array jobs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: plain log lines every train.log_every iterations instead")
     p.add_argument("--nproc", type=int, metavar="N",
@@ -28,15 +31,22 @@ def add_arguments_run(p: argparse.ArgumentParser) -> None:
 
 
 def _seeds(text: str | None) -> list[int] | None:
+    import re
+
+    from rcnn_lab.config.guards import MAX_SEEDS, check_seeds
+    from rcnn_lab.errors import excerpt
+
     if text is None:
         return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError([Problem("--seeds", f"expected comma-separated integers like 0,1,2, got {text!r}")]) from None
-    if not seeds:
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    if len(parts) > MAX_SEEDS:  # before converting: 100,000 seeds answer at once
+        check_seeds(parts, "--seeds", None)
+    bad = next((s for s in parts if not re.fullmatch(r"[+-]?[0-9]+", s)), None)
+    if bad is not None:
+        raise ConfigError([Problem("--seeds", f"expected comma-separated integers like 0,1,2, got {excerpt(bad)}")])
+    if not parts:
         raise ConfigError([Problem("--seeds", "needs at least one seed")])
-    return seeds
+    return check_seeds([int(s) if len(s) <= 30 else 2**64 for s in parts], "--seeds", None)  # 2**64: out of range
 
 
 def print_summary(outcomes, echo=print) -> None:
@@ -60,28 +70,35 @@ def cmd_run(args) -> int:
     exp = load_experiment(args.experiment, args.overrides, flags={"--device": ("train.device", args.device)} if args.device else None)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     plan = make_plan(exp, only, _seeds(args.seeds), parse_shard(args.shard))
+    _check_scale_flags(args)  # --dry-run refuses what the run would refuse
+    from rcnn_lab.runner.tracking import resolve_uri
+
+    resolve_uri(exp.tracking.uri)  # a URI that cannot name a store: one line (exit 3) before anything else
     # torch and MLflow from here on: the experiment and the plan are valid
     from rcnn_lab.engine.distributed import env_world
     from rcnn_lab.runner.launch import launch_local
     from rcnn_lab.runner.outcome import Status
     from rcnn_lab.runner.parallel import check_world, run_parallel
+    from rcnn_lab.runner.resume import check_resumes
     from rcnn_lab.runner.sweep import plan_actions, run_plan
 
+    check_world(plan, args.nproc, display_path(exp.path))
     if env_world().main:
         print_warnings(exp, "run", plugins=not args.no_summary)
 
     if args.dry_run:  # read-only: no store, no outputs
+        check_resumes(exp, plan, force=args.force, restart=args.restart, dry_run=True)
         actions = plan_actions(exp, plan, args.force)
         print(f"{exp.name}: {len(plan)} run(s) ({exp.path})")
         for run, action in actions:
             print(f"  {action:<7}{run.variant.name:<40} seed={run.seed:<4} {run.hash}")
         return 0
-    _check_scale_flags(args)
     inputs = preflight(plan)  # every run's device and datasets, checked once
+    if env_world().main:  # the launcher and rank 0: a checkpoint that cannot be resumed is refused (or --restart)
+        check_resumes(exp, plan, force=args.force, restart=args.restart, inputs=inputs)
     from rcnn_lab.runner.weights import resolve_inputs
 
     inputs = resolve_inputs(exp, plan, inputs)  # model.weights run:<id>: in the store, finished, with a checkpoint
-    check_world(plan, args.nproc, display_path(exp.path))
     argv = getattr(args, "argv", None) or sys.argv[1:]
     if args.nproc and args.nproc > 1:
         return launch_local(args.nproc, argv)
@@ -113,7 +130,7 @@ def _check_scale_flags(args) -> None:
 
 def add_arguments_ui(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", nargs="?", metavar="EXP.yaml", help="use this experiment's tracking.uri")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (1-65535, default 5000)")
     p.add_argument("--uri", help="tracking store (default: tracking.uri / MLFLOW_TRACKING_URI / runs/mlflow.db)")
 
 
@@ -122,6 +139,8 @@ def cmd_ui(args) -> int:
 
     from rcnn_lab.runner.tracking import default_artifact_root, resolve_uri, ui_page
 
+    if not 1 <= args.port <= 65535:  # before anything: mlflow ui would create the store, then fail to bind
+        raise ConfigError([Problem("--port", f"must be a TCP port in 1..65535, got {args.port}")])
     configured, name = args.uri, None
     if args.experiment:
         from rcnn_lab.engine.preflight import load_names

@@ -7,6 +7,7 @@ Merging rules: mappings merge key by key; lists and scalars replace; a component
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import itertools
 import json
@@ -19,11 +20,12 @@ from typing import Any
 
 import yaml
 
+from rcnn_lab.config import guards
 from rcnn_lab.config.schema import EXPERIMENT_KEYS, RunConfig, TrackingConfig
 from rcnn_lab.config.schema import warnings as config_warnings
 from rcnn_lab.config.search import SearchConfig, parse_search
 from rcnn_lab.config.types import Families, convert_dataclass, to_plain
-from rcnn_lab.config.yaml_io import MAX_DEPTH, read_yaml, safe_load
+from rcnn_lab.config.yaml_io import MAX_DEPTH, read_yaml, safe_load, unreadable
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean, display_path, excerpt
 
 OVERRIDE_SOURCE = "--set"
@@ -37,6 +39,9 @@ def merge(dst: dict, src: dict, prov: dict[str, str], source: str, prefix: str =
         same_type = not (isinstance(val, dict) and isinstance(cur, dict) and "type" in val and cur.get("type") != val["type"])
         if isinstance(val, dict) and isinstance(cur, dict) and same_type:
             merge(cur, val, prov, source, path)
+        elif val is None and isinstance(cur, dict) and path in guards.SECTIONS:
+            raise ConfigError([Problem(path, "is a whole section: null would reset every key a base file sets under "
+                                       "it to its default; remove the line, or set the keys under it", source)])
         else:
             dst[key] = copy.deepcopy(val)
             for k in [k for k in prov if k == path or k.startswith(path + ".")]:
@@ -70,6 +75,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError([Problem("", f"override {excerpt(text)} must look like dotted.key=value", OVERRIDE_SOURCE)])
     key, raw = text.split("=", 1)
     key = key.strip()
+    if len(key) > 1000:
+        raise ConfigError([Problem("", f"override key {excerpt(key)} is {len(key):,} characters long; "
+                                   "no config key is longer than 100", OVERRIDE_SOURCE)])
     try:
         value = safe_load(raw, OVERRIDE_SOURCE, key) if raw.strip() else ""
     except yaml.YAMLError:
@@ -83,7 +91,10 @@ MAX_FILES = 64  # files read for one experiment (its base: files, counted as oft
 
 def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = (), reads: list | None = None) -> dict:
     """Read ``path`` with its ``base:`` chain (relative to the file) merged underneath."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except RuntimeError:  # Python < 3.13 on a symlink loop
+        raise ConfigError([Problem("", unreadable(OSError(errno.ELOOP, "loop")), display_path(path))]) from None
     reads = [] if reads is None else reads
     if path in stack:
         chain = " -> ".join(p.name for p in (*stack, path))
@@ -103,7 +114,11 @@ def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = (),
     out: dict = {}
     for b in bases:
         base_path = path.parent / b
-        if not base_path.is_file():
+        try:
+            found = base_path.is_file()
+        except OSError as exc:
+            raise ConfigError([Problem("base", f"base file {excerpt(b)} {unreadable(exc)}", display_path(path))]) from None
+        if not found:
             raise ConfigError([Problem("base", f"base file {excerpt(b)} not found next to this file; fix the path", display_path(path))])
         merge(out, resolve_file(base_path, prov, (*stack, path), reads), prov, display_path(base_path.resolve()))
     return merge(out, data, prov, display_path(path))
@@ -199,6 +214,13 @@ def _variant_overrides(raw: dict, file: str) -> list[tuple[str, dict[str, Any]]]
     if not isinstance(grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()):
         raise ConfigError([Problem("grid", "must map dotted keys to non-empty lists of values", file)])
     named = [(str(k), dict(v or {})) for k, v in variants.items()] or [("default", {})]
+    for _name, over in named:
+        for key, value in over.items():
+            if isinstance(key, str):
+                guards.check_override_key(key, value, file)
+    for key, values in grid.items():
+        guards.check_override_key(key, None if None in values else values, file)
+    guards.check_variants(named, grid, file)
     if not grid:
         return named
     count = len(named) * math.prod(len(v) for v in grid.values())
@@ -238,18 +260,14 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
     file = display_path(path.resolve())
     parsed = [(*parse_override(o), OVERRIDE_SOURCE) for o in overrides]
     parsed += [(key, value, flag) for flag, (key, value) in (flags or {}).items()]
+    for key, value, source in parsed:
+        guards.check_override_key(key, value, source)
     plugins = raw.get("plugins") or []
     if not isinstance(plugins, list):
         raise ConfigError([Problem("plugins", "must be a list of plugin file paths", file)])
 
     warnings: list[Problem] = []
-    seeds = raw.get("seeds")
-    if seeds is None:
-        train = raw.get("train")
-        seed = train.get("seed", 0) if isinstance(train, dict) else 0
-        seeds = [seed if isinstance(seed, int) and not isinstance(seed, bool) else 0]  # a bad seed: train.seed's error
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError([Problem("seeds", f"must be a non-empty list of ints, got {excerpt(seeds)}", prov.get("seeds", file))])
+    seeds = _seeds(raw, prov, parsed, file, warnings)
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         seeds = list(dict.fromkeys(seeds))
@@ -311,6 +329,10 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
         variants.append(Variant(name, cfg, changed, baseline=(name == baseline), sources=vprov, file=file))
     if problems:
         raise ConfigError(problems)
+    hashes = [(v.name, config_hash(v.with_seed(0))) for v in variants]
+    for first, later in guards.same_configs(hashes):
+        warnings.append(Problem("variants", f"{later!r} resolves to the same config as {first!r}; it runs once "
+                                f"(as {first!r}); make them differ or remove one", prov.get("variants", prov.get("grid", file))))
     search = _search(raw, baseline_data, next(v.config for v in variants if v.baseline), prov.get("search", file),
                      families, check, metrics)
     name = variants[0].config.name
@@ -328,9 +350,35 @@ def _search(raw: dict, baseline_data: dict, baseline: RunConfig, file: str, fami
     return search
 
 
+def _seeds(raw: dict, prov: dict[str, str], parsed: list, file: str, warnings: list[Problem]) -> list[int]:
+    """The experiment's seeds: ``seeds:``, else ``train.seed`` (an override of it, ``--set train.seed=7``,
+    takes effect). With ``seeds:`` in the file, ``train.seed`` is replaced: an override of it is refused
+    (``--seeds`` is the flag), a file's is a warning."""
+    over = [(v.get("seed") if k == "train" else v, s) for k, v, s in parsed
+            if k == "train.seed" or (k == "train" and isinstance(v, dict) and "seed" in v)]
+    if raw.get("seeds") is not None:
+        seeds = guards.check_seeds(raw["seeds"], "seeds", prov.get("seeds", file))
+        if over:
+            raise ConfigError([Problem("train.seed", f"{prov.get('seeds', file)} lists seeds: {excerpt(seeds)}, which "
+                                       "replace train.seed; choose seeds with --seeds N instead", over[-1][1])])
+        if "train.seed" in prov:
+            warnings.append(Problem("train.seed", f"is replaced by seeds: {excerpt(seeds)} "
+                                    f"({prov.get('seeds', file)}); remove it", prov["train.seed"]))
+        return seeds
+    train = raw.get("train")
+    seed = over[-1][0] if over else train.get("seed", 0) if isinstance(train, dict) else 0
+    ok = isinstance(seed, int) and not isinstance(seed, bool) and -guards.INT_LIMIT < seed < guards.INT_LIMIT
+    return [seed if ok else 0]  # a bad seed: train.seed's error
+
+
 def _source_of(path: str, prov: dict[str, str], default: str) -> str:
     """File that holds ``path``: the last source that set it or a key under it (``prov`` keeps the
-    order of setting), else the one that set its longest prefix."""
+    order of setting), else the one that set its longest prefix. A ``path`` whose last part was cut
+    for display (``kkk...``) matches the keys it starts."""
+    if path.endswith("...") and path not in prov:
+        cut_under = [k for k in prov if k.startswith(path[:-3])]
+        if cut_under:
+            return prov[cut_under[-1]]
     under = [k for k in prov if k == path or k.startswith((f"{path}.", f"{path}["))]
     if under:
         return prov[under[-1]]

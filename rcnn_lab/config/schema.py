@@ -32,6 +32,15 @@ def _positive(check: Check, key: str, value: float) -> None:
         check.append((key, f"must be positive, got {value}"))
 
 
+MAX_SIDE = 8192  # model.transform.min_size / max_size, in pixels (docs/configuration.md, "Limits")
+MAX_BATCH = 1024  # data.batch_size and eval.batch_size (a global batch)
+
+
+def _at_most(check: Check, key: str, value: float, limit: int, what: str) -> None:
+    if value > limit:
+        check.append((key, f"is {value:,}; the limit is {limit:,} {what}"))
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
@@ -70,10 +79,14 @@ class TransformConfig:
             out.append(("min_size", "must not be empty"))
         for s in sizes:
             _positive(out, "min_size", s)
+            _at_most(out, "min_size", s, MAX_SIDE, "pixels (images are resized to it)")
         _positive(out, "max_size", self.max_size)
+        _at_most(out, "max_size", self.max_size, MAX_SIDE, "pixels (images are resized to it)")
         for key in ("image_mean", "image_std"):
             if len(getattr(self, key)) != 3:
                 out.append((key, "needs 3 values (one per RGB channel)"))
+        if any(not s > 0 for s in self.image_std):  # images are divided by it
+            out.append(("image_std", f"must be > 0 for every channel (images are divided by it), got {self.image_std}"))
         return out
 
 
@@ -206,6 +219,7 @@ class DataConfig:
     def check(self) -> Check:
         out: Check = []
         _positive(out, "batch_size", self.batch_size)
+        _at_most(out, "batch_size", self.batch_size, MAX_BATCH, "images per step (all processes together)")
         if self.num_workers < 0:
             out.append(("num_workers", "must be >= 0"))
         if self.aspect_ratio_group_factor is not None:
@@ -267,6 +281,7 @@ class EvalConfig:
     def check(self) -> Check:
         out: Check = []
         _positive(out, "batch_size", self.batch_size)
+        _at_most(out, "batch_size", self.batch_size, MAX_BATCH, "images per forward pass")
         if self.gallery < 0:
             out.append(("gallery", f"must be 0 (off) or a number of validation images, got {self.gallery}"))
         if self.max_images is not None and self.max_images <= 0:

@@ -71,16 +71,19 @@ class AsWritten:
 
 @dataclass(frozen=True)
 class Bound:
-    """Marks a number that must lie above ``gt`` / at least ``ge``: ``Annotated[float, Bound(gt=0)]``."""
+    """Marks a number that must lie above ``gt`` / at least ``ge`` / at most ``le``: ``Annotated[float, Bound(gt=0)]``."""
 
     gt: float | None = None
     ge: float | None = None
+    le: float | None = None  # an upper bound (a size that would exhaust memory or disk)
 
     def check(self, value: float) -> str | None:
         if self.gt is not None and not value > self.gt:
             return f"must be > {self.gt:g}, got {value:g}"
         if self.ge is not None and not value >= self.ge:
             return f"must be >= {self.ge:g}, got {value:g}"
+        if self.le is not None and not value <= self.le:
+            return f"must be <= {self.le:,}, got {excerpt(value)}"
         return None
 
 

@@ -62,6 +62,7 @@ def check_limits(text: str) -> str | None:
     if len(text) > MAX_BYTES:
         return f"is {len(text):,} characters; the limit is {MAX_BYTES:,} (split it with base: files)"
     sizes: dict[str, int] = {}
+    aliases = False
     stack: list[list] = [[None, 0]]  # [anchor, expanded size so far] per open collection
     try:
         for event in yaml.parse(text, Loader=_Loader):
@@ -77,7 +78,7 @@ def check_limits(text: str) -> str | None:
             elif isinstance(event, yaml.ScalarEvent):
                 anchor, size = event.anchor, 1
             elif isinstance(event, yaml.AliasEvent):
-                anchor, size = None, sizes.get(event.anchor, 1)
+                anchor, size, aliases = None, sizes.get(event.anchor, 1), True
             else:
                 continue
             if anchor is not None:
@@ -85,6 +86,9 @@ def check_limits(text: str) -> str | None:
             stack[-1][1] += size
             if stack[-1][1] > MAX_NODES:
                 line = event.start_mark.line + 1
+                if not aliases:
+                    return (f"holds more than {MAX_NODES:,} values (line {line}); an experiment needs a few hundred: "
+                            "shorten the list")
                 return (f"expands to more than {MAX_NODES:,} values through its aliases (line {line}); "
                         "write the values out instead of nesting *aliases")
     except yaml.YAMLError as exc:
@@ -104,19 +108,41 @@ def safe_load(text: str, source: str = "", key: str = ""):
     broken = check_limits(text)
     if broken:
         raise ConfigError([Problem(key, f"YAML {broken}", source or None)])
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except ValueError as exc:  # an integer of more than 4,300 digits (Python's int() limit)
+        if isinstance(exc, yaml.YAMLError):
+            raise
+        raise ConfigError([Problem(key, f"YAML value out of range ({str(exc).split(';')[0][:120]}); "
+                                   "numbers are 64-bit", source or None)]) from None
+
+
+def unreadable(exc: OSError) -> str:
+    """Why a file cannot be read, for users: a symlink loop, a missing permission, the OS's words otherwise."""
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link that loops (or goes through too many links); point it at a real file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "cannot be read (permission denied, on the file or a folder above it); fix its permissions (chmod)"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "path is too long for the file system; fix the path"
+    return f"cannot be read ({exc.strerror or type(exc).__name__}); check the path"
 
 
 def read_text(path: Path, file: str) -> str:
-    """The UTF-8 text of ``path``: size checked before reading, decoding errors as one line."""
-    if not path.is_file():
-        raise ConfigError([Problem("", "file not found; check the path", file)])
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        raise ConfigError([Problem("", f"file is {size:,} bytes; experiment files are limited to {MAX_BYTES:,} "
-                                   "(split it with base: files)", file)])
-    with open(path, "rb") as f:
-        raw = f.read(MAX_BYTES + 1)
+    """The UTF-8 text of ``path``: size checked before reading, decoding and OS errors as one line."""
+    try:
+        if not path.is_file():
+            raise ConfigError([Problem("", "file not found; check the path", file)])
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise ConfigError([Problem("", f"file is {size:,} bytes; experiment files are limited to {MAX_BYTES:,} "
+                                       "(split it with base: files)", file)])
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([Problem("", unreadable(exc), file)]) from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

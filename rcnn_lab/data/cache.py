@@ -160,6 +160,12 @@ class Entry:
         self._tidy()
         return True
 
+    def replace(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
+        """``store`` in place of the current entry (an updated record; ``store`` keeps an existing one)."""
+        if self.folder.is_dir():
+            _discard(self.folder, self.parent)
+        return self.store(arrays, meta)
+
     def _tidy(self) -> None:
         """Remove entries of the same source path with another size/mtime, and old leftovers."""
         now = time.time()
@@ -192,6 +198,9 @@ class Entry:
             yield
         finally:
             if handle is not None:
+                if not self.folder.exists():  # a refused or failed build left no entry: leave no lock file either
+                    with contextlib.suppress(OSError):
+                        os.unlink(handle.name)
                 handle.close()  # releases the lock
 
 

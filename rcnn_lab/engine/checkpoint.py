@@ -82,6 +82,32 @@ def load(path: Path, key: str = "") -> dict:
     return payload
 
 
+def check(path: Path, total_iterations: int | None = None) -> None:
+    """Refuse a checkpoint that cannot be resumed, with one line naming it: empty, truncated, foreign, or
+    claiming an iteration beyond the run's ``total_iterations`` (it would end the run without training).
+    Tensors are memory-mapped, not read."""
+    path = Path(path)
+    file = display_path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError([Problem("", "checkpoint is empty (0 bytes: a write that never finished)", file)])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load() gives torch's reason (mmap needs a zip archive: a legacy file is read whole)
+        payload = load(path)
+    if not isinstance(payload, dict) or any(k not in payload for k in ("model", "optimizer", "iteration")):
+        load(path)  # raises "not an rcnn-lab checkpoint"
+    iteration = payload["iteration"]
+    named = iteration_of(path)
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ConfigError([Problem("", f"checkpoint holds iteration {cut(repr(iteration))}, not a count of "
+                                   "iterations", file)])
+    if total_iterations is not None and iteration > total_iterations:
+        raise ConfigError([Problem("", f"checkpoint claims iteration {iteration:,} but the run has "
+                                   f"{total_iterations:,}; it belongs to another run", file)])
+    if named is not None and named != iteration:
+        raise ConfigError([Problem("", f"checkpoint holds iteration {iteration:,} but its name says {named:,}", file)])
+
+
 def folder(out_dir: Path) -> Path:
     """Where a run's checkpoints live, under its output folder."""
     return Path(out_dir) / FOLDER

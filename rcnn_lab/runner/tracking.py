@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rcnn_lab.errors import RcnnLabError
 from rcnn_lab.runner import tags
+from rcnn_lab.runner.store_uri import check_uri, not_mlflow
 
 DEFAULT_ROOT = Path("runs")
 ROOT_ENV = "RCNN_LAB_RUNS"  # folder for the default store, artifacts and outputs (default: ./runs)
@@ -24,9 +25,9 @@ class TrackingError(RcnnLabError):
 def resolve_uri(configured: str | None, root: Path | None = None) -> str:
     """``tracking.uri`` > ``MLFLOW_TRACKING_URI`` > sqlite at ``<root>/mlflow.db`` (root: $RCNN_LAB_RUNS or runs/)."""
     if configured:
-        return configured
+        return check_uri(configured)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return check_uri(os.environ["MLFLOW_TRACKING_URI"])
     return f"sqlite:///{((root or runs_root()) / 'mlflow.db').resolve()}"
 
 
@@ -174,6 +175,8 @@ def client(uri: str, attempts: int = 5):
                                 f"{failure_reason(error)}); retry in a moment") from None
         raise TrackingError(f"tracking store {uri} cannot be opened ({failure_reason(error)}); fix the path in "
                             "tracking.uri / MLFLOW_TRACKING_URI") from None
+    if not_mlflow(uri, error):
+        raise TrackingError(f"tracking store {uri} {not_mlflow(uri, error)}") from None
     raise TrackingError(
         f"tracking store {uri} is unreachable ({failure_reason(error)}); start it (mlflow server --host 127.0.0.1 "
         "--port PORT) or point tracking.uri / MLFLOW_TRACKING_URI at a reachable store"

@@ -143,3 +143,13 @@ def test_a_damaged_entry_is_reported_and_removed(tmp_path, capsys, damage):
     assert err.count("\n") == 1 and err.startswith(f"rcnn-lab: warning: cache entry {entry.folder} is unreadable (")
     assert not entry.folder.exists()
     assert load(entry) is None and capsys.readouterr().err == ""  # gone: a quiet miss until rebuilt
+
+
+def test_a_refused_build_leaves_no_lock_file(tmp_path):
+    entry = make_entry(tmp_path)
+    with pytest.raises(ValueError), entry.building():
+        raise ValueError("the source file is refused")  # e.g. a COCO file that fails validation
+    assert not entry.folder.exists() and list(entry.parent.glob("*.lock")) == []
+    with entry.building():  # a build that stores its entry keeps the lock file beside it (waiters use it)
+        entry.store({"a": np.array([1])}, {})
+    assert [p.name for p in entry.parent.glob("*.lock")] == [f"{entry.folder.name}.lock"]
