@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from rcnn_lab._check import BrokenInstallError
 from rcnn_lab._version import __version__
 from rcnn_lab.cli import components, data, inspect, probe, report, run, search
+from rcnn_lab.cli import eval as eval_
 from rcnn_lab.errors import RcnnLabError
 
 
@@ -38,6 +39,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("run", "train and evaluate every variant x seed, tracked in MLflow", run.add_arguments_run, run.cmd_run),
     Command("search", "hyperparameter search over config keys (search: in the experiment), seed-aware",
             search.add_arguments_search, search.cmd_search),
+    Command("eval", "evaluate weights (a file, torchvision's, a run's last checkpoint) on data.val, tracked in MLflow",
+            eval_.add_arguments_eval, eval_.cmd_eval),
     Command("probe", "gradient norm each loss sends into each component", probe.add_arguments_probe, probe.cmd_probe),
     Command("report", "aggregate finished runs into tables and plots", report.add_arguments_report, report.cmd_report),
     Command("ui", "start the MLflow UI on the experiment store", run.add_arguments_ui, run.cmd_ui),

@@ -214,7 +214,8 @@ def _check_value(p: Param, which: str, value: Any, base: dict, setter: Setter, f
         found.extend(check(cfg))
     for f in found[:1]:  # one line per value: the first thing it breaks
         where = "" if f.path == p.key else f"{f.path}: "
-        if "unknown key" in f.message and (p.key == f.path or p.key.startswith(f.path + ".")):
+        unknown = "unknown key" in f.message or "unknown argument" in f.message
+        if unknown and (p.key == f.path or p.key.startswith(f.path + ".")):
             problems.append(Problem(path, f"{p.key} is not a key of the experiment's config ({f.path}: {f.message}); "
                                           "use a dotted key that `rcnn-lab inspect` shows"))
             return
@@ -248,7 +249,7 @@ def parse_search(raw: Any, base: dict, setter: Setter, families: Families, file:
             which = ("low", "high")[i] if p.kind != "choice" else f"choice [{i}]"
             before = len(problems)
             _check_value(p, which, value, base, setter, families, check, path, problems)
-            if len(problems) > before and "is not a key" in problems[-1].message:
+            if len(problems) > before:  # one line per key: its first value that does not fit
                 break
         space.append(p)
     if not section.objective:

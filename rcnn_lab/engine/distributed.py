@@ -198,8 +198,8 @@ def eval_shard(dataset, max_images: int | None):
 
 def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types: Sequence[str] = ("bbox", "segm"),
              max_images: int | None = None, amp_dtype: torch.dtype | None = None, per_class: bool = True,
-             class_agnostic: bool = False):
-    """``engine.evaluate.evaluate`` over every rank's shard (loader over :func:`eval_shard`).
+             class_agnostic: bool = False, progress: bool = False):
+    """``engine.evaluate.evaluate`` over every rank's shard (loader over :func:`eval_shard`); ``progress``: a progress bar (one process).
 
     Each rank predicts its images; rank 0 gathers the COCO detections, scores them and broadcasts
     the result. ``eval_images_per_s`` is images / the slowest rank's forward time (the job's
@@ -211,7 +211,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device, iou_types:
     w = world()
     if not w.active:
         return evaluate_one(model, loader, dataset, device, iou_types=tuple(iou_types), max_images=max_images,
-                            amp_dtype=amp_dtype, per_class=per_class, class_agnostic=class_agnostic)
+                            amp_dtype=amp_dtype, per_class=per_class, class_agnostic=class_agnostic, progress=progress)
     started = time.perf_counter()
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

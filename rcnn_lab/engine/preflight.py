@@ -12,7 +12,7 @@ needs it, so that errors found in the YAML itself answer at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,10 @@ def prepare(config: RunConfig, built: dict | None = None) -> RunInputs:
     return inputs
 
 
-def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Problem]]:
+def _prepare(config: RunConfig, built: dict, splits: tuple[str, ...] = ("train", "val"),
+             weights_files: bool = True) -> tuple[RunInputs | None, list[Problem]]:
+    """One run's checks (``splits``: the datasets to build; ``weights_files``: read the backbone's and the
+    detector's weights too, as training does)."""
     from rcnn_lab.components import register_builtins
     from rcnn_lab.engine.device import resolve_device
     from rcnn_lab.registry import BACKBONES, DATASETS
@@ -132,18 +135,18 @@ def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Pro
         problems += exc.problems
     backbone = config.model.backbone
     ident = ("backbone", backbone.type, repr(sorted(backbone.kwargs.items())))
-    if backbone.kwargs.get("weights") is not None and ident not in built:
+    if weights_files and backbone.kwargs.get("weights") is not None and ident not in built:
         built[ident] = True
         try:  # pretrained weights: downloaded (imagenet) or read (a file) now, not once a run exists
             BACKBONES.build(backbone, "model.backbone")
         except ConfigError as exc:
             problems += exc.problems
     weights = config.model.weights
-    if weights is not None and ("weights", weights) not in built:
+    if weights_files and weights is not None and ("weights", weights) not in built:
         built[("weights", weights)] = True
         problems += _weights_problems(config)
     sets = []
-    for key in ("train", "val"):
+    for key in splits:
         spec = getattr(config.data, key)
         ident = (spec.type, repr(sorted(spec.kwargs.items())))
         if ident not in built:
@@ -153,12 +156,15 @@ def _prepare(config: RunConfig, built: dict) -> tuple[RunInputs | None, list[Pro
                 built[ident] = None
                 problems += exc.problems
         sets.append(built[ident])
-    if None not in sets:
+    named = dict(zip(splits, sets))
+    train = named.get("train", named.get("val"))  # data.val alone (an evaluation): the classes are checked against it
+    if train is not None and named.get("val") is not None:
         try:
-            check_num_classes(config.model.num_classes, *sets)
+            check_num_classes(config.model.num_classes, train, named["val"])
         except ConfigError as exc:
             problems += exc.problems
-    return (RunInputs(device, *sets, weights=weights) if not problems else None), problems
+    inputs = RunInputs(device, named.get("train"), named.get("val"), weights=weights)
+    return (inputs if not problems else None), problems
 
 
 def _weights_problems(config: RunConfig) -> list[Problem]:
@@ -178,6 +184,26 @@ def _weights_problems(config: RunConfig) -> list[Problem]:
     except ConfigError as exc:
         return exc.problems
     return []
+
+
+def prepare_eval(plan) -> dict[str, RunInputs]:
+    """The input checks of ``rcnn-lab eval`` for every planned evaluation, before any run exists:
+    ``{run.hash: RunInputs}`` with the device and ``data.val`` (``train_set`` None: ``data.train`` is not
+    built, an evaluation needs no training data) and ``model.num_classes`` against data.val's categories.
+    Neither ``model.weights`` nor the backbone's weights are read: the evaluated weights replace every tensor
+    (``models.builder.build_for_weights``)."""
+    built: dict = {}
+    inputs: dict[str, RunInputs] = {}
+    problems: list[Problem] = []
+    for run in plan:
+        prepared, found = _prepare(run.config, built, splits=("val",), weights_files=False)
+        problems += [p if p.file else Problem(p.path, p.message, run.variant.source_of(p.path)) for p in found]
+        if prepared is not None:
+            inputs[run.hash] = replace(prepared, weights=None)
+    unique = list({str(p): p for p in problems}.values())
+    if unique:
+        raise ConfigError(unique)
+    return inputs
 
 
 def preflight(plan) -> dict[str, RunInputs]:

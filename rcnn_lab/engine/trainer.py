@@ -15,6 +15,7 @@ import torch
 from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine import distributed
+from rcnn_lab.engine.evaluator import eval_loader, score
 from rcnn_lab.engine.hooks import Hook, Hooks, Periods, StepRecord
 from rcnn_lab.engine.preflight import RunInputs, prepare
 from rcnn_lab.errors import TrainingError
@@ -132,9 +133,7 @@ class Trainer:
             infinite=True, start_iter=self.start_iteration,
             rank=self.world.rank, world_size=self.world.size, pin_memory=pin,
         )
-        val_images = distributed.eval_shard(self.val_set, config.eval.max_images)  # this rank's share (all of it alone)
-        self.val_loader = build_loader(val_images, config.eval.batch_size, shuffle=False, num_workers=d.num_workers,
-                                       transforms=[], group_aspect_ratio=False, seed=t.seed, infinite=False, pin_memory=pin)
+        self.val_loader = eval_loader(config, self.val_set, self.device)  # this rank's share (all of it alone)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self, iteration: int) -> dict:
@@ -167,12 +166,7 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, iteration: int):
-        from rcnn_lab.engine.distributed import evaluate  # engine.evaluate.evaluate, sharded over ranks under torchrun
-
-        e = self.config.eval
-        result = evaluate(self.model, self.val_loader, self.val_set, self.device, iou_types=tuple(e.iou_types),
-                          max_images=e.max_images, amp_dtype=self.amp_dtype, per_class=e.per_class,
-                          class_agnostic=e.class_agnostic)
+        result = score(self.model, self.val_loader, self.val_set, self.config, self.device, self.amp_dtype)
         self.last_eval = result
         self.hooks.after_eval(self, iteration, result.metrics, result.per_class)
         return result

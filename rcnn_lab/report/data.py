@@ -22,7 +22,7 @@ PathOrName = Union[str, "os.PathLike[str]"]
 # Columns every ``runs()`` frame starts with, in this order.
 RUN_COLUMNS = [
     "experiment", "run_id", "parent_run_id", "variant", "seed", "config_hash", "baseline", "status",
-    "start_time", "end_time", "changed", "overrides", "device", "threads", "error",
+    "start_time", "end_time", "changed", "overrides", "device", "threads", "error", "kind", "weights",
 ]
 # Leaf config keys without a dot (``name``, ``description``, ``plugins``); every other param key is dotted.
 _TOP_LEVEL_KEYS = frozenset(f.name for f in fields(RunConfig))
@@ -124,7 +124,14 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
         "device": tag(tags.DEVICE),
         "threads": pd.to_numeric(tag(tags.THREADS), errors="coerce").astype("Int64"),
         "error": tag(tags.ERROR),
+        "kind": tag(tags.KIND),
+        "weights": tag(tags.WEIGHTS_SOURCE),
     }, index=raw.index)
+    evals = out["kind"] == tags.EVAL_RUN
+    if evals.any():  # an evaluation is a row of its own: "b (eval run 1a2b3c4d)", never the trained baseline
+        out.loc[evals, "variant"] = [eval_label(v, w) for v, w in zip(out.loc[evals, "variant"], out.loc[evals, "weights"])]
+        if (~evals).any():
+            out.loc[evals, "baseline"] = False
     extra: dict[str, pd.Series] = {}
     final = f"metrics.{tags.FINAL_PREFIX}"
     for col in sorted(c for c in raw.columns if c.startswith(final)):
@@ -135,9 +142,16 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame(extra, index=raw.index)], axis=1).reset_index(drop=True)
 
 
+def eval_label(variant: str, weights: str | None) -> str:
+    """The row label of an evaluation (``rcnn-lab eval``) of ``variant`` with ``weights`` (``tags.WEIGHTS_SOURCE``)."""
+    return f"{variant} (eval {weights or '?'})"
+
+
 def runs(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | None = None,
          include_unfinished: bool = True) -> pd.DataFrame:
-    """One row per child (variant x seed) run of the given experiments, newest first per experiment.
+    """One row per child (variant x seed) run and per evaluation (``rcnn-lab eval``) of the given experiments,
+    newest first per experiment. An evaluation's ``variant`` is :func:`eval_label` (``b (eval run 1a2b3c4d)``),
+    so tables put it on a row of its own; ``kind`` is ``variant`` or ``eval``, ``weights`` what it evaluated.
 
     Columns: ``RUN_COLUMNS`` (``seed`` as nullable int, ``baseline`` as bool, ``changed`` as a dict of
     dotted keys -> values, ``overrides`` the part of ``changed`` set on the command line), every ``final/<name>`` metric as ``<name>``, and every param under its dotted
@@ -160,10 +174,13 @@ def runs(experiments: PathOrName | Sequence[PathOrName], tracking_uri: str | Non
             exp_id = _experiment_id(client, source)
             uris[source.name] = uri
             with _using_uri(uri):
-                raw = mlflow.search_runs(
-                    experiment_ids=[exp_id], filter_string=tags.filter_equals(tags.KIND, tags.VARIANT_RUN),
+                found = [mlflow.search_runs(
+                    experiment_ids=[exp_id], filter_string=tags.filter_equals(tags.KIND, kind),
                     order_by=["attributes.start_time DESC"], output_format="pandas",
-                )
+                ) for kind in (tags.VARIANT_RUN, tags.EVAL_RUN)]
+            found = [f for f in found if len(f)]
+            raw = pd.concat(found, ignore_index=True).sort_values("start_time", ascending=False, kind="stable") \
+                if len(found) > 1 else (found[0] if found else pd.DataFrame())
             if len(raw):
                 frames.append(_frame(raw, source.name))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)

@@ -54,12 +54,7 @@ def cost_metrics(trainer, result) -> dict[str, float]:
     """Cost next to accuracy: ``params``, ``gflops`` (one inference forward at the configured image size,
     ``engine.cost``), ``peak_memory_mb`` (training peak: CUDA allocator, or process max RSS on CPU) and
     ``images_per_s`` (training images per second of the whole run: iterations x batch x ranks / train time)."""
-    from rcnn_lab.engine.cost import inference_gflops
-    from rcnn_lab.models.builder import count_parameters
-
-    out = {"params": float(count_parameters(trainer.model))}
-    if len(trainer.val_set):
-        out["gflops"] = inference_gflops(trainer.model, trainer.val_set[0][0], trainer.device)
+    out = model_cost(trainer.model, trainer.val_set, trainer.device)
     if result.history:
         out["peak_memory_mb"] = float(max(h["peak_memory_mb"] for h in result.history))
     if result.train_time_s > 0:
@@ -68,21 +63,39 @@ def cost_metrics(trainer, result) -> dict[str, float]:
     return out
 
 
+def model_cost(model, val_set, device) -> dict[str, float]:
+    """``params`` and ``gflops`` (one inference forward of the first validation image, ``engine.cost``)."""
+    from rcnn_lab.engine.cost import inference_gflops
+    from rcnn_lab.models.builder import count_parameters
+
+    out = {"params": float(count_parameters(model))}
+    if len(val_set):
+        out["gflops"] = inference_gflops(model, val_set[0][0], device)
+    return out
+
+
+def log_evaluation(journal, evaluated, metrics: dict, per_class: dict, iteration: int, out: Path) -> None:
+    """The final evaluation's files: ``eval/per_class.json``, ``eval/metrics.json`` and the saved detections
+    (``engine.eval_file``: detections + GT, for error analysis without retraining). ``evaluated`` is the
+    ``Trainer`` or ``engine.evaluator.Evaluator`` that ran it (its ``last_eval``, ``val_set`` and ``config``)."""
+    from rcnn_lab.engine import eval_file
+
+    journal.text(json.dumps(per_class, indent=2), "eval/per_class.json")
+    journal.text(json.dumps(metrics, indent=2), "eval/metrics.json")
+    final = evaluated.last_eval
+    if final is not None and final.predictions is not None:
+        pred = final.predictions
+        data = eval_file.build(pred.results, pred.image_ids, evaluated.val_set.coco(), iteration,
+                               evaluated.config.eval.iou_types)
+        path = eval_file.write(Path(out) / eval_file.ARTIFACT, data)
+        journal.artifact(path, str(Path(eval_file.ARTIFACT).parent))
+
+
 def log_results(journal, trainer, result, out: Path, log_checkpoint: bool) -> None:
     """The run's result files, through its journal (stored in MLflow in order, or replayed later)."""
     import matplotlib.pyplot as plt
 
-    from rcnn_lab.engine import eval_file
-
-    journal.text(json.dumps(result.per_class, indent=2), "eval/per_class.json")
-    journal.text(json.dumps(result.metrics, indent=2), "eval/metrics.json")
-    final = trainer.last_eval
-    if final is not None and final.predictions is not None:  # detections + GT, for error analysis without retraining
-        pred = final.predictions
-        data = eval_file.build(pred.results, pred.image_ids, trainer.val_set.coco(), result.iterations,
-                               trainer.config.eval.iou_types)
-        path = eval_file.write(Path(out) / eval_file.ARTIFACT, data)
-        journal.artifact(path, str(Path(eval_file.ARTIFACT).parent))
+    log_evaluation(journal, trainer, result.metrics, result.per_class, result.iterations, out)
     fig = loss_curve(result.history, trainer.config.name)
     journal.figure(fig, "loss_curve.png")
     plt.close(fig)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 PREFIX = "rcnn_lab."
 
-# What a run is (tag KIND): the parent run of one invocation, or one variant x seed child run.
+# What a run is (tag KIND): the parent run of one invocation, one variant x seed child run, or an evaluation
+# of given weights (``rcnn-lab eval``: no parent; the variant, seed and config tags of a child run, and the
+# weights' identity in WEIGHTS_IDENTITY; CONFIG_HASH is the eval hash: the config's and the weights').
 KIND = f"{PREFIX}kind"
 SWEEP = "sweep"
 VARIANT_RUN = "variant"
+EVAL_RUN = "eval"
+WEIGHTS_SOURCE = f"{PREFIX}weights_source"  # eval runs: the evaluated weights, short (a name, a file name, "run 1a2b3c4d")
+EVALUATED_RUN = f"{PREFIX}evaluated_run"  # eval runs of --run: the run whose last checkpoint was evaluated
 
 # Parent (sweep) runs; they carry the claim tags (HOST, PID, HEARTBEAT) too.
 PLAN_SIZE = f"{PREFIX}plan_size"
