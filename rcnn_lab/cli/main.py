@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from rcnn_lab._check import BrokenInstallError
 from rcnn_lab._version import __version__
-from rcnn_lab.cli import components, data, inspect, probe, report, run, search
+from rcnn_lab.cli import components, data, inspect, predict, probe, report, run, search
 from rcnn_lab.cli import eval as eval_
 from rcnn_lab.errors import RcnnLabError
 
@@ -42,6 +42,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("eval", "evaluate weights (a file, torchvision's, a run's last checkpoint) on data.val, tracked in MLflow",
             eval_.add_arguments_eval, eval_.cmd_eval),
     Command("probe", "gradient norm each loss sends into each component", probe.add_arguments_probe, probe.cmd_probe),
+    Command("predict", "draw a trained detector's detections on image files; one COCO-results file",
+            predict.add_arguments_predict, predict.cmd_predict),
     Command("report", "aggregate finished runs into tables and plots", report.add_arguments_report, report.cmd_report),
     Command("ui", "start the MLflow UI on the experiment store", run.add_arguments_ui, run.cmd_ui),
     Command("export-shapes", "write a synthetic shapes split in COCO format",
