@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rcnn_lab.data.coco_cache import load_or_parse
+from rcnn_lab.data.coco_files import check_headers, check_listed
 from rcnn_lab.data.coco_index import Progress
 from rcnn_lab.data.coco_json import (
     ParsedCoco,
@@ -96,7 +96,8 @@ class CocoDataset(Dataset):
 
     def __init__(self, images: str | Path, annotations: str | Path, crowd: Literal["drop", "keep"] = "drop",
                  remove_images_without_annotations: bool = False, category_ids: list[int] | None = None,
-                 max_images: int | None = None, progress: bool | None = None, *, cache: bool = True):
+                 max_images: int | None = None, progress: bool | None = None, *, cache: bool = True,
+                 filter_rule: Literal["instances", "torchvision"] = "instances"):
         self.root, self.annotation_file = Path(images), Path(annotations)
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
@@ -105,6 +106,11 @@ class CocoDataset(Dataset):
             raise ConfigError([Problem("crowd", f"expected 'drop' or 'keep', got {crowd!r}")])
         if max_images is not None and max_images < 1:
             raise ConfigError([Problem("max_images", f"must be >= 1 or null, got {max_images}")])
+        if filter_rule not in ("instances", "torchvision"):
+            raise ConfigError([Problem("filter_rule", f"expected 'instances' or 'torchvision', got {filter_rule!r}")])
+        if filter_rule != "instances" and not remove_images_without_annotations:
+            raise ConfigError([Problem("filter_rule", "takes effect with remove_images_without_annotations: true; "
+                                       "set that too, or remove filter_rule")])
         try:
             size = self.annotation_file.stat().st_size
         except OSError:
@@ -113,17 +119,40 @@ class CocoDataset(Dataset):
         parsed = load_or_parse(self.annotation_file, category_ids, lambda: self._parse(category_ids, report), report,
                                cache=cache)
         self.index, self._label, self.categories = parsed.index, parsed.label, parsed.categories
-        self.crowd = crowd
+        self.crowd, self._cache = crowd, cache
         rows = np.arange(len(self.index))
         if remove_images_without_annotations:
-            rows = rows[np.bincount(self.index.annotation_images()[self._trained()], minlength=len(rows))[rows] > 0]
+            counted = self._trained() if filter_rule == "instances" else self._torchvision_counted()
+            rows = rows[np.bincount(self.index.annotation_images()[counted], minlength=len(rows))[rows] > 0]
         if max_images is not None:
             rows = rows[:max_images]
         self._rows = rows
+        if not len(rows):
+            self._refuse_empty(remove_images_without_annotations, filter_rule, category_ids)
         report(f"indexed {len(rows):,} images, {self.index.num_annotations:,} annotations in {self.index.nbytes / 2**20:,.0f} MB")
-        self._check_files()
+        check_listed(self.index, rows, self.root, self.annotation_file)
         report(f"found the {len(rows):,} image files")
         self._coco = None
+
+    def _refuse_empty(self, removed: bool, rule: str, category_ids: list[int] | None) -> None:
+        file = display_path(self.annotation_file)
+        if not len(self.index):
+            raise ConfigError([Problem("annotations", "lists no images; a split needs at least one (check the file)", file)])
+        why = (f"no image has a training instance ({'crowd: drop, ' if self.crowd == 'drop' else ''}boxes clipped to "
+               "the image)" if rule == "instances" else "no image has a box over 1 px wide and high (filter_rule: torchvision)")
+        selected = f" among category_ids {category_ids}" if category_ids is not None else ""
+        raise ConfigError([Problem("remove_images_without_annotations" if removed else "category_ids",
+                                   f"leaves none of the {len(self.index):,} images of {file}: {why}{selected}; "
+                                   "check category_ids and the file, or set remove_images_without_annotations: false")])
+
+    def _torchvision_counted(self) -> np.ndarray:
+        """Annotation rows that keep an image under torchvision's ``_coco_remove_images_without_annotations``:
+        any selected annotation (crowd too, even outside the image) whose box is over 1 px wide and high."""
+        return (self.index.boxes[:, 2] > 1) & (self.index.boxes[:, 3] > 1)
+
+    def check_images(self, progress: bool = True):
+        """Read every image's header (``rcnn-lab validate --data --deep``; ``rcnn_lab.data.coco_files``)."""
+        return check_headers(self.index, self._rows, self.root, self.annotation_file, progress=progress, cache=self._cache)
 
     def _parse(self, category_ids: list[int] | None, report: Progress) -> ParsedCoco:
         """Read and check the file (the cache's miss)."""
@@ -142,25 +171,6 @@ class CocoDataset(Dataset):
         img = index.annotation_images()
         keep = (np.minimum(x + w, index.widths[img]) > np.maximum(x, 0)) & (np.minimum(y + h, index.heights[img]) > np.maximum(y, 0))
         return keep & ~index.crowd if self.crowd == "drop" else keep
-
-    def _check_files(self) -> None:
-        """Fail fast when listed image files are missing (one directory listing per folder)."""
-        listing: dict[str, set[str]] = {}
-        missing = []
-        for row in self._rows.tolist():
-            name = self.index.file_name(row)
-            folder, base = os.path.split(name)
-            if folder not in listing:
-                try:
-                    listing[folder] = set(os.listdir(self.root / folder))
-                except OSError:
-                    listing[folder] = set()
-            if base not in listing[folder]:
-                missing.append(name)
-        if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise ConfigError([Problem("images", f"{len(missing)} image file(s) listed in {display_path(self.annotation_file)} "
-                                       f"are missing from '{display_path(self.root)}': {shown}; check the folder")])
 
     def _train_annotations(self, img: dict, anns: list[dict]) -> list[dict]:
         """Annotations that become targets: selected categories, non-degenerate boxes, crowd per ``crowd``."""
@@ -258,6 +268,7 @@ def coco(
     remove_images_without_annotations: bool = False,
     category_ids: list[int] | None = None,
     max_images: int | None = None,
+    filter_rule: Literal["instances", "torchvision"] = "instances",
 ) -> CocoDataset:
     """COCO-format data: an images folder and a JSON file (polygons or RLE masks).
 
@@ -271,6 +282,11 @@ def coco(
             targets (boxes ``[0, 4]``, masks ``[0, H, W]``).
         category_ids: use only these category ids (labels follow their sorted order); null: all.
         max_images: the first N images by id (quick experiments); null: all.
+        filter_rule: which images ``remove_images_without_annotations`` removes. ``instances``: those
+            left without a training instance. ``torchvision``: the reference scripts' rule
+            (``_coco_remove_images_without_annotations``): those without an annotation of a selected
+            category, crowd regions and boxes outside the image included, or whose every box is at
+            most 1 px wide or high; the images kept may then have empty targets.
     """
     return CocoDataset(images, annotations, crowd, remove_images_without_annotations,
-                       list(category_ids) if category_ids is not None else None, max_images)
+                       list(category_ids) if category_ids is not None else None, max_images, filter_rule=filter_rule)

@@ -87,7 +87,8 @@ def read_coco_bytes(path: str | Path) -> bytes:
     """The bytes of a COCO JSON file; a missing or unreadable file is a problem naming it."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError([Problem("annotations", f"file '{display_path(p)}' does not exist; set it to a COCO JSON file")])
+        what = "is a folder, not a file" if p.is_dir() else "does not exist" if not p.exists() else "is not a regular file"
+        raise ConfigError([Problem("annotations", f"'{display_path(p)}' {what}; set it to a COCO JSON file")])
     try:
         return p.read_bytes()
     except OSError as exc:

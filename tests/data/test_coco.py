@@ -206,3 +206,59 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     export_shapes(out, num_images=2, image_size=32, min_size=8, max_size=16, overwrite=True)
     assert not (out / "keep.txt").exists() and len(list((out / "images").iterdir())) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind
+
+
+def _four_images(tmp_path):
+    """A: only a crowd region; B: only a box outside the image; C: only a 1-px-wide box; D: nothing; E: an instance."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    images = [{"id": i, "file_name": f"{n}.png", "width": 10, "height": 8} for i, n in enumerate("ABCDE", 1)]
+    for img in images:
+        write_png(torch.zeros((3, 8, 10), dtype=torch.uint8), root / img["file_name"])
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 1},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [20, 1, 4, 4], "iscrowd": 0},
+            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [1, 1, 1, 4], "iscrowd": 0},
+            {"id": 4, "image_id": 5, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 0},
+            {"id": 5, "image_id": 5, "category_id": 2, "bbox": [1, 1, 4, 4], "iscrowd": 0}]
+    ann = tmp_path / "four.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns,
+                               "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return root, ann
+
+
+def test_torchvision_filter_rule_is_the_reference_scripts(tmp_path):
+    root, ann = _four_images(tmp_path)
+    ids = lambda ds: [ds.index.image(int(r))["id"] for r in ds._rows]  # noqa: E731
+    assert ids(CocoDataset(root, ann, remove_images_without_annotations=True)) == [3, 5]  # a 1-px box is an instance
+    ds = CocoDataset(root, ann, remove_images_without_annotations=True, filter_rule="torchvision")
+    assert ids(ds) == [1, 2, 5]  # crowd-only and outside-only kept, <= 1 px and empty dropped
+    assert ds[0][1]["boxes"].shape == (0, 4) and ds[1][1]["boxes"].shape == (0, 4)  # kept with empty targets
+    # the reference's rule, written out (coco_utils._coco_remove_images_without_annotations, no keypoints)
+    data = json.loads(ann.read_text())
+    by_image = {img["id"]: [a for a in data["annotations"] if a["image_id"] == img["id"]] for img in data["images"]}
+    kept = [i for i, anno in by_image.items() if anno and not all(any(o <= 1 for o in a["bbox"][2:]) for a in anno)]
+    assert ids(ds) == kept
+    with pytest.raises(ConfigError, match="filter_rule: takes effect with remove_images_without_annotations: true"):
+        DATASETS.build(Spec("coco", {"images": str(root), "annotations": str(ann), "filter_rule": "torchvision"}), "d")
+
+
+def test_a_split_left_empty_by_its_filters_is_refused(tmp_path):
+    root, ann = _four_images(tmp_path)
+    assert len(CocoDataset(root, ann, category_ids=[2], remove_images_without_annotations=True)) == 1  # image 5
+    data = json.loads(ann.read_text())
+    data["annotations"] = data["annotations"][:4]
+    ann.write_text(json.dumps(data))
+    problems = problems_of({"images": str(root), "annotations": str(ann), "category_ids": [2],
+                            "remove_images_without_annotations": True})
+    msg = problems["data.train.remove_images_without_annotations"]
+    assert "leaves none of the 5 images of" in msg and "among category_ids [2]" in msg and "set remove_images" in msg
+    data["images"] = []
+    data["annotations"] = []
+    ann.write_text(json.dumps(data))
+    assert "lists no images" in problems_of({"images": str(root), "annotations": str(ann)})["data.train.annotations"]
+
+
+def test_an_annotations_path_that_is_a_folder_says_so(tiny, tmp_path):
+    root, _, _ = tiny
+    msg = problems_of({"images": str(root), "annotations": str(root)})["data.train.annotations"]
+    assert "is a folder, not a file" in msg
