@@ -166,12 +166,6 @@ class Entry:
             _discard(self.folder, self.parent)
         return self.store(arrays, meta)
 
-    def replace(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
-        """``store`` in place of the current entry (an updated record; ``store`` keeps an existing one)."""
-        if self.folder.is_dir():
-            _discard(self.folder, self.parent)
-        return self.store(arrays, meta)
-
     def _tidy(self) -> None:
         """Remove entries of the same source path with another size/mtime, and old leftovers."""
         now = time.time()
