@@ -8,6 +8,8 @@ import json
 from rcnn_lab.config.types import to_plain
 from rcnn_lab.engine.preflight import load_experiment
 
+MAX_IMAGE_SIDE = 100_000  # inspect --image-size: anchors are counted on the meta device, any size is cheap
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", metavar="EXP.yaml")
@@ -25,7 +27,8 @@ def add_arguments_inspect(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--variant", help="only this variant")
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=None,
-                   help="input image size for the anchor count (default: the model's min_size, square)")
+                   help=f"input image size for the anchor count, 1..{MAX_IMAGE_SIDE:,} pixels "
+                        "(default: the model's min_size, square)")
     p.add_argument("--json", action="store_true")
 
 
@@ -102,7 +105,16 @@ def anchor_report(model, image_size: tuple[int, int] | None) -> dict:
     }
 
 
+def check_image_size(size: list[int] | None) -> None:
+    """``--image-size H W``: positive and bounded (the anchors of a 0 or negative image are meaningless)."""
+    from rcnn_lab.errors import ConfigError, Problem
+
+    if size is not None and not all(1 <= s <= MAX_IMAGE_SIDE for s in size):
+        raise ConfigError([Problem("--image-size", f"H and W must be 1..{MAX_IMAGE_SIDE:,} pixels, got {size[0]} {size[1]}")])
+
+
 def cmd_inspect(args) -> int:
+    check_image_size(args.image_size)
     exp = load_experiment(args.experiment, args.overrides)
     from rcnn_lab.cli.notes import print_warnings
     from rcnn_lab.models.builder import count_parameters, parameter_groups  # torch: only once the experiment is valid

@@ -175,6 +175,10 @@ def cmd_report(args) -> int:
 
         raise ConfigError([Problem("--cost", f"unknown cost {args.cost!r}{did_you_mean(args.cost, list(COSTS))} "
                                    f"(costs: {', '.join(COSTS)})")])
+    if args.out:  # before the store is read: an --out that cannot be written fails first, with nothing written
+        from rcnn_lab.cli.paths import check_writable
+
+        check_writable(output_paths(args.out, args.format)[0], "--out")
     df = runs(args.experiments, tracking_uri=args.uri)
     step_metrics = [m for m in metrics or [] if is_step_metric(m)]
     if step_metrics:
@@ -206,8 +210,13 @@ def cmd_report(args) -> int:
     def echo(line: str) -> None:
         print(line, file=sys.stderr)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        from rcnn_lab.cli.paths import write_failed
+
+        raise write_failed(exc, path, "--out") from None
     plots = write_plots(table, df, stem, args.group_by, args.uri, args.cost) + extra_plots
     page = Path(f"{stem}.html")
     page.write_text(html_report(table, plots, tables))

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rcnn_lab.config.types import Bound
+from rcnn_lab.data.limits import MAX_IMAGE_SIZE, MAX_IMAGES
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean
 from rcnn_lab.registry import DATASETS
 
@@ -330,6 +332,9 @@ def _validate(args: dict) -> None:
     for key, low in (("num_images", 1), ("image_size", 8), ("min_objects", 0), ("min_size", 4), ("seed", 0)):
         if args[key] < low:
             p.append(Problem(key, f"must be >= {low}, got {args[key]}"))
+    for key, high in (("num_images", MAX_IMAGES), ("image_size", MAX_IMAGE_SIZE)):
+        if args[key] > high:
+            p.append(Problem(key, f"must be <= {high:,}, got {args[key]:,}"))
     if not args["min_objects"] <= args["max_objects"] <= 255:
         p.append(Problem("max_objects", f"must be between min_objects ({args['min_objects']}) and 255, got {args['max_objects']}"))
     if args["max_size"] < args["min_size"]:
@@ -357,8 +362,8 @@ def _validate(args: dict) -> None:
 @DATASETS.register("shapes")
 def shapes(
     split: Literal["train", "val"] = "train",
-    num_images: int = 512,
-    image_size: int = 128,
+    num_images: Annotated[int, Bound(ge=1, le=MAX_IMAGES)] = 512,
+    image_size: Annotated[int, Bound(ge=8, le=MAX_IMAGE_SIZE)] = 128,
     min_objects: int = 1,
     max_objects: int = 4,
     classes: list[str] = DEFAULT_CLASSES,

@@ -69,6 +69,9 @@ def _check_model(config: RunConfig) -> list[Problem]:
     return check_model(config.model, path="model")
 
 
+BATCH_OVER_DATA = 100  # data.batch_size above this many times the training images is refused (docs/configuration.md)
+
+
 def check_num_classes(num_classes: int, train_set, val_set) -> None:
     """``model.num_classes`` must cover 1 + the categories of ``data.train``; val must share them.
 
@@ -163,6 +166,10 @@ def _prepare(config: RunConfig, built: dict, splits: tuple[str, ...] = ("train",
             check_num_classes(config.model.num_classes, train, named["val"])
         except ConfigError as exc:
             problems += exc.problems
+    size = len(named["train"]) if named.get("train") is not None and hasattr(named["train"], "__len__") else None
+    if size is not None and config.data.batch_size > BATCH_OVER_DATA * size:  # each step repeats every image 100+ times
+        problems.append(Problem("data.batch_size", f"is {config.data.batch_size:,} but data.train has {size:,} images; "
+                                f"a batch repeats each image {config.data.batch_size // size}x: use at most {size:,}"))
     inputs = RunInputs(device, named.get("train"), named.get("val"), weights=weights)
     return (inputs if not problems else None), problems
 

@@ -27,7 +27,7 @@ def is_step_metric(name: str) -> bool:
 def parse(name: str) -> tuple[str, int]:
     """``"loss_rpn_box_reg@200"`` -> ``("loss_rpn_box_reg", 200)``; a one-line ``--metric`` error otherwise."""
     key, _, window = name.rpartition(SEP)
-    if not key or not window.isdigit() or int(window) <= 0:
+    if not key or not window.isascii() or not window.isdigit() or len(window) > 18 or int(window) <= 0:
         raise ConfigError([Problem("--metric", f"{cut(name)!r}: a training metric is NAME@STEPS with STEPS > 0, e.g. "
                                    "loss_rpn_box_reg@200 (its mean over each run's last 200 steps)")])
     return key, int(window)
