@@ -137,15 +137,23 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self, iteration: int) -> dict:
+        from rcnn_lab.engine.weights import EPS_KEY, frozen_bn_eps
+
+        eps = frozen_bn_eps(self.model)  # not a tensor: torchvision's COCO_V1 weights run with 0.0 (engine/weights.py)
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "iteration": iteration, "rng": ckpt.rng_state(), "history": self.history,
             "train_time_s": self.elapsed_before + time.perf_counter() - self._started,
+            **({EPS_KEY: eps} if eps is not None else {}),
         }
 
     def _restore(self, state: dict) -> None:
+        from rcnn_lab.engine.weights import EPS_KEY, set_frozen_bn_eps
+
         self.model.load_state_dict(state["model"])
+        if isinstance(state.get(EPS_KEY), float):
+            set_frozen_bn_eps(self.model, state[EPS_KEY])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

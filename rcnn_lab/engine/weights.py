@@ -37,6 +37,17 @@ ALIASES = {
 }
 _HUB_NAME = re.compile(r"(MaskRCNN|FasterRCNN)_\w+_Weights\.\w+")
 _IGNORED = ("num_batches_tracked",)  # BatchNorm counters: not weights; FrozenBatchNorm2d has none
+# torchvision's builders set FrozenBatchNorm2d's eps to 0 after loading these (detection/_utils.py overwrite_eps:
+# they were trained before pytorch/vision#2933); the same content under another file name gets the same
+EPS_ZERO = ("MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1")
+EPS_KEY = "frozen_bn_eps"  # in an rcnn-lab checkpoint: the eps its model's FrozenBatchNorm2d layers used
+
+
+class StateDict(dict):
+    """A state_dict (name -> tensor) that knows the FrozenBatchNorm2d eps its model ran with, when its
+    source says (torchvision's COCO_V1 files: 0.0; rcnn-lab checkpoints: recorded); else None."""
+
+    frozen_bn_eps: float | None = None
 
 
 def is_run(spec: str | None) -> bool:
@@ -106,6 +117,31 @@ def fetch(spec: str, *, key: str = KEY, file: str | None = None, with_masks: boo
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, mtime_ns, size) -> sha256
 
 
+def _eps_zero_digests() -> tuple[str, ...]:
+    """The sha256 prefixes torchvision puts in the file names of the :data:`EPS_ZERO` weights."""
+    out = []
+    for name in EPS_ZERO:
+        stem = Path(hub_enum(name).url).stem
+        out.append(stem.rsplit("-", 1)[-1])
+    return tuple(out)
+
+
+def frozen_bn_eps(model: torch.nn.Module) -> float | None:
+    """The eps of ``model``'s FrozenBatchNorm2d layers (None without any)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return next((float(m.eps) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)), None)
+
+
+def set_frozen_bn_eps(model: torch.nn.Module, eps: float) -> None:
+    """torchvision's ``overwrite_eps``: every FrozenBatchNorm2d of ``model`` uses ``eps``."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
+
+
 def file_digest(path: Path) -> str:
     """``sha256:<hex>`` of a file's content (cached while its path, mtime and size stay the same)."""
     real = os.path.realpath(path)
@@ -158,10 +194,13 @@ def read_state(spec: str, *, key: str = KEY, file: str | None = None,
     else:
         path = _local(spec, key, file)
         identity = file_digest(path)
-    return _state_of(path, key, file), identity
+    state = _state_of(path, key, file)
+    if identity in EPS_ZERO or identity.removeprefix("sha256:").startswith(_eps_zero_digests()):
+        state.frozen_bn_eps = 0.0
+    return state, identity
 
 
-def _state_of(path: Path, key: str, file: str | None) -> dict[str, torch.Tensor]:
+def _state_of(path: Path, key: str, file: str | None) -> StateDict:
     from rcnn_lab.engine.checkpoint import load_failure
 
     where = display_path(path)
@@ -181,7 +220,10 @@ def _state_of(path: Path, key: str, file: str | None) -> dict[str, torch.Tensor]
                                         "give a torchvision state_dict or an rcnn-lab checkpoint", file)])
     if all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+    out = StateDict(tensors)
+    if isinstance(payload, dict) and isinstance(payload.get(EPS_KEY), float):
+        out.frozen_bn_eps = payload[EPS_KEY]
+    return out
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -264,6 +306,9 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
                                         "(model.backbone depth, heads) or change the model", file)])
     with torch.no_grad():
         model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
+    eps = getattr(state, "frozen_bn_eps", None)
+    if eps is not None:  # the eps the weights were trained with (torchvision's COCO_V1: 0.0)
+        set_frozen_bn_eps(model, eps)
     return report
 
 
