@@ -134,7 +134,7 @@ def check_fit(plan: list[PlannedRun], weights: Weights) -> None:
             problems.append(Problem(weights.flag, f"{weights.source} does not fit variant {run.variant.name}'s model "
                                     f"({report.summary()}); an evaluation needs every tensor from the weights: give the "
                                     "experiment (and --variant) they were trained with, or set model.num_classes and "
-                                    "the architecture to theirs", run.variant.file or None))
+                                    "the architecture to theirs"))
     if problems:
         raise ConfigError(list({str(p): p for p in problems}.values()))
 
