@@ -68,7 +68,8 @@ def grid_size(search: SearchConfig) -> int:
 def sampler(search: SearchConfig, number: int):
     """The sampler proposing trial ``number``, seeded with ``sampler.seed`` and the trial number: proposals are a
     function of the seed and the study's history, the same after a resume, and parallel workers (different
-    trial numbers) never draw from the same random stream. QMC keeps one seed (its sequence is the point)."""
+    trial numbers) never draw from the same random stream. QMC and grid keep one seed (it orders their points;
+    the storage says which points are taken)."""
     from optuna import samplers
 
     from rcnn_lab.search.space import grid_values
@@ -80,13 +81,30 @@ def sampler(search: SearchConfig, number: int):
     if kind == "random":
         return samplers.RandomSampler(seed=per_trial)
     if kind == "grid":
-        return samplers.GridSampler({p.key: grid_values(p) for p in search.space}, seed=per_trial)
+        return _Grid({p.key: grid_values(p) for p in search.space}, seed=seed)  # the seed shuffles the grid: one order
     if kind == "qmc":
         return samplers.QMCSampler(seed=seed, scramble=True, warn_asynchronous_seeding=False,
                                    independent_sampler=samplers.RandomSampler(seed=per_trial))
     if kind == "nsga2":
         return samplers.NSGAIISampler(seed=per_trial, population_size=max(4, min(50, (search.budget.trials or 20) // 4)))
     raise ValueError(kind)  # the schema allows no other
+
+
+def _grid_sampler():
+    from optuna.samplers import GridSampler
+
+    class Grid(GridSampler):
+        """Optuna's grid sampler without its ``study.stop()`` at the grid's end (valid inside ``study.optimize`` only):
+        the driver ends a grid search itself (``driver.limit``)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return Grid
+
+
+def _Grid(*args, **kwargs):  # noqa: N802  (a class, built on first use: Optuna is imported lazily)
+    return _grid_sampler()(*args, **kwargs)
 
 
 def pruner(search: SearchConfig):
