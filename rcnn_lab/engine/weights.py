@@ -14,9 +14,7 @@ not a run with random weights.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -100,10 +98,10 @@ def fetch(spec: str, *, key: str = KEY, file: str | None = None, with_masks: boo
     path = hub_file(enum)
     if path.is_file():
         return path
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch's "Downloading: ..." line: the error says it all
-            torch.hub.load_state_dict_from_url(enum.url, progress=False, check_hash=True, map_location="cpu",
-                                               weights_only=True)
+    try:  # as torch.hub.load_state_dict_from_url downloads (same file, hash checked), without reading it yet
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = torch.hub.HASH_REGEX.search(path.name)
+        torch.hub.download_url_to_file(enum.url, str(path), digest.group(1) if digest else None, progress=False)
     except Exception as exc:  # offline: URLError, socket errors, a hash mismatch ...
         reason = cut(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", 100)
         raise ConfigError([Problem(key, f"could not download {enum} ({reason}); offline, fetch {enum.url} "

@@ -325,3 +325,32 @@ def test_the_trainer_loads_after_seeding_and_building_but_not_when_resuming(tiny
     assert resumed.weights_report is None and resumed.start_iteration == 1
     assert all(torch.equal(v, changed[k]) for k, v in resumed.model.state_dict().items())
     assert w.frozen_bn_eps(resumed.model) == 0.0
+
+
+# --- experiments/finetune.yaml ---------------------------------------------------------------------
+
+def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seeded_file, tmp_path, monkeypatch):
+    """The documented steps on an exported COCO-format folder: the class count comes from the data's check,
+    then the run starts from the (stand-in) COCO weights with fresh predictors. 64 px, 1 step."""
+    from rcnn_lab.data.export import export_shapes
+    from rcnn_lab.engine.preflight import prepare
+
+    hub.mkdir(parents=True)
+    shutil.copyfile(seeded_file, hub / COCO_FILE)
+    monkeypatch.chdir(tmp_path)
+    export_shapes("my_data/train", "train", num_images=4, image_size=64)
+    export_shapes("my_data/val", "val", num_images=2, image_size=64)
+    small = ["model.transform.min_size=64", "model.transform.max_size=64", "train.iterations=1", "train.device=cpu"]
+    cfg = load_experiment(EXPERIMENTS / "finetune.yaml", small).variants[0].config
+    assert cfg.model.weights == "coco"
+    with pytest.raises(ConfigError, match=r"model.num_classes: is 2 but data.train has 5 categories .*"
+                                          r"set model.num_classes to 6"):
+        prepare(cfg)
+    cfg = load_experiment(EXPERIMENTS / "finetune.yaml", [*small, "model.num_classes=6"]).variants[0].config
+    trainer = Trainer(cfg, tmp_path / "out")
+    report = trainer.weights_report
+    assert report.identity == "MaskRCNN_ResNet50_FPN_Weights.COCO_V1" and w.frozen_bn_eps(trainer.model) == 0.0
+    assert {n for n, _, _ in report.fresh} == PREDICTORS and "(91 -> 6 classes)" in report.summary()
+    result = trainer.fit()
+    assert result.iterations == 1 and "bbox_AP" in result.metrics
+    assert torch.load(ckpt.latest(ckpt.folder(tmp_path / "out")), weights_only=True)[w.EPS_KEY] == 0.0
