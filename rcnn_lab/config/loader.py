@@ -115,8 +115,10 @@ def resolve_file(path: Path, prov: dict[str, str], stack: tuple[Path, ...] = (),
     for b in bases:
         base_path = path.parent / b
         try:
-            found = base_path.is_file()
-        except OSError as exc:
+            found = base_path.stat() is not None and base_path.is_file()
+        except (FileNotFoundError, NotADirectoryError):
+            found = False
+        except OSError as exc:  # a symlink loop, no permission
             raise ConfigError([Problem("base", f"base file {excerpt(b)} {unreadable(exc)}", display_path(path))]) from None
         if not found:
             raise ConfigError([Problem("base", f"base file {excerpt(b)} not found next to this file; fix the path", display_path(path))])

@@ -47,6 +47,9 @@ class Case:
     args: list[str] = field(default_factory=list)
     expect: tuple[str, ...] = ()  # substrings of the error line
     exp: str = "exp.yaml"
+    links: dict[str, str] = field(default_factory=dict)  # symbolic link -> its target
+    run_only: bool = False  # flags of `run` (validate has none of them) or the store (validate does not open it)
+    code: int = 2  # 3 for a store
 
 
 def _diamond(n: int) -> dict[str, str]:
@@ -56,6 +59,82 @@ def _diamond(n: int) -> dict[str, str]:
     files["exp.yaml"] = "base: d0.yaml\n"
     return files
 
+
+SEEDS_FILE = "exp.yaml: seeds"
+ROUND_2 = [  # issue 25: the config / flags / stores half
+    # wrong results
+    Case("seed-set-with-seeds", {"exp.yaml": OK + "seeds: [0, 1]\n"}, ["--set", "train.seed=7"],
+         expect=("--set: train.seed", "seeds: [0, 1]", "--seeds")),
+    Case("seed-in-grid", {"exp.yaml": OK + "grid: {train.seed: [0, 1, 2]}\n"}, expect=("grid.train.seed", "seeds:")),
+    Case("seed-in-variant", {"exp.yaml": OK + "variants:\n  a: {train.seed: 3}\n"}, expect=("variants.a.train.seed",)),
+    Case("section-null-set", {"exp.yaml": OK}, ["--set", "model.roi_heads=null"],
+         expect=("--set: model.roi_heads", "whole section", "model.roi_heads.KEY=VALUE")),
+    Case("section-null-variant", {"exp.yaml": OK + "variants:\n  v: {model.rpn: null}\n"}, expect=("exp.yaml: model.rpn",)),
+    Case("section-null-over-base", {"b.yaml": "name: t\nmodel: {num_classes: 6, rpn: {nms_thresh: 0.6}}\n",
+                                    "exp.yaml": "base: b.yaml\nmodel: {rpn: }\n"},
+         expect=("exp.yaml: model.rpn", "base file")),
+    Case("grid-key-in-variant", {"exp.yaml": OK + "variants:\n  v: {train.clip_grad_norm: 1.0}\n"
+                                             "grid: {train.clip_grad_norm: [2.0, 3.0]}\n"},
+         expect=("variants.v.train.clip_grad_norm", "grid")),
+    Case("grid-prefix-of-variant-key", {"exp.yaml": OK + "variants:\n  v: {model.rpn.nms_thresh: 0.6}\n"
+                                                    "grid: {model.rpn: [{nms_thresh: 0.5}]}\n"}, expect=("variants.v",)),
+    Case("grid-over-tracking", {"exp.yaml": OK + "grid: {tracking.log_every: [1, 2]}\n"}, expect=("grid.tracking.log_every",)),
+    Case("variant-tracking", {"exp.yaml": OK + "variants:\n  v: {tracking.experiment: other}\n"},
+         expect=("variants.v.tracking.experiment",)),
+    Case("image-std-zero", {"exp.yaml": "name: t\nmodel: {num_classes: 6, transform: {image_std: [0, 0, 0]}}\n"},
+         expect=("model.transform.image_std", "> 0")),
+    Case("image-std-negative-set", {"exp.yaml": OK}, ["--set", "model.transform.image_std=[0.2, -0.1, 0.2]"],
+         expect=("--set: model.transform.image_std",)),
+    # tracebacks
+    Case("symlink-loop", {}, links={"exp.yaml": "loop.yaml", "loop.yaml": "exp.yaml"}, expect=("exp.yaml", "loops")),
+    Case("base-symlink-loop", {"exp.yaml": "base: b.yaml\n" + OK}, links={"b.yaml": "b.yaml"}, expect=("exp.yaml: base", "'b.yaml'", "loops")),
+    Case("seed-5000-digits", {"exp.yaml": OK + "seeds: [" + "9" * 5000 + "]\n"}, expect=("exp.yaml", "out of range")),
+    Case("id-5000-digits", {"exp.yaml": OK + "train: {seed: " + "7" * 5000 + "}\n"}, expect=("exp.yaml", "out of range")),
+    Case("seed-2-64", {"exp.yaml": OK + f"seeds: [{2**64}]\n"}, expect=(SEEDS_FILE, "64-bit")),
+    Case("train-seed-2-64", {"exp.yaml": OK + f"train: {{seed: {2**64}}}\n"}, expect=("train.seed", "64-bit")),
+    # caught too late: bounds at load
+    Case("seeds-2000", {"exp.yaml": OK + f"seeds: {list(range(2000))}\n"}, expect=(SEEDS_FILE, "limit is 1,000")),
+    Case("seeds-100k", {"exp.yaml": OK + f"seeds: {list(range(100_000))}\n"}, expect=("exp.yaml", "holds more than")),
+    Case("batch-size-huge", {"exp.yaml": OK + "data: {batch_size: 1000000}\n"}, expect=("data.batch_size", "limit")),
+    Case("min-size-huge", {"exp.yaml": OK}, ["--set", "model.transform.min_size=100000"],
+         expect=("--set: model.transform.min_size", "8,192")),
+    Case("num-images-huge", {"exp.yaml": OK + "data: {train: {type: shapes, num_images: 1000000000000}}\n"},
+         expect=("data.train.num_images", "10,000,000")),
+    # unclear --set keys
+    Case("set-leading-dot", {"exp.yaml": OK}, ["--set", ".a=1"], expect=("--set", "'.a'", "empty part")),
+    Case("set-only-dot", {"exp.yaml": OK}, ["--set", ".=1"], expect=("--set", "empty part")),
+    Case("set-double-dot", {"exp.yaml": OK}, ["--set", "train..amp=bf16"], expect=("--set", "'train..amp'", "empty part")),
+    Case("set-base", {"exp.yaml": OK}, ["--set", "base=other.yaml"], expect=("--set: base", "experiment file")),
+    Case("set-seeds", {"exp.yaml": OK}, ["--set", "seeds=[1, 2]"], expect=("--set: seeds", "--seeds")),
+    Case("set-long-key", {"exp.yaml": OK}, ["--set", "k" * 500 + "=1"], expect=("--set: kkk", "unknown key")),
+    Case("set-longer-key", {"exp.yaml": OK}, ["--set", "k" * 5000 + "=1"], expect=("--set", "characters long")),
+    # run's flags: --dry-run refuses what the run refuses
+    Case("parallel-negative", {"exp.yaml": OK}, ["--parallel", "-1"], expect=("--parallel", ">= 1"), run_only=True),
+    Case("nproc-negative", {"exp.yaml": OK}, ["--nproc", "-1"], expect=("--nproc", ">= 1"), run_only=True),
+    Case("parallel-with-shard", {"exp.yaml": OK}, ["--parallel", "2", "--shard", "0/2"], expect=("--parallel", "--shard"),
+         run_only=True),
+    Case("seeds-flag-2-64", {"exp.yaml": OK}, ["--seeds", f"0,{2**64}"], expect=("--seeds", "64-bit"), run_only=True),
+    Case("seeds-flag-5000-digits", {"exp.yaml": OK}, ["--seeds", "9" * 5000], expect=("--seeds", "64-bit"), run_only=True),
+    Case("seeds-flag-100k", {"exp.yaml": OK}, ["--seeds", ",".join(map(str, range(100_000)))],
+         expect=("--seeds", "limit is 1,000"), run_only=True),
+    Case("seeds-flag-superscript", {"exp.yaml": OK}, ["--seeds", "1,²"], expect=("--seeds", "integers"), run_only=True),
+    # stores: exit 3, what is wrong with the URI
+    *[Case(f"store-{name}", {"exp.yaml": OK + f"tracking: {{uri: '{uri}'}}\n"}, expect=("tracking store", *expect),
+           run_only=True, code=3)
+      for name, uri, expect in [
+          ("ftp", "ftp://example.org/runs", ("scheme 'ftp'",)),
+          ("unknown-scheme", "s3x://bucket/runs", ("scheme 's3x'",)),
+          ("sqlite-memory", "sqlite:///:memory:", ("in-memory",)),
+          ("sqlite-empty", "sqlite://", ("in-memory",)),
+          ("sqlite-one-slash", "sqlite:/runs/m.db", ("sqlite", "not a URL")),
+          ("no-host", "http://", ("no host",)),
+          ("bad-port", "http://localhost:99999", ("malformed URL",)),
+          ("port-not-a-number", "http://localhost:5x", ("malformed URL",)),
+          ("plain-file", "exp.yaml", ("is a file",)),
+          ("sqlite-not-a-database", "sqlite:///exp.yaml", ("not a SQLite database",)),
+          ("sqlite-folder", "sqlite:///.", ("folder",)),
+      ]],
+]
 
 CASES = [
     # 1. tracebacks turned into one line
@@ -124,11 +203,12 @@ CASES = [
     Case("set-without-equals", {"exp.yaml": OK}, ["--set", "train.amp"], expect=("dotted.key=value",)),
     Case("num-classes-huge", {"exp.yaml": "name: t\nmodel: {num_classes: " + "9" * 30 + "}\n"}, expect=("num_classes",)),
     Case("unknown-component", {"exp.yaml": "name: t\nmodel: {backbone: {type: resnet_fnp}}\n"}, expect=("resnet_fpn",)),
+    *ROUND_2,
 ]
 
 
 def _snapshot(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+    return {str(p.relative_to(folder)): p.lstat().st_mtime_ns for p in folder.rglob("*")}
 
 
 def _invoke(argv: list[str]) -> tuple[int, str, str, float, float]:
@@ -158,12 +238,16 @@ def _warm():
 @pytest.mark.parametrize("command", [["validate"], ["run", "--dry-run"]], ids=["validate", "run-dry-run"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_malformed_input_fails_in_one_line_and_writes_nothing(case, command, tmp_path, monkeypatch):
+    if case.run_only and command[0] != "run":
+        pytest.skip("a flag or store of `run` only")
     folder = tmp_path / "work"
     folder.mkdir()
     for name, content in case.files.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    for name, target in case.links.items():
+        (folder / name).symlink_to(target)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RCNN_LAB_RUNS", raising=False)
@@ -172,7 +256,7 @@ def test_malformed_input_fails_in_one_line_and_writes_nothing(case, command, tmp
     code, out, err, elapsed, peak_mb = _invoke([command[0], case.exp, *command[1:], *case.args])
 
     lines = err.splitlines()
-    assert code == 2, (code, err[-2000:])
+    assert code == case.code, (code, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith(f"rcnn-lab {command[0]}: error: "), err[:2000]
     assert "Traceback" not in err and out == ""
     assert len(lines[0]) <= LINE_CAP, f"{len(lines[0])} characters: {lines[0][:300]}"

@@ -166,3 +166,44 @@ def test_trainer_resume_from_corrupted_checkpoint_names_the_file(tmp_path):
         Trainer(tiny_config(tmp_path), tmp_path / "out", resume=True)
     text = str(info.value)
     assert text.startswith(f"{ckpt.path_for(folder, 2)}: not a readable checkpoint") and "\n" not in text
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("empty", "checkpoint is empty"),
+    ("truncated", "not a readable checkpoint"),
+    ("foreign", "not an rcnn-lab checkpoint (missing model, optimizer, iteration)"),
+    ("past-the-end", "claims iteration 1,000,000,000 but the run has 200"),
+    ("wrong-name", "holds iteration 7 but its name says 100"),
+    ("negative", "holds iteration -3, not a count"),
+])
+def test_check_refuses_a_checkpoint_that_cannot_be_resumed(tmp_path, damage, expect):
+    folder = tmp_path / "checkpoints"
+    state = trainer_like_state()
+    path = ckpt.path_for(folder, 7)
+    if damage == "empty":
+        folder.mkdir()
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        ckpt.save(path, state)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "foreign":
+        ckpt.save(path, {"weights": torch.zeros(2)})
+    elif damage == "past-the-end":
+        path = ckpt.path_for(folder, 10**9)
+        ckpt.save(path, {**state, "iteration": 10**9})
+    elif damage == "wrong-name":
+        path = ckpt.path_for(folder, 100)
+        ckpt.save(path, state)
+    else:
+        ckpt.save(path, {**state, "iteration": -3})
+    with pytest.raises(ConfigError) as exc:
+        ckpt.check(path, total_iterations=200)
+    [problem] = exc.value.problems
+    assert problem.file.endswith(path.name) and expect in problem.message, problem
+
+
+def test_check_accepts_a_checkpoint_within_the_run(tmp_path):
+    path = ckpt.path_for(tmp_path, 7)
+    ckpt.save(path, trainer_like_state(7))
+    ckpt.check(path, total_iterations=7)  # the last checkpoint of a finished run
+    ckpt.check(path)  # an epoch-based run whose length is not known yet
