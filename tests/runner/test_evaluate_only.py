@@ -125,3 +125,52 @@ def test_report_puts_each_evaluation_on_a_row_of_its_own(evaluated):
     same = table.set_index("variant")
     assert same.loc[f"b (eval run {rid[:8]})", "segm_AP_mean"] == same.loc["b", "segm_AP_mean"]
     assert same.loc[f"b (eval run {rid[:8]})", "segm_AP_n"] == 1  # the newest of the two evaluations of it
+
+
+def test_coco_eval_experiment_runs_torchvisions_model_with_its_coco_weights(tmp_path, new_store, monkeypatch):
+    """experiments/coco_eval_torchvision.yaml + a torchvision-format file (built as torchvision builds the model it
+    loads its COCO weights into: FrozenBatchNorm2d body, 3 trainable stages) on a COCO-format folder: every
+    detection rcnn-lab eval saves is the one torchvision's own model makes on that image (5 classes and 128 px
+    here, so that a random model's detections are of the data's categories and the test stays fast)."""
+    import torch
+    from mlflow import MlflowClient
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from rcnn_lab.config.types import Spec
+    from rcnn_lab.data.export import export_shapes
+    from rcnn_lab.engine.evaluate import detections_to_coco
+    from rcnn_lab.registry import DATASETS
+    from tests.conftest import EXPERIMENTS
+
+    data = export_shapes(tmp_path / "coco", split="val", num_images=3, image_size=96)
+    torch.manual_seed(0)
+    tv = MaskRCNN(_resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3), num_classes=6,
+                  min_size=128, max_size=128, box_score_thresh=0.0).eval()
+    torch.save(tv.state_dict(), tmp_path / "maskrcnn.pth")
+    uri = new_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code, out, err = cli("eval", str(EXPERIMENTS / "coco_eval_torchvision.yaml"), "--weights", str(tmp_path / "maskrcnn.pth"),
+                         "--device", "cpu", "--set", f"data.val.images={data / 'images'}",
+                         "--set", f"data.val.annotations={data / 'annotations.json'}", "--set", "data.num_workers=0",
+                         "--set", "model.transform={min_size: 128, max_size: 128}",
+                         "--set", "model.roi_heads.score_thresh=0.0", "--set", "model.num_classes=6", "--no-progress")
+    assert code == 0, err
+    c = MlflowClient(uri)
+    (ev,) = c.search_runs([c.get_experiment_by_name("coco_eval_torchvision").experiment_id])
+    assert ev.data.tags["rcnn_lab.weights"] == f"loaded {len([k for k in tv.state_dict()])} of " \
+        f"{len(tv.state_dict())} tensors"
+    ours = detections(SimpleNamespace(client=c), ev.info.run_id, tmp_path)
+    val = DATASETS.build(Spec("coco", {"images": str(data / "images"), "annotations": str(data / "annotations.json")}),
+                         "data.val")
+    theirs = []
+    with torch.no_grad():
+        for i in range(len(val)):
+            image, target = val[i]
+            theirs += detections_to_coco(tv([image]), [int(target["image_id"])], val.categories)
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(sorted(ours, key=lambda r: -r["score"]), sorted(theirs, key=lambda r: -r["score"])):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert abs(a["score"] - b["score"]) < 1e-6 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-3
