@@ -21,6 +21,9 @@ def add_arguments_validate(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--data", action="store_true",
                    help="also open every dataset and check the device, as run does before training")
+    p.add_argument("--deep", action="store_true",
+                   help="with --data: read every image file's header (size, pixel limit, corrupt files), with a "
+                        "progress bar; files that passed before are remembered in the cache")
 
 
 def add_arguments_inspect(p: argparse.ArgumentParser) -> None:
@@ -54,11 +57,17 @@ def cmd_validate(args) -> int:
     from rcnn_lab.models.builder import count_parameters  # torch: only once the experiment is valid
 
     print_warnings(exp, "validate")
+    if args.deep and not args.data:
+        from rcnn_lab.errors import ConfigError, Problem
+
+        raise ConfigError([Problem("--deep", "checks the datasets' image files; add --data")])
     if args.data:
         from rcnn_lab.engine.preflight import preflight
         from rcnn_lab.runner.plan import make_plan
 
-        preflight(make_plan(exp))
+        inputs = preflight(make_plan(exp))
+        if args.deep:
+            check_image_headers(inputs)
     rows = []
     for v in exp.variants:
         params = count_parameters(meta_model(v.config.model))
@@ -71,11 +80,36 @@ def cmd_validate(args) -> int:
         print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]}")
     print(f"\n{exp.path}: {len(exp.variants)} variant(s) x {len(exp.seeds)} seed(s) valid (* = baseline)")
     if args.data:
-        print("datasets opened and device checked: run's preflight passes")
+        print("datasets opened and device checked: run's preflight passes"
+              + ("; every image header read" if args.deep else " (image headers: a sample; --deep reads all)"))
     else:
         print("not checked: dataset files and device availability (validate --data checks them); "
               "the tracking store is checked by run only")
     return 0
+
+
+def check_image_headers(inputs: dict) -> None:
+    """``validate --data --deep``: every image header of every dataset that can check them (``check_images``)."""
+    import sys
+
+    from rcnn_lab.errors import ConfigError, Problem
+
+    seen, problems = set(), []
+    for run_inputs in inputs.values():
+        for key, dataset in (("train", run_inputs.train_set), ("val", run_inputs.val_set)):
+            if id(dataset) in seen or not hasattr(dataset, "check_images"):
+                continue
+            seen.add(id(dataset))
+            try:
+                done = dataset.check_images(progress=sys.stderr.isatty())
+            except ConfigError as exc:
+                problems += [Problem(f"data.{key}.{p.path}" if p.path else f"data.{key}", p.message, p.file)
+                             for p in exc.problems]
+                continue
+            print(f"data.{key}: read {done.images - done.cached:,} image headers in {done.seconds:.1f} s "
+                  f"({done.rate:,.0f}/s), {done.cached:,} more unchanged since an earlier check (cache)")
+    if problems:
+        raise ConfigError(problems)
 
 
 def anchor_report(model, image_size: tuple[int, int] | None) -> dict:

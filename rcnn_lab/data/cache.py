@@ -201,6 +201,9 @@ class Entry:
                 if not self.folder.exists():  # a refused or failed build left no entry: leave no lock file either
                     with contextlib.suppress(OSError):
                         os.unlink(handle.name)
+                    for folder in (self.parent, self.root):  # nor the folders made for it, when they hold nothing else
+                        with contextlib.suppress(OSError):
+                            folder.rmdir()
                 handle.close()  # releases the lock
 
 
