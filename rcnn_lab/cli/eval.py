@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rcnn_lab.errors import ConfigError, Problem
+
 
 def add_arguments_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", metavar="EXP.yaml")
@@ -21,9 +23,7 @@ def add_arguments_eval(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from rcnn_lab.runner.evaluate_only import check_flags
-
-    check_flags(args.weights, args.run)  # before the YAML: nothing to load for a wrong command line
+    check_flags(args.weights, args.run)  # before the YAML and without torch: nothing to load for a wrong command line
     from rcnn_lab.engine.preflight import load_experiment
 
     flags = {"--device": ("train.device", args.device)} if args.device else None
@@ -52,9 +52,22 @@ def cmd_eval(args) -> int:
     return 1 if any(o.status == Status.FAILED for o in outcomes) else 0
 
 
+def check_flags(weights: str | None, run_id: str | None) -> None:
+    """Exactly one of ``--weights`` and ``--run`` (before anything is loaded)."""
+    if weights is not None and run_id is not None:
+        raise ConfigError([Problem("--weights", "and --run both given; evaluate one: --weights FILE|NAME or --run RUN_ID")])
+    if weights is None and run_id is None:
+        raise ConfigError([Problem("--weights", "missing: give --weights FILE|NAME (a .pth state_dict, an rcnn-lab "
+                                   "checkpoint, MaskRCNN_ResNet50_FPN_Weights.COCO_V1, coco) or --run RUN_ID (a "
+                                   "finished run's last checkpoint)")])
+    for flag, value in (("--weights", weights), ("--run", run_id)):
+        if value is not None and not value.strip():
+            raise ConfigError([Problem(flag, "is empty; give a value")])
+
+
 def _check_variants(exp, only: list[str] | None) -> None:
     """--variant names that the experiment has (``make_plan`` names --only in its errors)."""
-    from rcnn_lab.errors import ConfigError, Problem, did_you_mean
+    from rcnn_lab.errors import did_you_mean
 
     names = [v.name for v in exp.variants]
     problems = [Problem("--variant", f"no variant {n!r}{did_you_mean(n, names)} (variants: {', '.join(names)})")

@@ -56,22 +56,9 @@ class Weights:
     seed: int | None = None  # --run: that run's seed (its config is evaluated with it)
 
 
-def check_flags(weights: str | None, run_id: str | None) -> None:
-    """Exactly one of ``--weights`` and ``--run`` (before anything is loaded)."""
-    if weights is not None and run_id is not None:
-        raise ConfigError([Problem("--weights", "and --run both given; evaluate one: --weights FILE|NAME or --run RUN_ID")])
-    if weights is None and run_id is None:
-        raise ConfigError([Problem("--weights", "missing: give --weights FILE|NAME (a .pth state_dict, an rcnn-lab "
-                                   "checkpoint, MaskRCNN_ResNet50_FPN_Weights.COCO_V1, coco) or --run RUN_ID (a "
-                                   "finished run's last checkpoint)")])
-    for flag, value in (("--weights", weights), ("--run", run_id)):
-        if value is not None and not value.strip():
-            raise ConfigError([Problem(flag, "is empty; give a value")])
-
-
 def read_weights(weights: str | None, run_id: str | None, uri: str, root: Path | None = None,
                  with_masks: bool = True) -> Weights:
-    """The weights of ``--weights`` or ``--run`` (``check_flags`` passed); ``ConfigError`` naming the flag.
+    """The weights of ``--weights`` or ``--run`` (exactly one given: ``cli/eval.py`` checks); ``ConfigError`` naming the flag.
 
     ``--run`` (or ``--weights run:<id>``) is looked up in the store at ``uri`` (never created) and read from
     its last checkpoint (``runner.weights.checkpoint_of_run``: its output folder under ``root``, else its

@@ -109,3 +109,18 @@ def test_weights_of_another_architecture(exp, store, tmp_path):
     # an R18 file into an R50 model: hardly anything fits
     line = refused(store, tmp_path, str(exp), "--weights", str(three), "--set", "model.backbone.depth=50")
     assert "--weights: variant b: " in line and "does not fit this model" in line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "good.yaml"], "--weights: missing"),
+    (["eval", "good.yaml", "--weights", "w.pth", "--run", "abc"], "--weights: and --run both given"),
+    (["eval", "bad.yaml", "--run", "abc"], "bad.yaml: invalid YAML at line"),
+])
+def test_flag_and_yaml_errors_answer_without_importing_torch(tmp_path, argv, words):
+    from tests.cli.test_main import _fresh
+
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "good.yaml").write_text("name: good\n")
+    result, err = _fresh(*argv, cwd=tmp_path)
+    assert result == ["2", "False", "False"], err
+    assert words in err
