@@ -163,6 +163,10 @@ def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
 
 
 def cmd_report(args) -> int:
+    if args.uri:  # a URI that cannot name a store: one line (exit 3) before pandas and MLflow load
+        from rcnn_lab.runner.store_uri import check_uri
+
+        check_uri(args.uri)
     from rcnn_lab.report import html_report, render, runs, summary
     from rcnn_lab.report.cost import COSTS
     from rcnn_lab.report.render import markdown

@@ -363,9 +363,9 @@ def _seeds(raw: dict, prov: dict[str, str], parsed: list, file: str, warnings: l
         if over:
             raise ConfigError([Problem("train.seed", f"{prov.get('seeds', file)} lists seeds: {excerpt(seeds)}, which "
                                        "replace train.seed; choose seeds with --seeds N instead", over[-1][1])])
-        if "train.seed" in prov:
-            warnings.append(Problem("train.seed", f"is replaced by seeds: {excerpt(seeds)} "
-                                    f"({prov.get('seeds', file)}); remove it", prov["train.seed"]))
+        if isinstance(raw.get("train"), dict) and "seed" in raw["train"]:
+            warnings.append(Problem("train.seed", f"is replaced by seeds: {excerpt(seeds)}; remove it",
+                                    _source_of("train.seed", prov, file)))
         return seeds
     train = raw.get("train")
     seed = over[-1][0] if over else train.get("seed", 0) if isinstance(train, dict) else 0
