@@ -96,16 +96,21 @@ def check(path: Path, total_iterations: int | None = None) -> None:
         payload = load(path)
     if not isinstance(payload, dict) or any(k not in payload for k in ("model", "optimizer", "iteration")):
         load(path)  # raises "not an rcnn-lab checkpoint"
-    iteration = payload["iteration"]
-    named = iteration_of(path)
+    check_iteration(payload, total_iterations, file)
+    iteration, named = payload["iteration"], iteration_of(path)
+    if named is not None and named != iteration:
+        raise ConfigError([Problem("", f"checkpoint holds iteration {iteration:,} but its name says {named:,}", file)])
+
+
+def check_iteration(payload: dict, total_iterations: int | None, file: str) -> None:
+    """A checkpoint's ``iteration`` is a count within the run (``total_iterations``; None: unknown yet)."""
+    iteration = payload.get("iteration")
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise ConfigError([Problem("", f"checkpoint holds iteration {cut(repr(iteration))}, not a count of "
                                    "iterations", file)])
     if total_iterations is not None and iteration > total_iterations:
         raise ConfigError([Problem("", f"checkpoint claims iteration {iteration:,} but the run has "
                                    f"{total_iterations:,}; it belongs to another run", file)])
-    if named is not None and named != iteration:
-        raise ConfigError([Problem("", f"checkpoint holds iteration {iteration:,} but its name says {named:,}", file)])
 
 
 def folder(out_dir: Path) -> Path:

@@ -18,7 +18,7 @@ from rcnn_lab.engine import distributed
 from rcnn_lab.engine.evaluator import eval_loader, score
 from rcnn_lab.engine.hooks import Hook, Hooks, Periods, StepRecord
 from rcnn_lab.engine.preflight import RunInputs, prepare
-from rcnn_lab.errors import TrainingError
+from rcnn_lab.errors import TrainingError, display_path
 from rcnn_lab.registry import LR_SCHEDULERS, OPTIMIZERS, TRANSFORMS
 
 
@@ -123,7 +123,9 @@ class Trainer:
         if resume and self.world.main:  # this process owns the run: a killed writer's temp file is garbage
             ckpt.remove_stale_temps(ckpt.folder(self.out_dir))
         state = distributed.load_latest(ckpt.folder(self.out_dir)) if resume else None  # read by rank 0
-        if state is not None:
+        if state is not None:  # past the run's end it would be recorded FINISHED without training (runner/resume.py
+            # refuses it before a sweep; this guards the library's own use)
+            ckpt.check_iteration(state, self.total_iterations, display_path(ckpt.folder(self.out_dir)))
             self._restore(state)
         distributed.reseed(t.seed, self.start_iteration)  # per-rank sampler RNG (no-op for one process)
         pin = self.device.type == "cuda"  # page-locked batches: the .to(device, non_blocking=True) copies are then asynchronous

@@ -207,3 +207,10 @@ def test_check_accepts_a_checkpoint_within_the_run(tmp_path):
     ckpt.save(path, trainer_like_state(7))
     ckpt.check(path, total_iterations=7)  # the last checkpoint of a finished run
     ckpt.check(path)  # an epoch-based run whose length is not known yet
+
+
+def test_trainer_refuses_a_checkpoint_past_the_end_instead_of_finishing_untrained(tmp_path):
+    out = tmp_path / "out"
+    ckpt.save(ckpt.path_for(ckpt.folder(out), 10**9), {"model": {}, "optimizer": {}, "iteration": 10**9})
+    with pytest.raises(ConfigError, match="claims iteration 1,000,000,000 but the run has 4"):
+        Trainer(tiny_config(tmp_path), out)
