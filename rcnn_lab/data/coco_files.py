@@ -5,7 +5,7 @@
   ``SAMPLE`` images spread evenly over the set are read (``rcnn_lab.data.images.image_size``: corrupt
   header, over the pixel limit, size other than the JSON's ``width`` x ``height``).
 * On request (``check_headers``, ``rcnn-lab validate --data --deep``): every image's header, with a
-  progress bar. Files that passed before are remembered in the on-disk cache
+  progress bar, read by a pool of processes (``$RCNN_LAB_CHECK_WORKERS``, default the cores up to 8). Files that passed before are remembered in the on-disk cache
   (``rcnn_lab.data.cache``, kind ``image-headers``: each file's size and mtime, keyed by the JSON
   file and the images folder), so a second deep check reads only files that changed since.
 
@@ -15,9 +15,11 @@ decoded (one line naming it, then; a run exists by then).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from rcnn_lab.data.images import ImageError, image_size
 from rcnn_lab.errors import ConfigError, Problem, display_path
 
 SAMPLE = 32  # headers read by every build
+WORKERS_ENV = "RCNN_LAB_CHECK_WORKERS"  # processes reading headers for check_headers (default: the cores, up to 8)
+_PART = 512  # headers per task
 KIND, FORMAT = "image-headers", 1
 _SHOWN = 8  # problems listed; the rest counted
 
@@ -87,16 +91,24 @@ def check_listed(index: CocoIndex, rows: np.ndarray, root: Path, annotation_file
 
 def header_problem(index: CocoIndex, row: int, root: Path, file: str) -> Problem | None:
     """The problem of image ``row``'s header (unreadable, over the pixel limit, size unlike the JSON's), or None."""
-    path = root / index.file_name(row)
+    return _header_problem(os.path.join(root, index.file_name(row)), int(index.widths[row]), int(index.heights[row]),
+                           int(index.image_ids[row]), file)
+
+
+def _header_problem(path: str, w: int, h: int, image_id: int, file: str) -> Problem | None:
     try:
         width, height = image_size(path)
     except ImageError as exc:
-        return Problem("images", f"{exc.reason} (image id {index.image_ids[row]} of {file}); {exc.fix}", exc.file)
-    w, h = int(index.widths[row]), int(index.heights[row])
+        return Problem("images", f"{exc.reason} (image id {image_id} of {file}); {exc.fix}", exc.file)
     if (width, height) != (w, h):
         return Problem("images", f"'{display_path(path)}' is {width}x{height} (WxH) but {file} says {w}x{h} for image id "
-                       f"{index.image_ids[row]}; fix width/height there, or the image")
+                       f"{image_id}; fix width/height there, or the image")
     return None
+
+
+def _check_part(part: list[tuple[int, str, int, int, int, int, int]], file: str) -> list[tuple[int, Problem | None]]:
+    """Headers of ``(row, path, width, height, image id, size, mtime)``: each row's problem or None (pool worker)."""
+    return [(row, _header_problem(path, w, h, image_id, file)) for row, path, w, h, image_id, _, _ in part]
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,13 @@ class HeaderReport:
     def rate(self) -> float:
         read = self.images - self.cached
         return read / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _workers() -> int:
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def check_headers(index: CocoIndex, rows: np.ndarray, root: Path, annotation_file: Path, *, progress: bool = True,
@@ -128,27 +147,39 @@ def check_headers(index: CocoIndex, rows: np.ndarray, root: Path, annotation_fil
     if known is None or len(known[0]) != len(index):
         known = (np.full(len(index), -1, np.int64), np.full(len(index), -1, np.int64))
     sizes, mtimes = known
-    started, cached, count, problems = time.perf_counter(), 0, 0, []
-    bar = tqdm(rows.tolist(), desc=f"image headers of {annotation_file.name}", unit="img", file=sys.stderr,
-               disable=not progress, mininterval=0.5, leave=False)
-    for row in bar:
-        path = root / index.file_name(row)
+    started, count, problems, todo = time.perf_counter(), 0, [], []
+    root_text, widths, heights, ids = str(root), index.widths, index.heights, index.image_ids
+    for row in rows.tolist():
+        path = os.path.join(root_text, index.file_name(row))
         try:
             st = os.stat(path)
         except OSError:
-            st = None
-        if st is not None and sizes[row] == st.st_size and mtimes[row] == st.st_mtime_ns:
-            cached += 1
+            todo.append((row, path, int(widths[row]), int(heights[row]), int(ids[row]), -1, -1))
             continue
-        problem = header_problem(index, row, root, file)
-        if problem is not None:
-            count += 1
-            if len(problems) < _SHOWN:
-                problems.append(problem)
-            sizes[row] = mtimes[row] = -1
-        elif st is not None:
-            sizes[row], mtimes[row] = st.st_size, st.st_mtime_ns
-    bar.close()
+        if sizes[row] != st.st_size or mtimes[row] != st.st_mtime_ns:
+            todo.append((row, path, int(widths[row]), int(heights[row]), int(ids[row]), st.st_size, st.st_mtime_ns))
+    cached = len(rows) - len(todo)
+    parts = [todo[k:k + _PART] for k in range(0, len(todo), _PART)]
+    workers = min(len(parts), _workers()) if len(todo) >= 4 * _PART else 1  # a pool pays off for thousands
+    bar = tqdm(total=len(todo), desc=f"image headers of {annotation_file.name}", unit="img", file=sys.stderr,
+               disable=not progress, mininterval=0.5, leave=False)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+    try:
+        results = pool.map(_check_part, parts, [file] * len(parts)) if pool else (_check_part(p, file) for p in parts)
+        for part, checked in zip(parts, results):
+            for (row, _, _, _, _, size, mtime), (_, problem) in zip(part, checked):
+                if problem is not None:
+                    count += 1
+                    if len(problems) < _SHOWN:
+                        problems.append(problem)
+                    sizes[row] = mtimes[row] = -1
+                elif size >= 0:
+                    sizes[row], mtimes[row] = size, mtime
+            bar.update(len(part))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     report = HeaderReport(len(rows), cached, time.perf_counter() - started)
     if entry is not None and cached < len(rows):
         entry.replace({"size": sizes, "mtime_ns": mtimes}, {"images": str(root.resolve())})

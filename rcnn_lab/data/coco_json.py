@@ -19,6 +19,7 @@ import numpy as np
 
 from rcnn_lab.data.coco_checks import (
     MAX_COORD,
+    MAX_OUTLINE,
     MAX_PIXELS,
     bbox_problem,
     deepest,
@@ -238,13 +239,12 @@ _SPACE = b" \t\n\r"
 _POLYGON_CHARS = b"[],0123456789.-+eE" + _SPACE  # all a list of polygons may hold
 
 
-def _polygon_lengths(texts: list[bytes]) -> np.ndarray | None:
-    """Each polygon's count of numbers when every JSON text (valid JSON, as msgspec checked) is a list
-    of polygons that ``check_segmentation`` accepts (lists of numbers, each of even length >= 6); else
-    None. Vectorised: no number is decoded; brackets give the depth, numbers after a bracket or comma
-    at depth 2 the polygon lengths."""
-    if not texts:
-        return np.zeros(0, np.int64)
+def _polygon_scan(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(characters, polygon starts, lengths)`` when every JSON text (valid JSON, as msgspec checked) is a
+    list of polygons that ``check_segmentation`` accepts (lists of numbers, each of even length >= 6);
+    else None. ``characters``: the texts joined, whitespace removed; ``starts``: where each polygon's
+    ``[`` is; ``lengths``: its count of numbers. Vectorised: no number is decoded; brackets give the
+    depth, numbers after a bracket or comma at depth 2 the polygon lengths."""
     joined = b"".join(texts)
     if joined.translate(None, _POLYGON_CHARS):
         return None  # strings, objects, true/false/null somewhere
@@ -262,17 +262,37 @@ def _polygon_lengths(texts: list[bytes]) -> np.ndarray | None:
     starts = opens[at] & (depth == 2)
     polygon = np.cumsum(starts, dtype=np.int32) - 1
     length = np.bincount(polygon[then_number], minlength=int(starts.sum()))
-    return None if ((length < 6) | (length % 2 == 1)).any() else length
+    return None if ((length < 6) | (length % 2 == 1)).any() else (c, at[starts], length)
+
+
+def _polygon_lengths(texts: list[bytes]) -> np.ndarray | None:
+    """Each polygon's count of numbers (see ``_polygon_scan``), or None."""
+    scan = _polygon_scan(texts) if texts else (None, None, np.zeros(0, np.int64))
+    return None if scan is None else scan[2]
 
 
 def _polygons_ok(texts: list[bytes]) -> bool:
-    """``_polygon_lengths`` accepts the texts and their coordinates are within the limits (``polygons_fit``)."""
-    lengths = _polygon_lengths(texts)
-    if lengths is None:
-        return False
-    if not len(lengths):
+    """``_polygon_scan`` accepts the texts and their coordinates are within the limits (``polygons_fit``).
+
+    Cheap for real files: a polygon whose integer parts have ``d`` digits at most (no exponent) has
+    coordinates below ``10**d`` and an outline of at most ``n / 2 * (10 * 10**d + 1)`` points, so only
+    polygons that this bound does not clear (rare; or any exponent) have their numbers decoded."""
+    if not texts:
         return True
-    numbers = np.fromstring(b"".join(texts).translate(_NUMBERS), dtype=np.float64, sep=" ")
+    scan = _polygon_scan(texts)
+    if scan is None:
+        return False
+    c, starts, lengths = scan
+    digit = (c >= 48) & (c <= 57)
+    first = np.flatnonzero(digit & ~np.r_[False, digit[:-1]])  # each run of digits
+    last = np.flatnonzero(digit & ~np.r_[digit[1:], False])
+    whole = c[np.maximum(first - 1, 0)] != ord(".")  # an integer part (not a fraction's digits)
+    digits = np.zeros(len(lengths), np.int64)
+    np.maximum.at(digits, np.searchsorted(starts, first[whole], side="right") - 1, (last - first + 1)[whole])
+    bound = lengths / 2 * (10.0 * 10.0 ** np.minimum(digits, 300) + 1)
+    if not (c == ord("e")).any() and not (c == ord("E")).any() and (digits <= 6).all() and (bound <= MAX_OUTLINE).all():
+        return True
+    numbers = np.fromstring(c.tobytes().translate(_NUMBERS), dtype=np.float64, sep=" ")
     return len(numbers) == int(lengths.sum()) and polygons_fit(numbers, lengths)
 
 

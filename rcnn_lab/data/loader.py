@@ -19,6 +19,13 @@ Training (``build_loader(..., infinite=True)``) is an endless stream of batches 
 * Distributed training (``rank``/``world_size``): ``batch_size`` is the *global* batch; rank ``r``
   of ``N`` takes images ``r, r+N, ...`` of every batch, so the N ranks together see exactly the
   images (and augmentations) a single process would, whatever N is.
+* ``per_process`` (``data.sampler: per_process``): instead, each rank draws its own share as
+  torchvision's reference ``train.py`` does under ``torchrun``: ``DistributedSampler`` (epoch ``e``
+  permuted by ``torch.randperm`` with a generator seeded ``seed + e``, padded by repeating its
+  start to a multiple of N, rank ``r`` taking positions ``r, r+N, ...``) and the rank's own
+  grouping into batches of ``batch_size / N`` (``GroupedBatchSampler`` with
+  ``aspect_ratio_group_factor``, else plain chunks). With seed 0 a rank draws exactly the
+  reference's batches; the images a step sees then depend on N.
 * Sample ``index`` of epoch ``e`` is transformed with a ``torch.Generator`` seeded from
   ``SeedSequence([seed, 1, e, index])``, so augmentation is identical with any ``num_workers``
   and after resuming.
@@ -85,14 +92,24 @@ class BatchSchedule:
             it short (evaluation).
         torchvision: batch groups as torchvision's ``GroupedBatchSampler`` (``n // batch_size``
             batches per epoch; see the module docstring). Needs ``group_ids`` and ``complete``.
+        rank, world_size: with ``per_process``, the schedule of rank ``rank`` of ``world_size``
+            (``DistributedSampler``'s share; batches of ``batch_size / world_size``).
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 group_ids: Sequence[int] | None = None, complete: bool = True, torchvision: bool = False):
+                 group_ids: Sequence[int] | None = None, complete: bool = True, torchvision: bool = False,
+                 per_process: bool = False, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if group_ids is not None and len(group_ids) != num_samples:
-            raise ValueError(f"{len(group_ids)} group ids for {num_samples} samples")
+        self.per_process, self.rank, self.world_size, self.total = per_process, rank, world_size, num_samples
+        if per_process:
+            if batch_size % world_size:
+                raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
+            if group_ids is not None and not torchvision:
+                raise ValueError("per_process batches group only as torchvision does (aspect_ratio_group_factor)")
+            batch_size, num_samples = batch_size // world_size, math.ceil(num_samples / world_size)
+        if group_ids is not None and len(group_ids) != self.total:
+            raise ValueError(f"{len(group_ids)} group ids for {self.total} samples")
         self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
         self.group_ids = list(group_ids) if group_ids is not None else None
         self.complete, self.torchvision = complete, torchvision
@@ -102,19 +119,32 @@ class BatchSchedule:
         self.batches_per_epoch = num_samples // batch_size if torchvision else sum(math.ceil(n / batch_size) for n in sizes)
 
     def order(self, epoch: int) -> list[int]:
-        """Dataset indices in the order epoch ``epoch`` visits them."""
+        """Dataset indices in the order epoch ``epoch`` visits them (this rank's share with ``per_process``)."""
+        if self.per_process:
+            return self._distributed_order(epoch)
         if not self.shuffle:
             return list(range(self.num_samples))
         state = _seed_sequence(self.seed, 0, epoch).generate_state(2, np.uint32)
         generator = torch.Generator().manual_seed((int(state[1]) << 32 | int(state[0])) & (2**63 - 1))
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
+    def _distributed_order(self, epoch: int) -> list[int]:
+        """``DistributedSampler(num_replicas=world_size, rank=rank, shuffle, seed).set_epoch(epoch)``'s indices."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            indices = torch.randperm(self.total, generator=generator).tolist()
+        else:
+            indices = list(range(self.total))
+        total = self.num_samples * self.world_size
+        indices += (indices * math.ceil((total - len(indices)) / max(len(indices), 1)))[:total - len(indices)]
+        return indices[self.rank:total:self.world_size]
+
     def epoch(self, epoch: int) -> list[list[int]]:
         """The batches of epoch ``epoch``, in order."""
         order = self.order(epoch)
         if self.torchvision:
             return self._torchvision_epoch(order)
-        groups = [0] * self.num_samples if self.group_ids is None else self.group_ids
+        groups = [0] * self.total if self.group_ids is None else self.group_ids
         batches: list[list[int]] = []
         pending: dict[int, list[int]] = {}
         for index in order:
@@ -183,7 +213,7 @@ class StreamSampler(Sampler):
             epoch, offset = 0, self.start_iter
         while True:
             for batch in self.schedule.epoch(epoch)[offset:]:
-                if self.world_size > 1:
+                if self.world_size > 1 and not self.schedule.per_process:  # per_process: the schedule is this rank's
                     batch = batch[self.rank::self.world_size]
                     if not batch:
                         continue
@@ -195,7 +225,7 @@ class StreamSampler(Sampler):
     def __len__(self) -> int:
         if self.infinite:
             raise TypeError("an infinite batch stream has no length; see batches_per_epoch")
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.schedule.per_process:
             return sum(len(b) > self.rank for b in self.schedule.epoch(0)[self.start_iter:])
         return max(0, self.schedule.batches_per_epoch - self.start_iter)
 
@@ -245,8 +275,10 @@ class BatchStream:
 
 
 def batch_schedule(dataset: Dataset, batch_size: int, shuffle: bool = False, group_aspect_ratio: bool = False,
-                   aspect_ratio_group_factor: int | None = None, seed: int = 0, infinite: bool = False) -> BatchSchedule:
-    """The :class:`BatchSchedule` :func:`build_loader` streams (its ``batches_per_epoch`` sizes an epoch)."""
+                   aspect_ratio_group_factor: int | None = None, seed: int = 0, infinite: bool = False,
+                   per_process: bool = False, rank: int = 0, world_size: int = 1) -> BatchSchedule:
+    """The :class:`BatchSchedule` :func:`build_loader` streams (its ``batches_per_epoch`` sizes an epoch).
+    ``per_process``: rank ``rank``'s own schedule (the module docstring); else the global one."""
     group_ids = None
     if group_aspect_ratio:
         ratios = getattr(dataset, "aspect_ratios", None)
@@ -254,8 +286,10 @@ def batch_schedule(dataset: Dataset, batch_size: int, shuffle: bool = False, gro
             raise ConfigError([Problem("data.group_aspect_ratio", f"{type(dataset).__name__} has no aspect_ratios(); "
                                        "set group_aspect_ratio: false")])
         group_ids = aspect_ratio_groups(ratios(), aspect_ratio_group_factor)
+    per_process = per_process and infinite
     return BatchSchedule(len(dataset), batch_size, shuffle=shuffle, seed=seed, group_ids=group_ids, complete=infinite,
-                         torchvision=group_aspect_ratio and infinite and aspect_ratio_group_factor is not None)
+                         torchvision=group_aspect_ratio and infinite and aspect_ratio_group_factor is not None,
+                         per_process=per_process, rank=rank if per_process else 0, world_size=world_size if per_process else 1)
 
 
 def build_loader(
@@ -272,6 +306,7 @@ def build_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    per_process: bool = False,
 ) -> BatchStream:
     """Batches of ``(list of images, list of targets)`` from ``dataset``.
 
@@ -291,6 +326,8 @@ def build_loader(
         pin_memory: pin batch tensors (for asynchronous copies to a GPU).
         rank, world_size: distributed training: ``batch_size`` is global and must be divisible by
             ``world_size``; this stream yields rank ``rank``'s ``batch_size / world_size`` images.
+        per_process: (training) each rank samples and groups its own share, as torchvision's
+            reference does under ``torchrun`` (the module docstring); else each global batch is split.
     """
     n = len(dataset)
     if infinite and n == 0:
@@ -299,7 +336,8 @@ def build_loader(
         raise ConfigError([Problem("data.batch_size", f"{batch_size} images per (global) batch cannot be split evenly "
                                    f"over {world_size} processes; use a multiple of {world_size}")])
     compose = transforms if isinstance(transforms, Compose) else Compose(list(transforms or ()))
-    schedule = batch_schedule(dataset, batch_size, shuffle, group_aspect_ratio, aspect_ratio_group_factor, seed, infinite)
+    schedule = batch_schedule(dataset, batch_size, shuffle, group_aspect_ratio, aspect_ratio_group_factor, seed, infinite,
+                              per_process, rank, world_size)
     sampler = StreamSampler(schedule, infinite=infinite, start_iter=start_iter, rank=rank, world_size=world_size)
     return BatchStream(TransformedSamples(dataset, compose, seed), sampler, num_workers, pin_memory, seed)
 

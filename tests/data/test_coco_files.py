@@ -70,7 +70,7 @@ def test_deep_check_remembers_the_files_that_passed(tiny, cache_root, monkeypatc
     assert (first.images, first.cached) == (3, 0)
     read = []
     real = coco_files.image_size
-    monkeypatch.setattr(coco_files, "image_size", lambda path: read.append(path.name) or real(path))
+    monkeypatch.setattr(coco_files, "image_size", lambda path: read.append(os.path.basename(path)) or real(path))
     ds = CocoDataset(root, ann)
     read.clear()  # the build's sample
     again = ds.check_images(progress=False)

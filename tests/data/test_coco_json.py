@@ -10,7 +10,7 @@ import torch
 
 from rcnn_lab.data import coco as coco_module
 from rcnn_lab.data.coco import CocoDataset
-from rcnn_lab.data.coco_checks import check_segmentation
+from rcnn_lab.data.coco_checks import check_segmentation, polygon_problem
 from rcnn_lab.data.coco_index import Progress
 from rcnn_lab.data.coco_json import _polygons_ok, parse_fast
 from rcnn_lab.data.export import export_shapes
@@ -153,3 +153,15 @@ def test_5000_digit_ids_and_deep_nesting_are_named(tiny):  # noqa: F811
         with pytest.raises(ConfigError) as exc:
             CocoDataset(root, ann, cache=False)
         assert len(exc.value.problems) == 1 and expected in str(exc.value), str(exc.value)
+
+
+def test_the_cheap_polygon_bound_agrees_with_the_exact_check():
+    """_polygons_ok decodes numbers only where a digit-count bound does not clear the limits: same answers."""
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        n = int(rng.integers(3, 40)) * 2
+        scale = 10.0 ** rng.integers(0, 8)
+        poly = [int(v) if rng.random() < 0.3 else v for v in np.round(rng.uniform(-scale, scale, n), int(rng.integers(0, 3)))]
+        exact = polygon_problem(poly) is None
+        assert _polygons_ok([json.dumps([poly]).encode()]) == exact, poly
+        assert _polygons_ok([json.dumps([[1, 2, 3, 4, 5, 6], poly]).replace("e+", "E").encode()]) == exact, poly

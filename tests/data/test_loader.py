@@ -134,3 +134,43 @@ def test_group_factor_streams_resume_exactly():
     full = take(train_stream(ds, aspect_ratio_group_factor=3), 9)
     assert ids(take(train_stream(Toy(ds.ratios), aspect_ratio_group_factor=3, start_iter=4), 5)) == ids(full[4:])
     assert len(full[0][0]) == 3 and train_stream(ds, aspect_ratio_group_factor=3).batches_per_epoch == 11 // 3
+
+
+@pytest.mark.parametrize("world,n,batch", [(1, 13, 2), (2, 13, 4), (3, 20, 6), (4, 7, 4)])
+def test_per_process_batches_are_the_references_distributed_sampler_and_grouping(world, n, batch):
+    """Each rank draws what torchvision's train.py draws under torchrun: DistributedSampler + GroupedBatchSampler."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from rcnn_lab.data.loader import BatchSchedule, StreamSampler
+    from tests.engine.test_torchvision_recipe import GroupedBatchSampler, create_aspect_ratio_groups
+
+    ratios = ([0.5, 0.75, 1.0, 1.33, 2.0, 0.6, 1.5] * 3)[:n]
+    group_ids = create_aspect_ratio_groups(ratios, k=3)
+    seed = 0
+    for rank in range(world):
+        schedule = BatchSchedule(n, batch, seed=seed, group_ids=group_ids, torchvision=True, per_process=True,
+                                 rank=rank, world_size=world)
+        sampler = DistributedSampler(list(range(n)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        reference = GroupedBatchSampler(sampler, group_ids, batch // world)
+        assert schedule.batches_per_epoch == len(reference)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            assert schedule.epoch(epoch) == list(reference), (rank, epoch)
+        stream = StreamSampler(schedule, infinite=True, start_iter=0, rank=rank, world_size=world)
+        first = [b for _, b in zip(range(2 * schedule.batches_per_epoch), stream)]
+        assert [[i for _, i in b] for b in first] == schedule.epoch(0) + schedule.epoch(1)  # not sliced again
+
+
+def test_per_process_without_grouping_chunks_the_ranks_share():
+    from torch.utils.data.distributed import DistributedSampler
+
+    from rcnn_lab.data.loader import BatchSchedule
+
+    schedule = BatchSchedule(11, 4, seed=5, per_process=True, rank=1, world_size=2)
+    sampler = DistributedSampler(list(range(11)), num_replicas=2, rank=1, seed=5)
+    sampler.set_epoch(2)
+    share = list(sampler)
+    assert schedule.order(2) == share and schedule.batches_per_epoch == 3
+    assert schedule.epoch(2) == [share[0:2], share[2:4], share[4:6]]
+    with pytest.raises(ValueError, match="group only as torchvision does"):
+        BatchSchedule(11, 4, group_ids=[0] * 11, per_process=True, world_size=2)
