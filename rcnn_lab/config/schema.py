@@ -215,6 +215,9 @@ class DataConfig:
     num_workers: int = 0
     group_aspect_ratio: bool = False
     aspect_ratio_group_factor: int | None = None  # k: torchvision's 2k+2 bins and GroupedBatchSampler (data/loader.py)
+    # under --nproc/torchrun: split each global batch over the ranks (global), or let each rank draw and group
+    # its own share as torchvision's reference does (per_process: DistributedSampler + GroupedBatchSampler)
+    sampler: Literal["global", "per_process"] = "global"
 
     def check(self) -> Check:
         out: Check = []
@@ -227,6 +230,9 @@ class DataConfig:
                 out.append(("aspect_ratio_group_factor", f"must be >= 0 or null, got {self.aspect_ratio_group_factor}"))
             elif not self.group_aspect_ratio:
                 out.append(("aspect_ratio_group_factor", "takes effect with group_aspect_ratio: true; set that too, or null this"))
+        if self.sampler == "per_process" and self.group_aspect_ratio and self.aspect_ratio_group_factor is None:
+            out.append(("sampler", "per_process groups by aspect ratio only as torchvision does; set "
+                        "aspect_ratio_group_factor (e.g. 3), or group_aspect_ratio: false"))
         return out
 
 

@@ -91,8 +91,10 @@ class Trainer:
         self.world, self.device = distributed.setup(inputs.device)  # torchrun: this rank's device
         self.hooks = Hooks(hooks)
         self.train_set, self.val_set = inputs.train_set, inputs.val_set
+        per_process = d.sampler == "per_process"  # each rank draws its share (data/loader.py)
         self.iters_per_epoch = batch_schedule(self.train_set, d.batch_size, True, d.group_aspect_ratio,
-                                              d.aspect_ratio_group_factor, t.seed, True).batches_per_epoch
+                                              d.aspect_ratio_group_factor, t.seed, True, per_process,
+                                              self.world.rank, self.world.size).batches_per_epoch
         self.total_iterations = t.iterations if t.iterations is not None else t.epochs * self.iters_per_epoch
         self.periods = Periods.of(t, self.total_iterations)
         seed_everything(t.seed)
@@ -133,7 +135,7 @@ class Trainer:
             self.train_set, d.batch_size, shuffle=True, num_workers=d.num_workers, transforms=transforms,
             group_aspect_ratio=d.group_aspect_ratio, aspect_ratio_group_factor=d.aspect_ratio_group_factor, seed=t.seed,
             infinite=True, start_iter=self.start_iteration,
-            rank=self.world.rank, world_size=self.world.size, pin_memory=pin,
+            rank=self.world.rank, world_size=self.world.size, pin_memory=pin, per_process=per_process,
         )
         self.val_loader = eval_loader(config, self.val_set, self.device)  # this rank's share (all of it alone)
 
