@@ -100,13 +100,16 @@ class Trainer:
         seed_everything(t.seed)
         model = build_model(config.model)
         # model.weights after seeding and building (tensors it does not cover keep the seed's values);
-        # not when resuming (the run's own checkpoint wins); rank 0 alone: DDP broadcasts its state
+        # not when resuming (the run's own checkpoint wins). Every rank loads (DDP would broadcast rank 0's
+        # tensors, but not FrozenBatchNorm2d's eps); a rank handed an unresolved run:<id> leaves it to that broadcast
         resuming = resume and ckpt.latest(ckpt.folder(self.out_dir)) is not None
         self.weights_report = None  # engine.weights.LoadReport of model.weights, when loaded here
-        if config.model.weights is not None and self.world.main and not resuming:
-            from rcnn_lab.engine.weights import apply
+        spec = inputs.weights or config.model.weights
+        if spec is not None and not resuming:
+            from rcnn_lab.engine.weights import apply, is_run
 
-            self.weights_report = apply(model, inputs.weights or config.model.weights)
+            if self.world.main or not is_run(spec):
+                self.weights_report = apply(model, spec)
         self.model = model.to(self.device)
         if t.channels_last:  # CUDA: tensor-core layouts; CPU: oneDNN's native layout (fast max-pool)
             self.model = self.model.to(memory_format=torch.channels_last)
