@@ -42,14 +42,35 @@ def storage(url: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     kwargs = {}
-    if url.startswith("sqlite:///"):
+    sqlite = url.startswith("sqlite:///")
+    if sqlite:
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as exc:  # a driver missing, a server down, a bad URL
         raise ConfigError([Problem("search.storage", f"Optuna storage {url} cannot be opened "
                                    f"({str(exc).splitlines()[0][:200]}); fix the URL or use journal:PATH")]) from None
+    if sqlite:
+        _write_ahead(rdb.engine)
+    return rdb
+
+
+def _write_ahead(engine) -> None:
+    """sqlite in WAL mode without an fsync per commit: a proposal writes ~15 small rows (each suggested value,
+    the trial's attrs), which otherwise cost an fsync each (about 1 s per proposal on a busy disk). Commits
+    survive a killed process (kill -9) as before; only a power cut may lose the last ones. Readers and one
+    writer no longer block each other (parallel workers on one file)."""
+    from sqlalchemy import event
+
+    def pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections made before the listener (table creation) are not reused
 
 
 def study_name(exp: Experiment) -> str:
