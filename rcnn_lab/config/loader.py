@@ -152,6 +152,8 @@ def config_hash(config: RunConfig, weights: str | None = None) -> str:
         model.pop("weights", None)
     elif weights is not None:
         model["weights"] = weights
+    if plain.get("data", {}).get("sampler") == "global":  # the default: configs keep the hash they had before the key
+        plain["data"].pop("sampler")
     blob = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
