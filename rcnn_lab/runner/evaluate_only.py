@@ -129,38 +129,53 @@ def check_fit(plan: list[PlannedRun], weights: Weights) -> None:
 def evaluate_plan(exp: Experiment, plan: list[PlannedRun], weights: Weights, inputs: dict, *, force: bool = False,
                   root: Path | None = None, progress: bool = True, echo=print) -> list[Outcome]:
     """Evaluate every planned run (``inputs``: ``preflight.prepare_eval(plan)``) and record it in MLflow."""
-    from rcnn_lab.runner.sweep import decide
-
     uri = tr.resolve_uri(exp.tracking.uri, root)
     c = tr.client(uri)  # an unreachable store fails here, before any evaluation
     root = Path(root) if root is not None else tr.runs_root(uri)
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
     common = tr.common_tags(exp, 1)
     outcomes: list[Outcome] = []
-    for run in plan:
-        out = output_dir(root, exp, run)
-        stored = journal.replay(c, journal.folder(out))  # what an earlier invocation could not store
-        if stored is not None and stored.unstored:
-            echo(f"stored {run.label}: {stored.describe()} that an earlier invocation could not store (run {stored.run_id})")
-        action, existing = decide(c, exp_id, run, force)
-        if action == Action.SKIP:
-            echo(f"skip   {run.label} ({run.hash}): finished evaluation {existing.info.run_id} (--force evaluates again)")
-            outcomes.append(Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id))
-            continue
-        if action == Action.BUSY:
-            echo(f"skip   {run.label} ({run.hash}): being evaluated by another process ({existing.info.run_id})")
-            outcomes.append(Outcome(run, Status.RUNNING_ELSEWHERE, action, run_id=existing.info.run_id))
-            continue
-        run_inputs = inputs[run.hash]
-        run_id = _start(c, exp_id, exp, run, weights, run_inputs.device, common)
-        if out.exists():
-            shutil.rmtree(out)  # an evaluation starts from nothing
-        echo(f"eval   {run.label} ({run.hash}) as run {run_id}: {weights.source}")
-        with tr.Heartbeat(c, run_id):
-            outcomes.append(_evaluate_one(c, run_id, run, out, weights, run_inputs, progress=progress, echo=echo))
+    run = None
+    try:
+        for run in plan:
+            outcomes.append(_evaluate_planned(c, exp_id, exp, run, weights, inputs[run.hash], root, common, force,
+                                              progress, echo))
+    except Exception as exc:
+        if not tr.unreachable(exc):
+            raise
+        raise tr.TrackingError(f"tracking store {uri} stopped answering ({tr.failure_reason(exc)}) before "
+                               f"{run.label if run else 'the first evaluation'}; run the same command again once it "
+                               "answers (finished evaluations are skipped)") from None
     if any(o.action == Action.RUN for o in outcomes) and not any(o.unstored for o in outcomes):
         echo(f"tracked in {uri}: experiment {exp.tracking_name!r} (rcnn-lab report {display_path(exp.path)} to compare)")
     return outcomes
+
+
+def _evaluate_planned(c, exp_id: str, exp: Experiment, run: PlannedRun, weights: Weights, run_inputs, root: Path,
+                      common: dict, force: bool, progress: bool, echo) -> Outcome:
+    """Skip ``run`` (finished, or evaluated by a live process) or evaluate it in a new MLflow run."""
+    from rcnn_lab.runner.sweep import decide
+
+    out = output_dir(root, exp, run)
+    stored = journal.replay(c, journal.folder(out))  # what an earlier invocation could not store
+    if stored is not None and stored.unstored:
+        echo(f"stored {run.label}: {stored.describe()} that an earlier invocation could not store (run {stored.run_id})")
+    action, existing = decide(c, exp_id, run, force)
+    if action == Action.SKIP:
+        echo(f"skip   {run.label} ({run.hash}): finished evaluation {existing.info.run_id} (--force evaluates again)")
+        return Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id)
+    if action == Action.BUSY:
+        echo(f"skip   {run.label} ({run.hash}): being evaluated by another process ({existing.info.run_id})")
+        return Outcome(run, Status.RUNNING_ELSEWHERE, action, run_id=existing.info.run_id)
+    if action == Action.RESUME and existing.info.status == "RUNNING":  # its process is gone: an evaluation restarts
+        c.set_terminated(existing.info.run_id, Status.KILLED.value)
+        echo(f"marked KILLED: evaluation {existing.info.run_id} (its process is gone)")
+    run_id = _start(c, exp_id, exp, run, weights, run_inputs.device, common)
+    if out.exists():
+        shutil.rmtree(out)  # an evaluation starts from nothing
+    echo(f"eval   {run.label} ({run.hash}) as run {run_id}: {weights.source}")
+    with tr.Heartbeat(c, run_id):
+        return _evaluate_one(c, run_id, run, out, weights, run_inputs, progress=progress, echo=echo)
 
 
 def _start(c, exp_id: str, exp: Experiment, run: PlannedRun, weights: Weights, device, common: dict) -> str:

@@ -174,3 +174,25 @@ def test_coco_eval_experiment_runs_torchvisions_model_with_its_coco_weights(tmp_
     for a, b in zip(sorted(ours, key=lambda r: -r["score"]), sorted(theirs, key=lambda r: -r["score"])):
         assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
         assert abs(a["score"] - b["score"]) < 1e-6 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-3
+
+
+def test_an_evaluation_whose_process_is_gone_is_marked_killed_and_done_again(evaluated, monkeypatch):
+    """(Last in the module: it adds runs to the shared store.)"""
+    import socket
+
+    from rcnn_lab.engine.preflight import load_experiment
+    from rcnn_lab.runner.evaluate_only import Weights, make_eval_plan
+
+    monkeypatch.chdir(evaluated.root)
+    rid, c = evaluated.trained.info.run_id, evaluated.client
+    exp = load_experiment(evaluated.exp_file, ["eval.batch_size=1"])
+    (planned,) = make_eval_plan(exp, None, Weights("--run", "", f"run:{rid}", "", {}, seed=0))
+    dead = c.create_run(evaluated.exp_id, tags={"rcnn_lab.kind": "eval", "rcnn_lab.config_hash": planned.hash,
+                                                "rcnn_lab.host": socket.gethostname(), "rcnn_lab.pid": "999999999"})
+    code, out, err = cli("eval", str(evaluated.exp_file), "--run", rid, "--set", "eval.batch_size=1", "--no-progress")
+    assert code == 0, err
+    assert f"marked KILLED: evaluation {dead.info.run_id}" in out
+    assert c.get_run(dead.info.run_id).info.status == "KILLED"
+    (new,) = [r for r in c.search_runs([evaluated.exp_id], f"tags.`rcnn_lab.config_hash` = '{planned.hash}'")
+              if r.info.run_id != dead.info.run_id]
+    assert new.info.status == "FINISHED"
