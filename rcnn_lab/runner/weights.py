@@ -45,6 +45,11 @@ def find_run(c, run_id: str, key: str = KEY, file: str | None = None):
     if kind == tags.SWEEP:
         raise ConfigError([Problem(key, f"run {run_id} is the sweep (parent) run of an invocation; give one of its "
                                         "variant runs (rcnn-lab report lists them)", file)])
+    if kind == tags.EVAL_RUN:
+        evaluated = run.data.tags.get(tags.EVALUATED_RUN)
+        raise ConfigError([Problem(key, f"run {run_id} is an evaluation (rcnn-lab eval), it has no checkpoint; give "
+                                        + (f"the run it evaluated, {evaluated}" if evaluated else "the weights it evaluated"),
+                                   file)])
     if kind != tags.VARIANT_RUN:
         raise ConfigError([Problem(key, f"run {run_id} was not trained by rcnn-lab run (no {tags.KIND} tag); "
                                         "give its checkpoint file instead", file)])

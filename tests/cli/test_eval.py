@@ -15,7 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
-    """A store with experiment ``tiny`` holding a FINISHED variant run whose outputs are gone and a RUNNING one."""
+    """A store with experiment ``tiny`` holding a FINISHED variant run whose outputs are gone, a RUNNING one and an
+    evaluation of the first."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -24,9 +25,11 @@ def store(tmp_path_factory) -> dict:
     c = MlflowClient(uri)
     exp_id = c.create_experiment("tiny", artifact_location=(folder / "artifacts").as_uri())
     ids = {}
-    for name, status in (("finished", "FINISHED"), ("running", "RUNNING")):
-        tags = {"rcnn_lab.kind": "variant", "rcnn_lab.variant": "b", "rcnn_lab.seed": "0",
-                "rcnn_lab.config_hash": f"{name:0<16}"}
+    for name, status in (("finished", "FINISHED"), ("running", "RUNNING"), ("evaluation", "FINISHED")):
+        tags = {"rcnn_lab.kind": "eval" if name == "evaluation" else "variant", "rcnn_lab.variant": "b",
+                "rcnn_lab.seed": "0", "rcnn_lab.config_hash": f"{name:0<16}"}
+        if name == "evaluation":
+            tags["rcnn_lab.evaluated_run"] = ids["finished"]
         ids[name] = c.create_run(exp_id, tags=tags).info.run_id
         c.log_batch(ids[name], params=[Param("name", "tiny")])
         if status != "RUNNING":
@@ -83,6 +86,9 @@ def test_run_without_checkpoint_or_not_finished(exp, store, tmp_path):
     assert f"--run: run {store['finished']} has no checkpoint" in line and "give a checkpoint file" in line
     line = refused(store, tmp_path, str(exp), "--weights", f"run:{store['running']}")  # --weights run:ID is --run ID
     assert f"--run: run {store['running']} is RUNNING, not finished" in line
+    line = refused(store, tmp_path, str(exp), "--run", store["evaluation"])
+    assert f"--run: run {store['evaluation']} is an evaluation (rcnn-lab eval)" in line
+    assert f"give the run it evaluated, {store['finished']}" in line
 
 
 def test_run_without_a_store_creates_none(tmp_path, store, monkeypatch):
