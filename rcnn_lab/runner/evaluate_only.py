@@ -221,7 +221,7 @@ def _evaluate_one(c, run_id: str, run: PlannedRun, out: Path, weights: Weights, 
         model = build_for_weights(cfg.model)  # the backbone's own weights are not read: every tensor is replaced
         state, source = weights.state, weights.source
         if by_category_id(weights.identity):  # torchvision's COCO weights: class rows by category id, not by label
-            reordered = to_labels(state, [c["id"] for c in inputs.val_set.categories])
+            reordered = to_labels(state, [cat["id"] for cat in inputs.val_set.categories])
             if reordered is not None:
                 state, source = reordered, f"{source} (predictor rows reordered from COCO category ids to data.val's labels)"
                 echo(f"       {run.label}: {weights.label}'s class rows are COCO category ids: reordered to data.val's labels")
