@@ -74,7 +74,7 @@ class _Checker:
                 what = ", ".join(f"'{k}'" + (" (missing)" if k not in entry else f" (got {entry[k]!r})") for k in bad)
                 self.add(f"{key}[{i}]: needs {what}; fix the file")
                 continue
-            ids = [k for k in required if k == "id" or k.endswith("_id")] + (["id"] if "id" in entry and "id" not in required else [])
+            ids = [k for k in required if k == "id" or k.endswith("_id")] + (["id"] if entry.get("id") is not None and "id" not in required else [])
             bad = next(((k, entry[k]) for k in ids if not is_int(entry[k]) or id_problem(entry[k])), None)
             if bad is not None:
                 self.add(f"{key}[{i}].{bad[0]}: " + (id_problem(bad[1]) if is_int(bad[1]) else
@@ -187,7 +187,7 @@ def parse_checked(data: dict, file: str, category_ids: list[int] | None) -> Pars
             check.add(f"annotations[{i}]: image_id {ann['image_id']} is not in images; fix the id or remove the annotation")
         elif ann["category_id"] not in cat_ids:
             check.add(f"annotations[{i}]: category_id {ann['category_id']} is not in categories; fix the id or add the category")
-        elif "id" in ann and ann["id"] in ann_ids:
+        elif ann.get("id") is not None and ann["id"] in ann_ids:
             check.add(f"annotations[{i}].id: {ann['id']} is also the id of annotations[{ann_ids[ann['id']]}]; "
                       "fix the file so that annotation ids are unique")
         elif len(ann["bbox"]) != 4 or not all(map(is_number, ann["bbox"])):
@@ -198,7 +198,7 @@ def parse_checked(data: dict, file: str, category_ids: list[int] | None) -> Pars
             check.add(f"annotations[{i}].segmentation{found[0]}: {found[1]}; fix the segmentation")
         elif ann["category_id"] in label:
             per_image[img["id"]].append(ann)
-        if "id" in ann:
+        if ann.get("id") is not None:
             ann_ids.setdefault(ann["id"], i)
     check.raise_if_any()
     images = [by_id[i] for i in sorted(by_id)]

@@ -165,3 +165,14 @@ def test_the_cheap_polygon_bound_agrees_with_the_exact_check():
         exact = polygon_problem(poly) is None
         assert _polygons_ok([json.dumps([poly]).encode()]) == exact, poly
         assert _polygons_ok([json.dumps([[1, 2, 3, 4, 5, 6], poly]).replace("e+", "E").encode()]) == exact, poly
+
+
+def test_annotation_ids_are_optional_in_both_paths(tiny, monkeypatch):  # noqa: F811
+    root, ann, data = tiny
+    data["annotations"][0]["id"] = None
+    del data["annotations"][1]["id"]
+    ann.write_text(json.dumps(data))
+    assert parse_fast(ann.read_bytes(), ann.name, None, Progress("t", False)) is not None
+    same_dataset(CocoDataset(root, ann), plain(monkeypatch, root, ann))
+    ids = sorted(a["id"] for a in CocoDataset(root, ann).to_coco_dict()["annotations"])
+    assert ids == [3, 4, 5, 6, 7, 8]  # filled in after the largest id given
