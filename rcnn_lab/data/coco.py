@@ -16,8 +16,10 @@ training code that handles them.
 The checked index of a file is kept in an on-disk cache (``rcnn_lab.data.coco_cache``): later
 builds of the same, unchanged file map it instead of parsing (``RCNN_LAB_CACHE=off`` turns it off).
 
-The JSON is checked when the dataset is built (structure, ids, segmentations) and every listed
-image file must exist, so mistakes fail before training starts. Problems name the JSON file,
+The JSON is checked when the dataset is built (structure, ids, segmentations, and the limits of
+``rcnn_lab.data.coco_checks`` before pycocotools sees any value), every listed image file must
+exist and a sample of their headers is read (``rcnn_lab.data.coco_files``; ``check_images`` reads
+them all), and a split its filters leave empty is refused, so mistakes fail before training starts. Problems name the JSON file,
 the spec key (``annotations`` or ``images``, rooted at e.g. ``data.train`` by the registry) and
 the entry at fault.
 """
