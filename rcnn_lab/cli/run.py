@@ -54,7 +54,8 @@ def print_summary(outcomes, echo=print) -> None:
     rows = [("variant", "seed", "status", *keys, "duration")]
     for o in outcomes:
         vals = [f"{o.metrics[k]:.3f}" if k in o.metrics else "-" for k in keys]
-        rows.append((o.run.variant.name, str(o.run.seed), o.status, *vals, f"{o.duration_s:.0f}s" if o.duration_s else "-"))
+        status = f"{str(o.status).lower()}, not yet stored" if o.unstored else str(o.status)  # the store holds it RUNNING
+        rows.append((o.run.variant.name, str(o.run.seed), status, *vals, f"{o.duration_s:.0f}s" if o.duration_s else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     echo("")
     for r in rows:
@@ -108,8 +109,10 @@ def cmd_run(args) -> int:
         outcomes, code = run_parallel(exp, plan, args.parallel, argv, cuda)
         print_summary(outcomes)
         return code
+    from rcnn_lab.report.sweep_summary import summarize
+
     outcomes = run_plan(exp, plan, inputs=inputs, force=args.force,
-                        progress=not args.no_progress and sys.stderr.isatty())
+                        progress=not args.no_progress and sys.stderr.isatty(), summarize=summarize)
     if env_world().main and not args.no_summary:
         print_summary(outcomes)
     if any(o.unstored for o in outcomes):

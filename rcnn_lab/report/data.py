@@ -111,7 +111,7 @@ def _frame(raw: pd.DataFrame, name: str) -> pd.DataFrame:
     out = pd.DataFrame({
         "experiment": name,
         "run_id": raw["run_id"],
-        "parent_run_id": tag(tags.PARENT),
+        "parent_run_id": tag(tags.SWEEP_RUN).fillna(tag(tags.PARENT)),  # runs logged before the flat layout: nested
         "variant": tag(tags.VARIANT),
         "seed": pd.to_numeric(tag(tags.SEED), errors="coerce").astype("Int64"),
         "config_hash": tag(tags.CONFIG_HASH),

@@ -60,11 +60,14 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         if summary[col].any():
             out[col] = summary[col].astype(str)
     mde = summary.attrs.get("mde")
+    compare = nothing_to_compare(summary) is None  # with one variant there are no deltas to show
     for m in summary_metrics(summary):
         out[m] = [f"{_num(a)} ± {_num(b)}" if not math.isnan(b) else _num(a)
                   for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
         out[f"{m} {conf}"] = [f"[{_num(lo)}, {_num(hi)}]" if not math.isnan(lo) else "-"
                               for lo, hi in zip(summary[f"{m}_ci_low"], summary[f"{m}_ci_high"])]
+        if not compare:
+            continue
         out[f"Δ {m}"] = summary[f"{m}_delta"].map(_signed)
         out[f"p {m}"] = summary[f"{m}_p"].map(_p)
         if f"{m}_p_holm" in summary.columns and _comparisons(summary, m) > 1:
@@ -84,6 +87,30 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 COST_COLUMNS = (("train_time_s_mean", "train s", 1), ("images_per_s_mean", "train img/s", 1),
                 ("eval_images_per_s_mean", "eval img/s", 1), ("params_mean", "params (M)", 2),
                 ("gflops_mean", "GFLOPs", 2), ("peak_memory_mb_mean", "peak MB", 0))
+
+
+def nothing_to_compare(summary: pd.DataFrame) -> str | None:
+    """A sentence when no experiment of ``summary`` has two rows to compare (one variant), else None."""
+    if len(summary) == 0 or (summary.groupby("experiment").size() > 1).any():
+        return None
+    label = summary.attrs.get("label") or "variant"
+    what = "one variant" if label == "variant" else f"one value of {label}"
+    return (f"Only {what}: nothing to compare (no deltas or p-values); add variants: or grid: to the experiment "
+            "to compare settings.")
+
+
+GFLOPS_NOTE = ("GFLOPs: one inference forward of the first validation image, resized to the configured "
+               "model.transform.min_size / max_size; the count depends on that image's aspect ratio and on how many "
+               "detections the model makes on it (the mask head runs once per detection), so the same model can "
+               "differ slightly between datasets or training states.")
+
+
+def notes(summary: pd.DataFrame) -> list[str]:
+    """Sentences shown under the table: nothing to compare with one variant, what GFLOPs depend on."""
+    out = [n for n in [nothing_to_compare(summary)] if n]
+    if "gflops_mean" in summary.columns and summary["gflops_mean"].notna().any():
+        out.append(GFLOPS_NOTE)
+    return out
 
 
 def _comparisons(summary: pd.DataFrame, metric: str) -> int:
@@ -134,12 +161,14 @@ def render(summary: pd.DataFrame, fmt: str = "md") -> str:
     """``summary`` as text in ``fmt``: md/html show ``display_table``; csv/json hold every numeric column."""
     if fmt == "md":
         head = "".join(f"{line}\n" for line in preamble(summary))
-        return head + ("\n" if head else "") + markdown(display_table(summary)) + "\n"
+        tail = "".join(f"\n{line}\n" for line in notes(summary))
+        return head + ("\n" if head else "") + markdown(display_table(summary)) + "\n" + tail
     if fmt == "html":
         import html
 
         head = "".join(f"<p>{html.escape(line)}</p>\n" for line in preamble(summary))
-        return head + display_table(summary).to_html(index=False, escape=True, na_rep="-", border=0) + "\n"
+        tail = "".join(f"<p>{html.escape(line)}</p>\n" for line in notes(summary))
+        return head + display_table(summary).to_html(index=False, escape=True, na_rep="-", border=0) + "\n" + tail
     if fmt == "csv":  # lists / dicts (changed values) as JSON text
         return summary.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).to_csv(index=False)
     if fmt == "json":

@@ -29,23 +29,38 @@ def log_weights(journal, report) -> None:
     journal.text(report.as_text(), WEIGHTS_ARTIFACT)
 
 
-def loss_curve(history: list[dict], title: str):
-    """Matplotlib figure of the logged losses against iterations."""
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing): early points are not pulled to 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def loss_curve(history: list[dict], title: str, smoothing: float = 0.9):
+    """Matplotlib figure of the logged losses against iterations, titled ``title`` (the run: variant, seed, experiment):
+    each loss smoothed (EMA ``smoothing``) over its raw values drawn faint, log scale, legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     if history:
         its = [h["iteration"] for h in history]
-        for key in [k for k in history[0] if k.startswith("loss_")] + ["total"]:
-            ax.plot(its, [h[key] for h in history], label=key, lw=2 if key == "total" else 1)
+        keys = [k for k in history[0] if k.startswith("loss_")] + ["total"]
+        for i, key in enumerate(keys):
+            raw = [max(h[key], 1e-12) for h in history]  # log scale: a zero loss stays on the chart
+            colour = "black" if key == "total" else f"C{i}"
+            ax.plot(its, raw, color=colour, alpha=0.2, lw=0.8)
+            ax.plot(its, ema(raw, smoothing), color=colour, label=key, lw=2 if key == "total" else 1.2)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (log scale)")
     ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{title}\nlosses: EMA {smoothing:g} (raw values faint)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -91,12 +106,12 @@ def log_evaluation(journal, evaluated, metrics: dict, per_class: dict, iteration
         journal.artifact(path, str(Path(eval_file.ARTIFACT).parent))
 
 
-def log_results(journal, trainer, result, out: Path, log_checkpoint: bool) -> None:
+def log_results(journal, trainer, result, out: Path, log_checkpoint: bool, title: str = "") -> None:
     """The run's result files, through its journal (stored in MLflow in order, or replayed later)."""
     import matplotlib.pyplot as plt
 
     log_evaluation(journal, trainer, result.metrics, result.per_class, result.iterations, out)
-    fig = loss_curve(result.history, trainer.config.name)
+    fig = loss_curve(result.history, title or trainer.config.name)
     journal.figure(fig, "loss_curve.png")
     plt.close(fig)
     if log_checkpoint:

@@ -92,18 +92,23 @@ def back_off(c, run_id: str, rival) -> None:
     c.delete_run(run_id)
 
 
-def end_stale_sweeps(c, exp_id: str) -> list[str]:
-    """Mark KILLED the sweep (parent) runs left RUNNING by a killed invocation; return their ids.
+def end_stale_sweeps(c, exp_id: str, plan_key: str | None = None) -> tuple[list[str], object | None]:
+    """Mark KILLED the sweep (parent) runs left RUNNING by an invocation that is gone; -> (their ids, the run to continue).
 
     A sweep run carries claim tags and a heartbeat like its children; one whose claim is stale
-    (:func:`tracking.claim_is_stale`) has no process left to end it. Sweep runs from before claim
-    tags existed are left alone.
+    (:func:`tracking.claim_is_stale`) has no process left to end it. The newest stale one of the same
+    plan (``plan_key``: the same command run again, e.g. after a tracking outage left it RUNNING) is not
+    ended but returned, claimed for this process (:func:`take_over`), so the rerun continues that sweep run.
+    Sweep runs from before claim tags existed are left alone.
     """
     running = f"{tags.filter_equals(tags.KIND, tags.SWEEP)} and attributes.status = 'RUNNING'"
-    runs = c.search_runs([exp_id], filter_string=running)
-    ended = []
+    runs = c.search_runs([exp_id], filter_string=running, order_by=["attributes.start_time DESC"])
+    ended, kept = [], None
     for r in runs:
         if tags.PID in r.data.tags and tr.claim_is_stale(r):
+            if kept is None and plan_key is not None and r.data.tags.get(tags.PLAN_KEY) == plan_key and take_over(c, r):
+                kept = r
+                continue
             c.set_terminated(r.info.run_id, "KILLED")
             ended.append(r.info.run_id)
-    return ended
+    return ended, kept

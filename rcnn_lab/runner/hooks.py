@@ -8,6 +8,12 @@ from rcnn_lab.engine.hooks import Hook, Periods, Priority, StepRecord
 from rcnn_lab.runner import tags
 
 
+def defined(metrics: dict[str, float]) -> dict[str, float]:
+    """Evaluation metrics without COCOeval's -1 ("no ground truth in this size range", e.g. ``bbox_APl`` on small
+    images): logged, it would read as a score and drag charts and means; absent, it is not a number at all."""
+    return {k: v for k, v in metrics.items() if not (v == -1 and ("_AP" in k or "_AR" in k))}
+
+
 class MLflowHook(Hook):
     """Buffers per-step metrics and hands them to the run's :class:`~rcnn_lab.runner.journal.Journal`
     every ``every`` iterations; the journal stores them in MLflow from a background thread.
@@ -75,17 +81,17 @@ class MLflowHook(Hook):
     def log_final(self, metrics: dict[str, float], iteration: int) -> None:
         """Log the final evaluation as ``final/<name>`` at ``iteration`` (kept even when the journal is full)."""
         self.flush()
-        self.buffer = [self._point(f"{tags.FINAL_PREFIX}{k}", v, iteration) for k, v in metrics.items()]
+        self.buffer = [self._point(f"{tags.FINAL_PREFIX}{k}", v, iteration) for k, v in defined(metrics).items()]
         self.flush(synchronous=True, step_metrics=False)
 
     def after_eval(self, trainer, iteration, metrics, per_class) -> None:
-        probe = next(iter(metrics), None)
+        probe = next(iter(defined(metrics)), None)
         if "eval" not in self.logged_through and probe is not None:
             self.logged_through["eval"] = max((m.step for m in self.client.get_metric_history(self.run_id, probe)), default=-1)
         if iteration <= self.logged_through.get("eval", -1):
             return
         self.flush()
-        self.buffer = [self._point(k, v, iteration) for k, v in metrics.items()]
+        self.buffer = [self._point(k, v, iteration) for k, v in defined(metrics).items()]
         self.flush(step_metrics=False)
 
     def after_train(self, trainer, result) -> None:
@@ -97,7 +103,8 @@ class GalleryHook(Hook):
 
     Each panel goes to MLflow (through the run's journal) as ``log_image(key="gallery/<image id>", step=iteration)``, so the run
     page's image view steps through the evaluations and compares runs image by image; the last
-    evaluation's panels are also stored as ``gallery/<image id>.png`` (what ``rcnn-lab report --gallery`` reads).
+    evaluation's panels are also stored as ``gallery/<image id>.png`` (what ``rcnn-lab report --gallery`` reads) and
+    shown in the run's description (``tags.NOTE``, the run page MLflow opens on: one click from the run list).
     """
 
     def __init__(self, journal, count: int):
@@ -114,12 +121,28 @@ class GalleryHook(Hook):
             by_image.setdefault(int(r["image_id"]), []).append(r)
         evaluated = set(result.predictions.image_ids)
         final = iteration == trainer.total_iterations
+        shown = []
         for index in gallery_indices(len(trainer.val_set), self.count, trainer.config.eval.max_images):
             image, target = trainer.val_set[index]
             image_id = int(target["image_id"])
             if image_id not in evaluated:
                 continue
-            panel = draw_panel(image, target, by_image.get(image_id, []), trainer.val_set.categories)
+            panel = draw_panel(image, target, by_image.get(image_id, []), trainer.val_set.categories, step=int(iteration))
             self.journal.image(panel, key=f"gallery/{image_id}", step=int(iteration))
             if final:
                 self.journal.image_file(panel, f"gallery/{image_id}.png")
+                shown.append(image_id)
+        if shown:
+            self.journal.tags({tags.NOTE: gallery_note(self.journal.run_id, shown, int(iteration))})
+
+
+def gallery_note(run_id: str, image_ids: list[int], step: int) -> str:
+    """Markdown showing the artifacts ``gallery/<id>.png`` of run ``run_id`` (the MLflow UI's own artifact address)."""
+    from urllib.parse import quote
+
+    lines = [f"**Prediction gallery** at step {step} (the last evaluation): each panel is ground truth | prediction "
+             "(score >= 0.5). Every evaluation's panels: the *Model metrics* tab's images, or the artifacts under `images/`.", ""]
+    for image_id in image_ids:
+        url = f"get-artifact?path={quote(f'gallery/{image_id}.png', safe='')}&run_uuid={run_id}"
+        lines += [f"image {image_id}, step {step}:", "", f"![image {image_id}, step {step}]({url})", ""]
+    return "\n".join(lines)

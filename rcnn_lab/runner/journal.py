@@ -78,8 +78,8 @@ class Journal:
     """
 
     def __init__(self, client, run_id: str, where: Path, *, max_bytes: int = 256 * MIB,
-                 retry_s: float | None = None, start: bool = True):
-        self.client, self.run_id, self.folder = client, run_id, Path(where)
+                 retry_s: float | None = None, start: bool = True, watch=None):
+        self.client, self.run_id, self.folder, self.watch = client, run_id, Path(where), watch  # watch: outage.Watch
         self.max_bytes, self.retry_s = max_bytes, RETRY_S if retry_s is None else retry_s
         self.folder.mkdir(parents=True, exist_ok=True)
         self._owner = open(self.folder / "journal.lock", "a")
@@ -226,6 +226,9 @@ class Journal:
     def _ship_one(self, entry: dict) -> bool:
         """Store one write; False when the store is unreachable (retry later). A write the store refuses
         (bad value, missing file) is counted as rejected and not retried."""
+        started = time.time()  # an outage dates from the first write that failed, not from when MLflow gave up on it
+        if self.watch is not None:
+            self.watch.begin(self, started)
         try:
             ship(self.client, self.run_id, entry)
         except Exception as exc:
@@ -233,13 +236,24 @@ class Journal:
                 self.rejected += 1
                 self.reason = self.reason or failure_reason(exc)
                 return True
-            with self._cv:
-                if self.outage is None:
-                    self.outage = (time.time(), failure_reason(exc))
-                self._cv.notify_all()
+            self.outage_from(started, failure_reason(exc))
             return False
+        finally:
+            if self.watch is not None:
+                self.watch.end(self)
+        if self.outage is not None and self.watch is not None:
+            self.watch.answered()
         self.outage = None
         return True
+
+    def outage_from(self, since: float, reason: str) -> None:
+        """The store does not answer a write that started at ``since`` (it failed, or ``watch``'s probe was refused)."""
+        with self._cv:
+            if self.outage is None:
+                self.outage = (since, reason)
+            self._cv.notify_all()
+        if self.watch is not None:
+            self.watch.failed(since, reason)
 
     def _done(self, index: int, entry: dict, size: int) -> None:
         with self._cv:

@@ -33,7 +33,7 @@ from rcnn_lab.runner.lifeline import LAUNCHER_PID_VAR
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
 
-SWEEP_ENV = "RCNN_LAB_SWEEP_RUN"  # --parallel: the sweep run its coordinator made; the workers' runs nest under it
+SWEEP_ENV = "RCNN_LAB_SWEEP_RUN"  # --parallel: the sweep run its coordinator made; the workers' runs belong to it
 
 
 def given_sweep_run() -> str | None:
@@ -178,8 +178,8 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, 
     uri = tr.resolve_uri(exp.tracking.uri)
     c = tr.client(uri)  # create the store and experiment once, before K workers race to
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri))
-    # one sweep run for the whole invocation: every worker's runs nest under it (report --out attaches there)
-    sweep = tr.start_sweep(c, exp_id, exp, len(plan), tr.common_tags(exp, 1))
+    # one sweep run for the whole invocation: every worker's runs belong to it (report --out attaches there)
+    sweep = tr.start_sweep(c, exp_id, exp, plan, tr.common_tags(exp, 1))
     base = strip_option(argv, "--parallel") + ["--no-progress", "--no-summary"]
     started_ms = int(time.time() * 1000)
     lock, procs, pumps = threading.Lock(), [], []
@@ -214,9 +214,9 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, 
 
 
 def _end_sweep(c, exp_id: str, sweep: str, status: Status) -> None:
-    """End the invocation's sweep run; one that no run nests under (everything was skipped) is deleted."""
+    """End the invocation's sweep run; one that no run belongs to (everything was skipped) is deleted."""
     try:
-        if c.search_runs([exp_id], filter_string=tags.filter_equals(tags.PARENT, sweep), max_results=1):
+        if c.search_runs([exp_id], filter_string=tags.filter_equals(tags.SWEEP_RUN, sweep), max_results=1):
             c.set_terminated(sweep, status.value)
         else:
             c.delete_run(sweep)

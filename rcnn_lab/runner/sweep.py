@@ -20,7 +20,7 @@ from rcnn_lab.engine.device import device_name
 from rcnn_lab.engine.hooks import Periods, ProgressHook, StopTraining
 from rcnn_lab.engine.preflight import RunInputs, preflight, prepare
 from rcnn_lab.engine.trainer import Trainer
-from rcnn_lab.runner import artifacts, claims, journal, parallel, tags
+from rcnn_lab.runner import artifacts, claims, journal, outage, parallel, tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner import weights as run_weights
 from rcnn_lab.runner.hooks import MLflowHook
@@ -30,6 +30,7 @@ from rcnn_lab.runner.plan import PlannedRun, output_dir
 
 __all__ = ["Action", "Outcome", "Status", "decide", "plan_actions", "run_plan"]
 
+Summarize = Callable[[Experiment, list[Outcome], int], tuple[dict[str, float], str]]  # (exp, outcomes, planned)
 OUTAGE_WAIT_S = 60.0  # at the end of an invocation: how long to wait for a store that stopped answering
 INTERRUPTED_WAIT_S = 5.0  # the same after Ctrl-C
 
@@ -66,13 +67,16 @@ def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool,
 
 def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunInputs] | None = None,
              force: bool = False, root: Path | None = None, progress: bool = True, echo=print,
+             summarize: Summarize | None = None,
              parent: str | None = None, child_tags: dict[str, str] | None = None,
              hooks: Callable[[PlannedRun], list] | None = None) -> list[Outcome]:
     """Execute ``plan`` against MLflow; returns one outcome per planned run.
 
     ``inputs`` are what ``preflight(plan)`` checked (run here when not given: bad input raises
     ``ConfigError`` before any store is touched). ``root`` holds outputs (``outputs/EXP/RUN``) and
-    local artifacts; default ``tr.runs_root(uri)``.
+    local artifacts; default ``tr.runs_root(uri)``. ``summarize(exp, outcomes, len(plan))`` -> (metrics, markdown):
+    the sweep's summary, written to the sweep run (metrics, and its description ``tags.NOTE``) each time
+    a run ends (the statistics live in ``report``, above this layer: the caller hands them down).
 
     Extension points for the layers above (which the runner knows nothing of): ``parent`` nests the runs under
     an existing run (left as it is at the end), ``child_tags`` are added to every new run, ``hooks(run)`` gives
@@ -87,13 +91,22 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     root = Path(root) if root is not None else tr.runs_root(uri)
     inputs = run_weights.resolve_inputs(exp, plan, inputs, root, c)  # model.weights run:<id> -> its checkpoint
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri, root))
-    for stale in claims.end_stale_sweeps(c, exp_id):
-        echo(f"marked KILLED: sweep run {stale} (its process is gone)")
-    parent = given = parent or parallel.given_sweep_run()  # --parallel: the coordinator's sweep run; it also ends it
+    nest = parent is not None  # a caller's run (a search study) holds its runs nested; a sweep's runs are flat (tags.SWEEP_RUN)
+    given = parent or parallel.given_sweep_run()  # --parallel: the coordinator's sweep run; it also ends it
+    stale, kept = claims.end_stale_sweeps(c, exp_id, None if given else tr.plan_key(exp, plan))
+    for run_id in stale:
+        echo(f"marked KILLED: sweep run {run_id} (its process is gone)")
+    parent = given or (kept.info.run_id if kept else None)
     outcomes: list[Outcome] = []
     common = {**tr.common_tags(exp, distributed.world().size), **(child_tags or {})}
     beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
     journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
+    watch = beats.enter_context(outage.Watch(uri, echo, OUTAGE_WAIT_S, lambda: tr.probe(uri)))
+    summary = _Summary(c, exp, root, summarize, watch, journals, echo, len(plan))
+    if kept is not None:  # the same command, left RUNNING by an outage or a kill: this invocation continues it
+        echo(f"continue sweep run {parent} (its process is gone)")
+        beats.enter_context(tr.Heartbeat(c, parent))
+        summary.attach(parent)
     interrupted = crashed = False
     run = None
     try:
@@ -107,6 +120,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
             if action == Action.SKIP:
                 echo(f"skip   {run.label} ({run.hash}): finished run {existing.info.run_id} (--force reruns)")
                 outcomes.append(Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id))
+                summary.update(outcomes)
                 parallel.announce(None)
                 continue
             if action == Action.BUSY:
@@ -116,13 +130,14 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 continue
             run_inputs = run_inputs or prepare(run.config)  # a config planned twice (--seeds 0,0 --force)
             if parent is None:
-                parent = tr.start_sweep(c, exp_id, exp, len(plan), common)
+                parent = tr.start_sweep(c, exp_id, exp, plan, common)
                 beats.enter_context(tr.Heartbeat(c, parent))
+                summary.attach(parent, outcomes)
             if action == Action.RESUME:  # claims.take_over marked it RUNNING with our claim
                 run_id = existing.info.run_id
                 echo(f"resume {run.label} ({run.hash}) into run {run_id}")
             else:
-                run_id = _start_child(c, exp_id, parent, run, run_inputs.device, common)
+                run_id = _start_child(c, exp_id, parent, exp, run, run_inputs.device, common, nest)
                 rival = claims.rival(c, exp_id, run.hash, run_id, finished_wins=not force)
                 if rival is not None:  # another worker claimed this config first: back off
                     claims.back_off(c, run_id, rival)
@@ -140,7 +155,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
             parallel.announce(run_id)  # torchrun: the other ranks train this run with rank 0
             with tr.Heartbeat(c, run_id):  # the claim stays live through long evaluations too
                 outcomes.append(_train_one(c, run_id, run, out, action, run_inputs, journals, progress=progress, echo=echo,
-                                           extra=hooks(run) if hooks is not None else []))
+                                           extra=hooks(run) if hooks is not None else [], watch=watch, title=tr.child_name(exp, run)))
+            summary.update(outcomes)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -152,8 +168,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                                f"{run.label if run else 'the first run'}; run the same command again once it answers "
                                "(finished runs are skipped, interrupted ones resume)") from None
     finally:
-        beats.close()
         unstored = _close_journals(journals, uri, exp, INTERRUPTED_WAIT_S if interrupted else OUTAGE_WAIT_S, echo)
+        beats.close()
         for o in outcomes:
             o.unstored = o.run_id in unstored
         if parent is not None and parent != given and not unstored:
@@ -162,8 +178,41 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
             _quietly(c.set_terminated, parent, status.value)
         trained = any(o.action in (Action.RUN, Action.RESUME) for o in outcomes)
         if parent is not None and (parent != given or trained) and not (interrupted or crashed or unstored):
-            echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, parent run {parent} (rcnn-lab ui to browse)")
+            echo(f"tracked in {uri}: experiment {exp.tracking_name!r}, sweep run {parent} (rcnn-lab ui to browse)")
     return outcomes
+
+
+class _Summary:
+    """The sweep run's summary (``summarize``'s metrics and markdown description), rewritten as runs end through
+    the sweep run's own journal (``outputs/EXP/sweep-RUN_ID/tracking``): it never holds up training either."""
+
+    def __init__(self, c, exp: Experiment, root: Path, summarize: Summarize | None, watch, journals: list, echo,
+                 planned: int):
+        self.c, self.exp, self.root, self.summarize, self.watch = c, exp, Path(root), summarize, watch
+        self.planned = planned
+        self.journals, self.echo, self.journal = journals, echo, None
+
+    def attach(self, parent: str, outcomes: list[Outcome] = ()) -> None:
+        """Write to sweep run ``parent`` from now on (a continued one first stores what its journal kept)."""
+        if self.summarize is None:
+            return
+        where = journal.folder(self.root / "outputs" / self.exp.name / f"sweep-{parent}")
+        self.journal = journal.Journal(self.c, parent, where, watch=self.watch)
+        self.journals.append(self.journal)
+        if outcomes:
+            self.update(outcomes)
+
+    def update(self, outcomes: list[Outcome]) -> None:
+        if self.journal is None:
+            return
+        try:
+            metrics, note = self.summarize(self.exp, outcomes, self.planned)
+        except Exception as exc:  # a summary is a view: a bug in it must not stop the sweep
+            self.echo(f"warning: the sweep run's summary was not updated ({type(exc).__name__}: {exc})".splitlines()[0])
+            return
+        now, step = int(time.time() * 1000), sum(1 for o in outcomes if o.metrics)
+        self.journal.metrics([(k, v, now, step) for k, v in metrics.items() if v == v])  # v == v: not NaN
+        self.journal.tags({tags.NOTE: note})
 
 
 def _replay(c, out: Path, run: PlannedRun, echo) -> None:
@@ -206,16 +255,18 @@ def _quietly(call, *args) -> None:
         pass
 
 
-def _start_child(c, exp_id: str, parent_id: str, run: PlannedRun, device, common: dict) -> str:
+def _start_child(c, exp_id: str, parent_id: str, exp: Experiment, run: PlannedRun, device, common: dict,
+                 nest: bool = False) -> str:
     run_tags = {
-        **common, **tr.claim_tags(), tags.PARENT: parent_id, tags.KIND: tags.VARIANT_RUN,
+        **common, **tr.claim_tags(), tags.SWEEP_RUN: parent_id, **({tags.PARENT: parent_id} if nest else {}),
+        tags.KIND: tags.VARIANT_RUN,
         tags.VARIANT: run.variant.name, tags.SEED: str(run.seed), tags.CONFIG_HASH: run.hash,
         tags.BASELINE: str(run.variant.baseline).lower(), tags.DEVICE: str(device),
         tags.CHANGED: json.dumps(run.variant.changed)[:5000], tags.DEVICE_NAME: device_name(device),
         tags.OVERRIDES: json.dumps(command_line_keys(run.variant))[:5000],
         tags.THREADS: str(torch.get_num_threads()),
     }
-    r = c.create_run(exp_id, run_name=f"{run.variant.name} s{run.seed}", tags=run_tags)
+    r = c.create_run(exp_id, run_name=tr.child_name(exp, run), tags=run_tags)
     params = tr.flatten_params(flatten(to_plain(run.config)))
     for i in range(0, len(params), 100):
         c.log_batch(r.info.run_id, params=params[i:i + 100])
@@ -229,12 +280,12 @@ def command_line_keys(variant) -> dict:
 
 
 def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, inputs: RunInputs, journals: list, *,
-               progress: bool, echo, extra: list = ()) -> Outcome:
+               progress: bool, echo, watch=None, title: str = "", extra: list = ()) -> Outcome:
     """Train one run. Every write to its MLflow run goes through its journal (appended to ``journals``):
     training, failure records included, goes on whether or not the store answers."""
     started = time.perf_counter()
     t, periods = run.config.tracking, Periods.of(run.config.train)
-    j = journal.Journal(c, run_id, journal.folder(out), max_bytes=t.outage_buffer_mb * journal.MIB)
+    j = journal.Journal(c, run_id, journal.folder(out), max_bytes=t.outage_buffer_mb * journal.MIB, watch=watch)
     journals.append(j)
     hook = MLflowHook(j, t.log_every or periods.log_every, periods, t.async_logging)
     try:
@@ -249,7 +300,7 @@ def _train_one(c, run_id: str, run: PlannedRun, out: Path, action: Action, input
         result = trainer.fit()
         result.metrics.update(artifacts.cost_metrics(trainer, result))
         hook.log_final(result.metrics, result.iterations)
-        artifacts.log_results(j, trainer, result, out, t.log_checkpoint)
+        artifacts.log_results(j, trainer, result, out, t.log_checkpoint, title or run.label)
         j.end(Status.FINISHED.value)
         return Outcome(run, Status.FINISHED, action, result.metrics, time.perf_counter() - started, run_id)
     except StopTraining as stop:  # a hook ended it early: KILLED (resumable from its checkpoint), with where and why

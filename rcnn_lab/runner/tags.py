@@ -20,6 +20,8 @@ EVALUATED_RUN = f"{PREFIX}evaluated_run"  # eval runs of --run: the run whose la
 
 # Parent (sweep) runs; they carry the claim tags (HOST, PID, HEARTBEAT) too.
 PLAN_SIZE = f"{PREFIX}plan_size"
+PLAN_KEY = f"{PREFIX}plan_key"  # the same command's plan has the same key: its rerun continues the sweep run
+NOTE = "mlflow.note.content"  # MLflow's run description (markdown, shown on the run page): the sweep's summary table
 
 # Every run of an invocation (the ``common`` tags).
 EXPERIMENT_FILE = f"{PREFIX}experiment_file"
@@ -31,7 +33,8 @@ TORCH = f"{PREFIX}torch"
 TORCHVISION = f"{PREFIX}torchvision"
 
 # Child (variant x seed) runs.
-PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+SWEEP_RUN = f"{PREFIX}sweep"  # the sweep run of the invocation that created it: runs are grouped by it, not nested
+PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag: only when a caller nests runs under its own (a search study)
 VARIANT = f"{PREFIX}variant"
 SEED = f"{PREFIX}seed"
 CONFIG_HASH = f"{PREFIX}config_hash"

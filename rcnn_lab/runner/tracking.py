@@ -76,6 +76,8 @@ def quiet_mlflow() -> None:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # urllib3's "Retrying (Retry(total=6 ...))" warnings repeat for minutes of an outage on stderr; the journal says it once
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @contextmanager
@@ -103,6 +105,20 @@ def failure_reason(exc: Exception) -> str:
             return short
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return first[:160]
+
+
+def probe(uri: str, timeout_s: float = 3.0) -> str | None:
+    """Why the server at ``uri`` does not answer right now ("connection refused"), None when it does: one request
+    to its ``/health`` page, without MLflow's retries (minutes while a server is down). None for a local store."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except Exception as exc:
+        return failure_reason(exc)
+    return f"HTTP {answer.status_code}" if answer.status_code >= 500 else None
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -256,15 +272,56 @@ def common_tags(exp, world_size: int) -> dict[str, str]:
     return {**git_state(), **versions(), tags.EXPERIMENT_FILE: str(exp.path), tags.WORLD_SIZE: str(world_size)}
 
 
-def start_sweep(c, exp_id: str, exp, plan_size: int, common: dict[str, str]) -> str:
-    """A new sweep (parent) run of ``exp``, claimed by this process (heartbeat: :class:`Heartbeat`); its id."""
-    run = c.create_run(exp_id, run_name=f"{exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                       tags={**common, **claim_tags(), tags.KIND: tags.SWEEP, tags.PLAN_SIZE: str(plan_size)})
+def start_sweep(c, exp_id: str, exp, plan, common: dict[str, str]) -> str:
+    """A new sweep (parent) run of ``exp`` running ``plan``, claimed by this process (heartbeat: :class:`Heartbeat`); its id."""
+    run = c.create_run(exp_id, run_name=sweep_name(exp, plan),
+                       tags={**common, **claim_tags(), tags.KIND: tags.SWEEP, tags.PLAN_SIZE: str(len(plan)),
+                             tags.PLAN_KEY: plan_key(exp, plan)})
     return run.info.run_id
 
 
+def sweep_name(exp, plan) -> str:
+    """What a sweep run holds, as its run name: ``tiny: b, small_rpn x seeds 0,1`` (``7 variants`` past three)."""
+    variants = list(dict.fromkeys(r.variant.name for r in plan))
+    seeds = list(dict.fromkeys(str(r.seed) for r in plan))
+    what = ", ".join(variants) if len(variants) <= 3 else f"{len(variants)} variants"
+    return f"{exp.name}: {what} x seed{'s' if len(seeds) > 1 else ''} {','.join(seeds)}"[:250]
+
+
+def child_name(exp, run) -> str:
+    """A child run's name: the variant and seed, then the experiment (names repeat across experiments)."""
+    return f"{run.variant.name} s{run.seed} ({exp.name})"[:250]
+
+
+def plan_key(exp, plan) -> str:
+    """The same command (experiment, variants x seeds, configs) gives the same key: a rerun continues its sweep run."""
+    import hashlib
+
+    text = "\n".join([exp.tracking_name, *(r.hash for r in plan)])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def beat() -> str:
+    """The heartbeat tag's value: now, as UTC ISO 8601 (``2026-12-07T11:47:07Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def beat_time(text: str | None) -> float | None:
+    """Seconds since the epoch of a heartbeat tag (ISO 8601 UTC, or the plain number older runs hold); None if unreadable."""
+    import calendar
+
+    if not text:
+        return None
+    if text.isdigit():
+        return float(text)
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return None
+
+
 def claim_tags() -> dict[str, str]:
-    return {tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()), tags.HEARTBEAT: str(int(time.time()))}
+    return {tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()), tags.HEARTBEAT: beat()}
 
 
 class Heartbeat:
@@ -281,7 +338,7 @@ class Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                self.c.set_tag(self.run_id, tags.HEARTBEAT, str(int(time.time())))
+                self.c.set_tag(self.run_id, tags.HEARTBEAT, beat())
             except Exception:  # a store hiccup must not kill training; the next beat retries
                 pass
 
@@ -297,7 +354,7 @@ class Heartbeat:
 def claim_is_stale(run) -> bool:
     """A RUNNING run whose worker is gone: same host and dead pid, or a heartbeat older than STALE_AFTER_S."""
     seen = run.data.tags
-    host, pid, beat = seen.get(tags.HOST), seen.get(tags.PID), seen.get(tags.HEARTBEAT)
+    host, pid, last = seen.get(tags.HOST), seen.get(tags.PID), beat_time(seen.get(tags.HEARTBEAT))
     if host == socket.gethostname() and pid and pid.isdigit():
         if int(pid) == os.getpid():
             return False
@@ -307,8 +364,7 @@ def claim_is_stale(run) -> bool:
             return True
         except PermissionError:
             return False
-        return beat is None or time.time() - int(beat) > STALE_AFTER_S
-    return beat is None or time.time() - int(beat) > STALE_AFTER_S
+    return last is None or time.time() - last > STALE_AFTER_S
 
 
 def flatten_params(flat: dict) -> list:

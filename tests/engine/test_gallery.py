@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rcnn_lab.engine.gallery import MIN_HEIGHT, PALETTE, draw_panel, gallery_indices
+from rcnn_lab.engine.gallery import MIN_HEIGHT, PALETTE, TITLE_PX, draw_panel, gallery_indices
 
 CATS = [{"id": 7, "name": "circle"}, {"id": 9, "name": "square"}]
 
@@ -34,8 +34,9 @@ def test_panel_shows_ground_truth_left_and_confident_detections_right():
                {"image_id": 1, "category_id": 9, "bbox": [0.0, 50.0, 8.0, 8.0], "score": 0.2, "segmentation": rle}]
     panel = draw_panel(image, target, results, CATS)
     scale = MIN_HEIGHT // 64
-    assert panel.dtype == np.uint8 and panel.shape == (64 * scale, 2 * 64 * scale + 4, 3)
-    left, right = panel[:, : 64 * scale], panel[:, 64 * scale + 4:]
+    assert panel.dtype == np.uint8 and panel.shape == (TITLE_PX + 64 * scale, 2 * 64 * scale + 4, 3)
+    body = panel[TITLE_PX:]  # under the titles
+    left, right = body[:, : 64 * scale], body[:, 64 * scale + 4:]
     square = np.array(PALETTE[1])  # label 2 (category 9) -> second colour
     circle = np.array(PALETTE[0])
     inside = left[20 * scale, 20 * scale].astype(int)  # GT mask blended over black: a dimmed colour of its class
@@ -50,5 +51,23 @@ def test_panel_without_detections_leaves_the_right_half_as_the_image():
     image, target = _scene()
     image[:] = 0.5
     panel = draw_panel(image, target, [], CATS)
-    right = panel[:, panel.shape[1] // 2 + 2:]
+    right = panel[TITLE_PX:, panel.shape[1] // 2 + 2:]
     assert (right == 128).all()
+
+
+def test_each_half_has_a_title_strip_saying_which_side_it_is():
+    from PIL import Image, ImageDraw, ImageFont
+
+    image, target = _scene()
+    panel = draw_panel(image, target, [], CATS, step=200)
+    half = (panel.shape[1] - 4) // 2
+    font = ImageFont.load_default(size=14)
+
+    def strip(text: str) -> np.ndarray:  # the title as draw_panel must have written it
+        canvas = Image.new("RGB", (half, TITLE_PX), "white")
+        ImageDraw.Draw(canvas).text((4, 3), text, fill="black", font=font)
+        return np.asarray(canvas)
+
+    assert (panel[:TITLE_PX, :half] == strip("ground truth, image 1")).all()
+    assert (panel[:TITLE_PX, half + 4:] == strip("prediction, score >= 0.5, step 200")).all()
+    assert (panel[:TITLE_PX, :half] != strip("prediction, score >= 0.5, step 200")).any()  # the two sides differ

@@ -102,7 +102,7 @@ def test_parallel_2_trains_both_variants_and_summarises(tmp_path):
     assert sorted((r.data.tags["rcnn_lab.variant"], r.info.status) for r in runs) == [("a", "FINISHED"), ("bad", "FAILED")]
     assert len({r.data.tags["rcnn_lab.pid"] for r in runs}) == 2  # two worker processes
     (sweep,) = c.search_runs([c.get_experiment_by_name("par").experiment_id], filter_string="tags.`rcnn_lab.kind` = 'sweep'")
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {sweep.info.run_id}  # one sweep run for both workers
+    assert {r.data.tags["rcnn_lab.sweep"] for r in runs} == {sweep.info.run_id}  # one sweep run for both workers
     assert sweep.info.status == "FAILED" and sweep.data.tags["rcnn_lab.plan_size"] == "2"
 
     again = subprocess.run([sys.executable, "-m", "rcnn_lab", "run", str(exp), "--parallel", "2", "--only", "a"],

@@ -86,7 +86,7 @@ def test_run_logs_runs_metrics_and_artifacts_to_a_server(server, tmp_path):
     c = MlflowClient(url)
     exp_id = c.get_experiment_by_name("tiny").experiment_id
     (child,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'variant'")
-    parent = c.get_run(child.data.tags["mlflow.parentRunId"])
+    parent = c.get_run(child.data.tags["rcnn_lab.sweep"])
     assert child.info.status == "FINISHED" and parent.data.tags["rcnn_lab.kind"] == "sweep"
     assert child.data.params["model.rpn.pre_nms_top_n.train"] == "100"
     assert [m.step for m in c.get_metric_history(child.info.run_id, "loss")] == [1, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from tests.runner.conftest import cli, files_under, tiny_experiment
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 VARIANTS = """  b: {}
-  small_rpn: {model.rpn.pre_nms_top_n.train: 80, tracking.log_checkpoint: true, eval.gallery: 2}
+  small_rpn: {model.rpn.pre_nms_top_n.train: 80, eval.gallery: 2}
   bad: {train.optimizer.lr: 1.0e+12}
 """
 
@@ -39,7 +40,7 @@ def sweep(tmp_path_factory, new_store):
         s.dry_before = cli("run", str(exp_file), "--dry-run")
         s.files_after_dry_run = files_under(root)
         new_store(root)  # an empty store at store/mlflow.db (a copy: faster than building one)
-        s.first = cli("run", str(exp_file), "--only", "b,small_rpn", "--no-progress")
+        s.first = cli("run", str(exp_file), "--only", "b,small_rpn", "--no-progress", "--set", "tracking.log_checkpoint=true")
         s.second = cli("run", str(exp_file), "--no-progress")
         s.files_before_dry_run = files_under(root)
         s.db_bytes = (store / "mlflow.db").read_bytes()
@@ -55,16 +56,20 @@ def runs(s, kind: str, **tags) -> list:
     return s.client.search_runs([s.exp_id], query, order_by=["attributes.start_time ASC"])
 
 
-def test_first_run_logs_one_parent_with_a_nested_child_per_variant(sweep):
+def test_first_run_logs_one_sweep_run_and_a_run_per_variant_grouped_by_it_not_nested(sweep):
     code, out, err = sweep.first
     assert code == 0, err
-    parent_id = runs(sweep, "variant", variant="b")[0].data.tags["mlflow.parentRunId"]
+    parent_id = runs(sweep, "variant", variant="b")[0].data.tags["rcnn_lab.sweep"]
     parent = sweep.client.get_run(parent_id)
     assert parent.data.tags["rcnn_lab.kind"] == "sweep" and parent.info.status == "FINISHED"
-    assert parent_id in out  # "tracked in ...: parent run ID"
-    children = [r for r in runs(sweep, "variant") if r.data.tags["mlflow.parentRunId"] == parent_id]
+    assert parent_id in out  # "tracked in ...: sweep run ID"
+    children = [r for r in runs(sweep, "variant") if r.data.tags["rcnn_lab.sweep"] == parent_id]
     assert sorted(r.data.tags["rcnn_lab.variant"] for r in children) == ["b", "small_rpn"]
     assert all(r.info.status == "FINISHED" for r in children)
+    assert not any("mlflow.parentRunId" in r.data.tags for r in children)  # flat: the UI lists every run at once
+    # names that say what a run is: the experiment, its variants and seeds; a variant, its seed and experiment
+    assert parent.info.run_name == "tiny: b, small_rpn x seed 0"
+    assert sorted(r.info.run_name for r in children) == ["b s0 (tiny)", "small_rpn s0 (tiny)"]
     # summary table: one row per variant x seed with status and key metrics
     table = out[out.index("variant  "):].splitlines()
     assert table[0].split()[:4] == ["variant", "seed", "status", "bbox_AP"] and "duration" in table[0]
@@ -117,11 +122,9 @@ def test_artifacts_config_summary_per_class_and_loss_curve(sweep, tmp_path):
     classes = ["circle", "square", "triangle", "ellipse", "star"]
     assert list(per_class) == ["bbox", "segm"] and all(list(per_class[k]) == classes for k in per_class)
     assert (local / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
-    # tracking.log_checkpoint (opt-in) logs the final checkpoint; without it there is none
+    # tracking.log_checkpoint (opt-in, here with --set: tracking is the same for every variant) logs the final checkpoint
     last = ckpt.path_for("checkpoint", sweep.plan["small_rpn"].config.train.iterations)  # the final checkpoint
     assert [a.path for a in c.list_artifacts(rid, "checkpoint")] == [last.as_posix()]
-    (b,) = runs(sweep, "variant", variant="b")
-    assert c.list_artifacts(b.info.run_id, "checkpoint") == []
     # artifacts and outputs sit next to the sqlite store, not in the current folder
     assert r.info.artifact_uri.startswith((sweep.store / "artifacts").as_uri())
     assert (sweep.store / "outputs" / "tiny").is_dir() and not (sweep.root / "runs").exists()
@@ -160,6 +163,36 @@ def test_gallery_saved_detections_cost_metrics_dataset_inputs_and_experiment_kin
     assert c.get_experiment(sweep.exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_the_sweep_run_carries_the_summary_and_each_gallery_run_shows_its_panels_on_its_page(sweep):
+    c = sweep.client
+    (b,), (small,) = runs(sweep, "variant", variant="b"), runs(sweep, "variant", variant="small_rpn")
+    first = c.get_run(b.data.tags["rcnn_lab.sweep"])
+    # per-variant metrics, named <metric>/<variant>: the runs table and charts show them on the sweep's row
+    for child, name in ((b, "b"), (small, "small_rpn")):
+        for m in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
+            assert first.data.metrics[f"{m}/{name}"] == pytest.approx(child.data.metrics[f"final/{m}"])
+    assert not any(k.endswith(("ci_low", "ci_high")) for k in first.data.metrics)  # one seed: no interval
+    # the description (MLflow renders it as markdown on the run page): the report's table, updated as runs end
+    note = first.data.tags["mlflow.note.content"]
+    assert note.startswith("**tiny**: 2 of 2 runs finished")
+    assert re.search(r"^\| b \(baseline\) +\|", note, re.M) and re.search(r"^\| small_rpn +\|", note, re.M)
+    assert "Δ bbox_AP" in note and "p segm_AP" in note
+    assert [m.step for m in c.get_metric_history(first.info.run_id, "bbox_AP/b")] == [1, 2]  # rewritten as each run ended
+    # the second invocation: both skipped (their metrics found finished), bad failed: counted, not averaged
+    second = next(r for r in runs(sweep, "sweep") if r.info.run_id != first.info.run_id)
+    assert second.data.tags["mlflow.note.content"].startswith("**tiny**: 2 of 3 runs finished")
+    assert second.data.metrics["segm_AP/small_rpn"] == pytest.approx(small.data.metrics["final/segm_AP"])
+    assert not any(k.startswith(("bbox_AP/bad", "segm_AP/bad")) for k in second.data.metrics)
+    # a gallery run's page opens on its final panels (one click from the run list), from MLflow's artifact address
+    gallery = small.data.tags["mlflow.note.content"]
+    for i in (1, 4):
+        assert f"](get-artifact?path=gallery%2F{i}.png&run_uuid={small.info.run_id})" in gallery
+    assert "mlflow.note.content" not in b.data.tags  # no gallery, no description
+    # no -1 (COCOeval: no ground truth of that size) among the metrics; the heartbeat is a readable time
+    assert all(v != -1 for r in (b, small) for v in r.data.metrics.values())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", b.data.tags["rcnn_lab.heartbeat"])
+
+
 def test_command_line_keys_are_the_changes_set_with_set(tmp_path):
     from rcnn_lab.runner.sweep import command_line_keys
     from tests.runner.conftest import tiny_experiment
@@ -182,7 +215,7 @@ def test_rerun_skips_finished_and_a_failing_variant_is_recorded_while_the_sweep_
     assert error.startswith("TrainingError: non-finite loss") and "\n" not in error
     trace = sweep.client.download_artifacts(bad.info.run_id, "error.txt", str(tmp_path))
     assert "Traceback" in open(trace).read() and "non-finite loss" in open(trace).read()
-    assert sweep.client.get_run(bad.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    assert sweep.client.get_run(bad.data.tags["rcnn_lab.sweep"]).info.status == "FAILED"
     rows = {row.split()[0]: row.split()[2] for row in out[out.index("variant  "):].splitlines()[1:4]}
     assert rows == {"b": "SKIPPED", "small_rpn": "SKIPPED", "bad": "FAILED"}
 
@@ -266,16 +299,31 @@ def test_a_store_down_until_the_end_loses_nothing_and_the_rerun_stores_it_withou
     down.set()
     code, out, err = cli("run", str(exp), "--no-progress")
     assert code == 3 and "Traceback" not in out + err
-    closing = [line for line in out.splitlines() if line.startswith("tracking store")]
-    assert len(closing) == 1 and "unreachable since" in closing[0] and "(connection refused)" in closing[0]
-    assert "not stored for 1 run(s)" in closing[0] and "its end (FINISHED)" in closing[0]
-    assert f"rcnn-lab run {exp}" in closing[0]
+    assert not [line for line in err.splitlines() if "tracking store" in line or "Retrying" in line]  # stdout only
+    lines = out.splitlines()
+    notice = [i for i, line in enumerate(lines) if "is not answering since" in line]
+    closing = [i for i, line in enumerate(lines) if line.startswith("tracking store") and "unreachable since" in line]
+    assert len(notice) == 1 and len(closing) == 1 and notice[0] < closing[0]  # said at once, once
+    said, closed = lines[notice[0]], lines[closing[0]]
+    assert "(connection refused): training goes on" in said and "waits up to 0 s" in said and "rerun" in said
+    since = re.search(r"since (\d\d:\d\d:\d\d)", said).group(1)
+    assert f"unreachable since {since} (connection refused)" in closed  # the first failed write, both times
+    assert "not stored for 2 run(s)" in closed and "its end (FINISHED)" in closed  # the run and the sweep's summary
+    assert f"rcnn-lab run {exp}" in closed
+    table = lines[lines.index(next(line for line in lines if line.startswith("variant"))) + 1]
+    assert table.split()[:5] == ["b", "0", "finished,", "not", "yet"]  # "finished, not yet stored": MLflow says RUNNING
     c = MlflowClient(uri)
-    (run,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
+    exp_id = c.get_experiment_by_name("tiny").experiment_id
+    (run,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'variant'")
     assert run.info.status == "RUNNING" and c.get_metric_history(run.info.run_id, "loss") == []
+    (sweep_run,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'sweep'")
+    assert sweep_run.info.status == "RUNNING" and run.data.tags["rcnn_lab.sweep"] == sweep_run.info.run_id
     outputs = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
     assert any(ckpt.folder(p.parent.parent) == p.parent for p in outputs)  # the checkpoints are there
 
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    c.set_tag(sweep_run.info.run_id, "rcnn_lab.pid", str(gone.pid))  # the first command's process has ended (here: in-process)
     down.clear()
     code, out, err = cli("run", str(exp), "--no-progress")
     assert code == 0, err
@@ -285,6 +333,12 @@ def test_a_store_down_until_the_end_loses_nothing_and_the_rerun_stores_it_withou
     assert run.info.status == "FINISHED" and "final/bbox_AP" in run.data.metrics
     assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
     assert {a.path for a in c.list_artifacts(run.info.run_id, "eval")} >= {"eval/metrics.json", "eval/per_class.json"}
+    # the rerun continues the same sweep run (not KILLED, no second one) and stores its summary
+    assert f"continue sweep run {sweep_run.info.run_id}" in out and "marked KILLED" not in out
+    (again,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'sweep'")
+    assert again.info.run_id == sweep_run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["mlflow.note.content"].startswith("**tiny**: 1 of 1 runs finished")
+    assert again.data.metrics["segm_AP/b"] == pytest.approx(run.data.metrics["final/segm_AP"])
     kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
     assert {p: t for p, t in kept.items() if p in outputs and "tracking" not in p.parts} == \
         {p: t for p, t in outputs.items() if "tracking" not in p.parts}  # checkpoints kept, untouched
@@ -317,4 +371,4 @@ def test_a_store_that_stops_answering_between_two_runs_ends_the_sweep_with_one_l
     c = MlflowClient(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
     assert run.data.tags["rcnn_lab.variant"] == "b" and run.info.status == "FINISHED"  # the first run is stored whole
-    assert c.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the sweep did not finish
+    assert c.get_run(run.data.tags["rcnn_lab.sweep"]).info.status == "FAILED"  # the sweep did not finish

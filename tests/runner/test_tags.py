@@ -14,8 +14,8 @@ def test_tag_names_are_distinct_and_prefixed():
     tag_keys = {k: v for k, v in names.items() if v.startswith(tags.PREFIX) and k != "PREFIX"}
     assert len(set(tag_keys.values())) == len(tag_keys)  # no two constants name the same tag
     own = set(names) - set(tag_keys) - {"PREFIX"}
-    assert own == {"SWEEP", "VARIANT_RUN", "PARENT", "FINAL_PREFIX",  # values and MLflow's own names
-                   "EXPERIMENT_KIND", "MODEL_TRAINING", "UI_WORKFLOW", "DATASET_CONTEXT"}
+    assert own == {"SWEEP", "VARIANT_RUN", "EVAL_RUN", "SEARCH", "PARENT", "FINAL_PREFIX",  # values and MLflow's own names
+                   "EXPERIMENT_KIND", "MODEL_TRAINING", "UI_WORKFLOW", "DATASET_CONTEXT", "NOTE"}
 
 
 def test_bookkeeping_params_and_filters():

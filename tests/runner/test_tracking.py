@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -129,7 +130,14 @@ def test_heartbeat_thread_refreshes_the_tag(store):
         deadline = time.time() + 10
         while c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT] == "0" and time.time() < deadline:
             time.sleep(0.05)
-    assert abs(int(c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT]) - time.time()) < 15
+    beat = c.get_run(r.info.run_id).data.tags[tags.HEARTBEAT]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", beat)  # a time a reader can read (UTC), not a raw number
+    assert abs(tr.beat_time(beat) - time.time()) < 15
+
+
+def test_heartbeats_read_back_in_both_forms_and_old_numeric_ones_still_count():
+    assert tr.beat_time("2026-12-07T11:47:07Z") == 1796644027.0
+    assert tr.beat_time("1796644027") == 1796644027.0 and tr.beat_time("garbage") is None and tr.beat_time(None) is None
 
 
 
