@@ -1,34 +1,46 @@
 """experiments/coco_r50_fpn_torchvision.yaml trains step by step as torchvision's reference loop does.
 
-The reference is transcribed below from torchvision's ``references/detection`` (written out from
-knowledge of its source, torchvision 0.15-0.20, whose files did not change in what is used here;
-no copy of the references was at hand to diff against, so a reviewer may want to):
+What was compared, and against what: torchvision's ``references/detection`` files as stored at
+these pytorch/vision commits were read line by line and the parts used below transcribed (the
+files themselves are not vendored):
 
-* ``group_by_aspect_ratio.py``: ``create_aspect_ratio_groups(dataset, k)`` bins each image's
-  width / height with ``bisect_right`` over ``2 ** linspace(-1, 1, 2k + 1)`` (for a COCO dataset
-  the ratio comes from the JSON's width and height); ``GroupedBatchSampler`` walks the sampler,
-  yields a bin's buffer when it holds ``batch_size`` images (deleting it; the ``defaultdict`` is
-  touched again at once by an assert), and at the end completes the fullest leftover buffers with
-  their bin's images repeated in order (``_repeat_to_at_least``) until ``len(sampler) //
-  batch_size`` batches were yielded.
-* ``engine.py``: ``train_one_epoch`` creates, in epoch 0 only, ``LinearLR(start_factor=1/1000,
-  total_iters=min(1000, len(data_loader) - 1))``, and per batch: ``loss_dict = model(images,
-  targets)``, ``losses = sum(loss_dict.values())``, ``optimizer.zero_grad()``,
-  ``losses.backward()``, ``optimizer.step()``, then the warm-up scheduler's ``step()``.
-* ``train.py``: ``RandomSampler`` + ``GroupedBatchSampler`` (``--aspect-ratio-group-factor 3``),
-  parameters ``[p for p in model.parameters() if p.requires_grad]`` in one group, ``SGD(lr=0.02,
-  momentum=0.9, weight_decay=1e-4)``, ``MultiStepLR(milestones=[16, 22], gamma=0.1)`` stepped once
-  after each epoch; the model is ``maskrcnn_resnet50_fpn(weights_backbone=IMAGENET1K_V1)``: a
-  ResNet-50 with ``FrozenBatchNorm2d``, ``_resnet_fpn_extractor(backbone, 3)``, ``MaskRCNN``.
-* ``transforms.py``: ``RandomHorizontalFlip(0.5)``: ``if torch.rand(1) < p``: flip the image,
-  ``boxes[:, [0, 2]] = width - boxes[:, [2, 0]]``, ``masks.flip(-1)``.
+* ``group_by_aspect_ratio.py`` @ d2aeec2a39981969440d24550feb86c75d894f82: ``_quantize``,
+  ``create_aspect_ratio_groups(dataset, k)`` (``bisect_right`` over ``2 ** linspace(-1, 1, 2k + 1)``;
+  for a COCO dataset the ratio comes from the JSON's width and height) and ``GroupedBatchSampler``
+  (a bin's buffer is yielded when it holds ``batch_size`` images; at the end the fullest leftover
+  buffers are completed with their bin's images repeated in order, ``_repeat_to_at_least``, until
+  ``len(sampler) // batch_size`` batches were yielded): copied below verbatim in substance.
+* ``train.py`` @ 3ceb056d4c4a2d79ccdc65cbd2342b0e89a7ae47: ``DistributedSampler(dataset)`` under
+  torchrun (``RandomSampler`` without it) + ``GroupedBatchSampler`` (``--aspect-ratio-group-factor 3``),
+  ``set_epoch(epoch)`` before each epoch, parameters ``[p for p in model.parameters() if
+  p.requires_grad]`` in one group, ``SGD(lr=0.02, momentum=0.9, weight_decay=1e-4)``,
+  ``MultiStepLR(milestones=[16, 22], gamma=0.1)`` stepped once after each epoch. The recipe uses
+  ``data.sampler: per_process``, so the transcription draws with torch's own
+  ``DistributedSampler(num_replicas=1, rank=0, seed=0)``, as ``torchrun --nproc_per_node=1`` would.
+* ``engine.py`` @ 738bb42169380ef4d56afdf0bb5eb3e83b66815e: ``train_one_epoch`` with a warm-up in
+  epoch 0 only over ``min(1000, len(data_loader) - 1)`` iterations from factor 1/1000
+  (``utils.warmup_lr_scheduler`` there; later versions use ``LinearLR(start_factor=1/1000, total_iters=...)``,
+  the same factors, which the transcription uses), and per batch ``loss_dict = model(images,
+  targets)``, ``losses = sum(...)``, ``zero_grad``, ``backward``, ``step``, then the warm-up's ``step()``.
+* ``transforms.py`` @ 3749cad2d6a3d3ee976c15d48e30afe987642cb6 (the v1 reference transforms, with
+  ``ToDtype``, which arrived with torchvision 0.16): ``RandomHorizontalFlip(0.5)``: ``if torch.rand(1) <
+  p``: flip the image, ``boxes[:, [0, 2]] = width - boxes[:, [2, 0]]``, ``masks.flip(-1)``. The
+  image reaches the model as ``PILToTensor`` + ``ToDtype(torch.float, scale=True)`` (uint8 / 255), which
+  is what the project's reader gives for 8-bit files; the v2 pipeline (``--use-v2``, 0.16+) is not compared.
+* ``coco_utils.py`` @ aaca9bdc237e2d4dd3d919e9ef3151a1133c6d40: ``ConvertCocoPolysToMask`` (crowd
+  regions dropped, boxes clipped to the image, boxes with no width or height dropped) and
+  ``_coco_remove_images_without_annotations`` (the recipe's ``filter_rule: torchvision``; checked in
+  tests/data/test_coco.py).
+* The model: ``maskrcnn_resnet50_fpn(weights_backbone=IMAGENET1K_V1)``: a ResNet-50 with
+  ``FrozenBatchNorm2d``, ``_resnet_fpn_extractor(backbone, 3)``, ``MaskRCNN`` (torchvision as installed).
 
-Randomness is the one thing not transcribed: the reference draws its epoch permutation and its
-flips from torch's global RNG (per DataLoader worker), this project from seeded generators per
-epoch and per sample (so its DataLoader draws no worker base seed from the global RNG either). The
-transcription takes those draws from the same seeds (the epoch's permutation as a sampler, the
-sample's generator for the flip, a private generator for the DataLoader) and everything else is
-its own; the global RNG, which the RPN's and RoI heads' samplers draw from, starts in the same state.
+Randomness: the epoch permutation is the reference's own (torch's ``DistributedSampler``, seeded
+0 + epoch, as the recipe's ``sampler: per_process`` draws it). The flips are the one draw not taken
+as the reference takes it: the reference draws them from torch's global RNG (per DataLoader worker),
+this project from a generator seeded per sample (so its DataLoader draws no worker base seed from
+the global RNG either); the transcription flips with the sample's generator and gives its
+DataLoader a private generator, and everything else is its own; the global RNG, which the RPN's and
+RoI heads' samplers draw from, starts in the same state.
 Decoding the COCO files is not part of the comparison either: both read items of the same
 ``CocoDataset`` (export-shapes writes compressed RLE, which the reference's loader cannot read).
 
@@ -53,14 +65,15 @@ import pytest
 import torch
 import torchvision
 from pycocotools import mask as mask_utils
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rcnn_lab.data.coco import decode_segmentation, read_rgb
 from rcnn_lab.data.export import export_shapes, write_png
-from rcnn_lab.data.loader import BatchSchedule, sample_seed
+from rcnn_lab.data.loader import sample_seed
 from rcnn_lab.engine.hooks import Hook
 from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.engine.trainer import Trainer
@@ -128,19 +141,6 @@ class GroupedBatchSampler(BatchSampler):
         return len(self.sampler) // self.batch_size
 
 
-class Permutation(Sampler):
-    """RandomSampler's permutation for one epoch (drawn from the project's epoch seed; see the module docstring)."""
-
-    def __init__(self, order):
-        self.order = order
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def __len__(self):
-        return len(self.order)
-
-
 class FlippedItems(torch.utils.data.Dataset):
     """The dataset with the reference's RandomHorizontalFlip(0.5) (its draw from the sample's seed)."""
 
@@ -204,8 +204,9 @@ def reference_run(dataset, imagenet, initial_state, rng_state, num_classes):
     torch.set_rng_state(rng_state)
     records, epoch = [], 0
     while len(records) < STEPS:
-        order = BatchSchedule(len(dataset), BATCH, seed=SEED).order(epoch)
-        sampler = GroupedBatchSampler(Permutation(order), group_ids, BATCH)
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=SEED)  # torchrun, 1 process
+        sampler.set_epoch(epoch)
+        sampler = GroupedBatchSampler(sampler, group_ids, BATCH)
         loader = DataLoader(FlippedItems(dataset, epoch), batch_sampler=sampler, collate_fn=collate_fn,
                             generator=torch.Generator())  # its base seed not drawn from the global RNG, as the project's
         train_one_epoch(model, optimizer, loader, epoch, records, STEPS)
