@@ -74,7 +74,7 @@ def main() -> None:
     n_images, n_instances = max(10, round(118_287 * scale)), max(50, round(803_507 * scale))
     sys.path.insert(0, str(ROOT))
     from rcnn_lab.data.coco import CocoDataset
-    from rcnn_lab.data.coco_files import SAMPLE, check_headers, check_listed
+    from rcnn_lab.data.coco_files import SAMPLE, _workers, check_headers, check_listed
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -107,7 +107,7 @@ def main() -> None:
         f"({polygons / build:.0%}) | | ~{polygons * per:.0f} s |",
         f"| default preflight: every file listed, {SAMPLE} headers read | {listed * 1e3:.0f} ms | {listed / n_images * 1e6:.1f} us "
         f"| ~{listed * per:.1f} s |",
-        f"| `validate --data --deep`: every header read | {cold.seconds:.2f} s | {cold.rate:,.0f} images/s | ~{118_287 / cold.rate:.0f} s |",
+        f"| `validate --data --deep`: every header read ({_workers()} processes) | {cold.seconds:.2f} s | {cold.rate:,.0f} images/s | ~{118_287 / cold.rate:.0f} s |",
         f"| again, unchanged files vouched for by the cache | {warm.seconds:.2f} s | {warm.images / warm.seconds:,.0f} images/s "
         f"| ~{118_287 / (warm.images / warm.seconds):.1f} s |",
     ]
