@@ -49,22 +49,20 @@ def _check_score(score: float) -> None:
 
 
 def cmd_predict(args) -> int:
-    from rcnn_lab.engine.predict import check_out, find_images
+    from rcnn_lab.cli.eval import check_flags
     from rcnn_lab.engine.preflight import load_experiment
-    from rcnn_lab.runner.evaluate_only import check_flags
 
-    check_flags(args.weights, args.run)  # before the YAML: nothing to load for a wrong command line
+    check_flags(args.weights, args.run)  # before the YAML and without torch: nothing to load for a wrong command line
     _check_score(args.score)
     flags = {"--device": ("train.device", args.device)} if args.device else None
     exp = load_experiment(args.experiment, args.overrides, flags=flags)
     variant = _variant(exp, args.variant)
+    # torch from here on: the command line and the experiment are valid
+    from rcnn_lab.cli.notes import print_warnings
+    from rcnn_lab.engine.predict import check_out, find_images, predict_images
+
     items = find_images(args.images)
     out = check_out(args.out)
-    # torch from here on: the command line and the experiment are valid
-    import torch  # noqa: F401 (the engine's modules need it; imported here, after the checks)
-
-    from rcnn_lab.cli.notes import print_warnings
-    from rcnn_lab.engine.predict import predict_images
     from rcnn_lab.runner import tracking as tr
     from rcnn_lab.runner.evaluate_only import read_weights
 
@@ -73,8 +71,8 @@ def cmd_predict(args) -> int:
     device, categories = _inputs(cfg, variant)
     weights = read_weights(args.weights, args.run, tr.resolve_uri(exp.tracking.uri),
                            with_masks=cfg.model.roi_heads.mask_head is not None)
-    model, summary = _model(cfg, weights, variant)
-    print(f"{weights.source}: {summary}", flush=True)
+    model, summary = _model(cfg, weights, variant, categories)
+    print(summary, flush=True)
     from rcnn_lab.engine.trainer import resolve_amp
 
     done = predict_images(model.to(device), items, out, categories, device, batch_size=cfg.eval.batch_size,
@@ -114,19 +112,30 @@ def _inputs(cfg, variant):
     return device, categories
 
 
-def _model(cfg, weights, variant):
-    """The variant's model with every tensor from ``weights``: ``(model, one-line load summary)``."""
+def _model(cfg, weights, variant, categories):
+    """The variant's model with every tensor from ``weights``: ``(model, one-line load summary)``.
+
+    torchvision's COCO weights have their class rows by COCO category id: reordered to the labels of
+    ``categories`` first, as ``rcnn-lab eval`` does (``engine.label_order``).
+    """
+    from rcnn_lab.engine.label_order import by_category_id, to_labels
+    from rcnn_lab.engine.predict import foreign_tensors
     from rcnn_lab.engine.weights import load_into
     from rcnn_lab.errors import ConfigError, Problem
     from rcnn_lab.models.builder import build_for_weights
 
-    model = build_for_weights(cfg.model)
-    report = load_into(model, weights.state, source=weights.source, identity=weights.identity, key=weights.flag)
-    # every tensor of the model from the file, and none of the file left over (ResNet-34 weights fill a ResNet-18 by
-    # name and shape, with blocks to spare: another architecture all the same)
-    if report.fresh or report.missing or report.unexpected:
+    model = build_for_weights(cfg.model)  # the backbone's own weights are not read: every tensor is replaced
+    state, source = weights.state, weights.source
+    if by_category_id(weights.identity):
+        reordered = to_labels(state, [c["id"] for c in categories])
+        if reordered is not None:
+            state, source = reordered, f"{source} (class rows reordered from COCO category ids to data.val's labels)"
+    report = load_into(model, state, source=source, identity=weights.identity, key=weights.flag)
+    # every tensor of the model from the file, and none of the file left over inside a part the model has
+    # (ResNet-34 weights fill a ResNet-18 by name and shape, with blocks to spare: another architecture all the same)
+    if report.fresh or report.missing or foreign_tensors(model, report.unexpected):
         raise ConfigError([Problem(weights.flag, f"{weights.source} does not fit variant {variant.name}'s model "
                                    f"({report.summary()}); predictions need the model the weights were trained as: give the "
                                    "experiment (and --variant) they were trained with, or set model.num_classes and "
                                    "the architecture to theirs", variant.file or None)])
-    return model, report.summary()
+    return model, f"{source}: {report.summary()}"

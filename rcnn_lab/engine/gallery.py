@@ -87,28 +87,36 @@ def _scale(height: int, min_height: int) -> int:
 
 
 def _detections(base: torch.Tensor, results: Sequence[dict], categories: Sequence[dict], score_threshold: float,
-                scale: int) -> torch.Tensor:
-    """``base`` (uint8 ``[3, H, W]``, not yet scaled) with the detections of ``results`` drawn, scaled by ``scale``."""
+                scale: int, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """``base`` (uint8 ``[3, H, W]``, not yet scaled) with the detections of ``results`` drawn, scaled by ``scale``.
+
+    ``masks``: the results' masks (bool ``[len(results), H, W]``) when the caller has them; else decoded from the RLE.
+    """
     h, w = base.shape[-2:]
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
     label_of = {int(c["id"]): i + 1 for i, c in enumerate(categories)}
-    shown = sorted((r for r in results if r["score"] >= score_threshold), key=lambda r: -r["score"])
+    order = sorted((i for i, r in enumerate(results) if r["score"] >= score_threshold), key=lambda i: -results[i]["score"])
+    shown = [results[i] for i in order]
     boxes = torch.tensor([r["bbox"] for r in shown], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-    return _layer(_upscale(base, scale), _upscale(_decode(shown, h, w), scale), boxes * scale,
+    layer = _decode(shown, h, w) if masks is None else masks[order] if order else torch.zeros((0, h, w), dtype=torch.bool)
+    return _layer(_upscale(base, scale), _upscale(layer, scale), boxes * scale,
                   [label_of.get(int(r["category_id"]), 0) for r in shown],
                   [f"{names.get(int(r['category_id']), r['category_id'])} {r['score']:.2f}" for r in shown])
 
 
 def draw_detections(image: torch.Tensor, results: Sequence[dict], categories: Sequence[dict],
-                    score_threshold: float = SCORE_THRESHOLD, min_height: int = 0) -> torch.Tensor:
+                    score_threshold: float = SCORE_THRESHOLD, min_height: int = 0,
+                    masks: torch.Tensor | None = None) -> torch.Tensor:
     """The image with its detections drawn, as uint8 ``[3, H, W]`` (``rcnn-lab predict``'s pictures).
 
     ``results`` are the image's COCO result dicts (``engine.evaluate.detections_to_coco``): each
     with ``score >= score_threshold`` is a filled mask (when it has a ``segmentation``), a box and
     ``name score``. ``min_height``: smaller images are scaled up (nearest) to at least that height.
+    ``masks``: bool ``[len(results), H, W]``, the results' masks already at hand (not decoded again).
     """
-    return _detections(_as_uint8(image), results, categories, score_threshold, _scale(image.shape[-2], min_height))
+    return _detections(_as_uint8(image), results, categories, score_threshold, _scale(image.shape[-2], min_height),
+                       masks)
 
 
 def _titled(half: torch.Tensor, text: str) -> torch.Tensor:

@@ -4,9 +4,10 @@
   each with the name its picture gets under the output folder; problems are one-line errors
   raised before anything is written.
 * :func:`predict_images` reads the images (``data.images.read_image``: any mode, 16-bit, EXIF
-  orientation) in loader workers, runs the model in batches on the device, writes each picture
-  (``engine.gallery.draw_detections``) and appends the detections to ``results.json`` as it
-  goes (:class:`ResultsWriter`): memory stays flat over any number of images.
+  orientation) in loader workers, runs the model in batches on the device, appends the detections
+  to ``results.json`` as it goes (:class:`ResultsWriter`) and draws each picture
+  (``engine.gallery.draw_detections``) in a drawing thread while the next batch runs (at most one
+  batch behind): memory stays flat over any number of images.
 * An image that cannot be read is one line naming it; the others go on, and the summary counts it.
 
 ``image_id`` in the results file is the image's position in the input order (1-based); each
@@ -26,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,23 @@ def check_out(out: str | Path, key: str = "--out") -> Path:
     return path
 
 
+def foreign_tensors(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` (tensors of a weights file that the model has no place for) that sit inside a part the
+    model has: another architecture, such as a deeper ResNet's extra blocks beside a shallower one's (which all
+    fit by name and shape). Tensors of a part the model leaves out (its attribute is None, e.g. a mask head
+    under a Faster R-CNN) are not foreign: weights for a larger model of the same family."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in names:
+        parts = name.split(".")[:-1]
+        depth = max(k for k in range(len(parts) + 1) if ".".join(parts[:k]) in modules)
+        parent = modules[".".join(parts[:depth])]
+        if depth < len(parts) and depth > 0 and getattr(parent, parts[depth], 0) is None:
+            continue
+        out.append(name)
+    return out
+
+
 class ResultsWriter:
     """A JSON array written one result at a time (valid JSON once closed, even after an interruption)."""
 
@@ -201,6 +220,22 @@ def _score_floor(model: nn.Module, score: float):
         heads.score_thresh = old
 
 
+def _kept(output: dict[str, torch.Tensor], score: float, num_categories: int) -> dict[str, torch.Tensor]:
+    """The detections of one model output with ``score >= score`` and a label that has a category."""
+    keep = (output["scores"] >= score) & (output["labels"] >= 1) & (output["labels"] <= num_categories)
+    return {k: v[keep] for k, v in output.items() if k in ("boxes", "scores", "labels", "masks")}
+
+
+def _draw(pictures: list[tuple[Path, torch.Tensor, list[dict], torch.Tensor | None]], categories, score: float) -> None:
+    """Draw and write one batch's pictures (in the drawing thread: the next batch runs meanwhile)."""
+    from rcnn_lab.data.export import write_png
+    from rcnn_lab.engine.gallery import draw_detections
+
+    for target, image, results, masks in pictures:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_png(draw_detections(image, results, categories, score, masks=masks), target)
+
+
 def _line(item: ImageInput, results: list[dict], names: dict[int, str], limit: int = 5) -> str:
     counts: dict[str, int] = {}
     for r in results:
@@ -220,9 +255,7 @@ def predict_images(model: nn.Module, items: Sequence[ImageInput], out: Path, cat
     (``i + 1`` is ``categories[i]``) to ids and names. The per-image lines go to stdout, the one
     line of each image that cannot be read to stderr (above the progress bar, when there is one).
     """
-    from rcnn_lab.data.export import write_png
     from rcnn_lab.engine.evaluate import detections_to_coco
-    from rcnn_lab.engine.gallery import draw_detections
 
     started = time.perf_counter()
     out = Path(out)
@@ -246,7 +279,9 @@ def predict_images(model: nn.Module, items: Sequence[ImageInput], out: Path, cat
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with ResultsWriter(summary.results) as writer, torch.inference_mode(), _score_floor(model, score):
+        with ResultsWriter(summary.results) as writer, torch.inference_mode(), _score_floor(model, score), \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-draw") as painter:
+            pending = None
             for batch in loader:
                 for *_, error in batch:
                     if error is not None:
@@ -263,21 +298,27 @@ def predict_images(model: nn.Module, items: Sequence[ImageInput], out: Path, cat
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     summary.inference_s += time.perf_counter() - tick
+                    drawn = []
                     for (index, image), output in zip(good, outputs):
                         item = items[index]
-                        results = [r for r in detections_to_coco([output], [index + 1], categories) if r["score"] >= score]
+                        output = _kept(output, score, len(categories))
+                        results = detections_to_coco([output], [index + 1], categories)  # one per kept row, in order
                         for r in results:
                             r["file_name"] = item.shown
                         writer.write(results)
                         if draw:
-                            target = pictures / f"{item.name}.png"
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            write_png(draw_detections(image, results, categories, score), target)
+                            masks = (output["masks"][:, 0] > 0.5).cpu() if "masks" in output else None
+                            drawn.append((pictures / f"{item.name}.png", image, results, masks))
                         summary.images += 1
                         summary.detections += len(results)
                         emit(_line(item, results, names), sys.stdout)
+                    if pending is not None:
+                        pending.result()  # at most one batch of pictures behind: memory stays flat
+                    pending = painter.submit(_draw, drawn, categories, score) if drawn else None
                 if bar is not None:
                     bar.update(len(batch))
+            if pending is not None:
+                pending.result()
     finally:
         for m, training in modes:
             m.training = training

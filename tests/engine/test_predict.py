@@ -200,3 +200,39 @@ def test_results_stream_to_disk_and_memory_stays_flat(tmp_path):
     held = (tmp_path / "out400" / "results.json").stat().st_size  # what a list of all results would hold, at least
     assert held > 1_000_000
     assert large - small < 200_000 < held / 5
+
+
+def test_pictures_from_the_masks_at_hand_equal_pictures_from_the_rle(tmp_path):
+    """predict hands draw_detections the masks it has; the picture is the one the RLE in the file gives."""
+    from rcnn_lab.engine.gallery import draw_detections
+
+    image = torch.from_numpy(np.random.default_rng(0).random((3, 40, 60), dtype=np.float32))
+    output = FixedDetector()([image])[0]
+    output["scores"] = torch.tensor([0.9, 0.3] + [0.6] * 18)
+    output["masks"][1, :, 20:, 30:] = 1.0  # a second shape, below the score
+    results = detections_to_coco([output], [1], CATEGORIES)
+    masks = output["masks"][:, 0] > 0.5
+    from_rle = draw_detections(image, results, CATEGORIES, 0.5)
+    assert torch.equal(draw_detections(image, results, CATEGORIES, 0.5, masks=masks), from_rle)
+    assert not torch.equal(from_rle, draw_detections(image, results, CATEGORIES, 0.0))  # the low one is drawn at 0
+    assert torch.equal(draw_detections(image, results, CATEGORIES, 0.95, masks=masks),
+                       (image * 255).round().to(torch.uint8))  # nothing above: the image itself
+
+
+def test_foreign_tensors_are_extra_parts_inside_the_model_not_parts_it_leaves_out():
+    from rcnn_lab.engine.predict import foreign_tensors
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.box = nn.Linear(2, 2)
+            self.mask_head = None  # a part this model leaves out (a Faster R-CNN's)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(2, 2))
+            self.roi_heads = Heads()
+
+    names = ["roi_heads.mask_head.0.weight", "body.1.weight", "roi_heads.box.extra", "neck.weight"]
+    assert foreign_tensors(Model(), names) == ["body.1.weight", "roi_heads.box.extra", "neck.weight"]
