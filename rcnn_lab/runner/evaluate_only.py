@@ -84,7 +84,8 @@ def read_weights(weights: str | None, run_id: str | None, uri: str, root: Path |
         source = label = str(w.hub_enum(spec, with_masks, "--weights"))
     else:
         source, label = display_path(Path(spec).expanduser()), Path(spec).name
-    return Weights("--weights", source, identity, label, state)
+    iteration = ckpt.iteration_of(Path(spec)) or 0  # an rcnn-lab checkpoint file (iter_0000200.pt): its step
+    return Weights("--weights", source, identity, label, state, iteration)
 
 
 def eval_hash(run_hash: str, identity: str) -> str:
