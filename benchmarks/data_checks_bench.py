@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.1, help="fraction of train2017's 118,287 images / 803,507 instances")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; nothing written")
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()
     scale = 0.005 if args.smoke else args.scale
     n_images, n_instances = max(10, round(118_287 * scale)), max(50, round(803_507 * scale))
@@ -113,7 +114,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if not args.smoke:
+    if not (args.smoke or args.no_write):
         publish_section(f"## {SECTION}\n\n{text}", REPORT)
 
 

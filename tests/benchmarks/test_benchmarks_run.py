@@ -15,6 +15,7 @@ CASES = {
                             "Ratio framework / plain:"),
     "optimizer_bench.py": (["--warmup", "0", "--repeats", "1"], "| AdamW |"),
     "data_bench.py": (["--quick"], "shapes generate, 128 px"),
+    "data_checks_bench.py": (["--smoke"], "`validate --data --deep`: every header read"),
     "coco_scale_bench.py": (["--smoke"], "| worker PSS flat within 5 % |"),
     "mlflow_overhead_bench.py": (["--steps", "1", "--rounds", "1"], "overhead"),
     "roi_align_bench.py": (["--rois", "8", "--image", "128", "--channels", "8", "--repeat", "1", "--warmup", "0",
