@@ -223,12 +223,28 @@ def cmd_report(args) -> int:
         raise write_failed(exc, path, "--out") from None
     plots = write_plots(table, df, stem, args.group_by, args.uri, args.cost) + extra_plots
     page = Path(f"{stem}.html")
-    page.write_text(html_report(table, plots, tables))
+    page.write_text(html_report(table, [(plot_heading(p, stem), p) for p in plots], tables))
     files = list(dict.fromkeys([path, page, *plots]))
     echo(f"wrote {path}, {page.name} (plots embedded) and {len(plots)} plot(s): {', '.join(p.name for p in plots)}")
     if not args.no_log:
         log_to_sweeps(df, files, echo)
     return 0
+
+
+def plot_heading(path: Path, stem: Path) -> str:
+    """The report page's heading of a plot written by ``write_plots`` / ``analysis`` (named ``<stem>_<what>.png``)."""
+    what = Path(path).stem[len(Path(stem).name) + 1:] if Path(path).stem.startswith(Path(stem).name + "_") else Path(path).stem
+    for prefix, heading in (("errors_", "COCO error breakdown, {}"), ("pr_", "Precision-recall at IoU 0.5 and 0.75, {}")):
+        if what.startswith(prefix):
+            return heading.format({"bbox": "boxes", "segm": "masks"}.get(what[len(prefix):], what[len(prefix):]))
+    if what == "losses":
+        return "Training losses per variant"
+    if what == "gallery":
+        return "Predictions per variant (each panel: ground truth | prediction)"
+    if "_vs_" in what:
+        metric, _, against = what.partition("_vs_")
+        return f"{metric} against {against}"
+    return f"{what} per variant: mean and confidence interval over seeds"
 
 
 def _fmt(value):

@@ -169,6 +169,9 @@ def per_class(df: pd.DataFrame, seed: int | None = None, tracking_uri: str | Non
     return pd.DataFrame(rows)
 
 
+IOU_NAMES = {"bbox": "boxes (bbox)", "segm": "masks (segm)"}
+
+
 def plot_pr(err: pd.DataFrame, iou_type: str, path: str | Path) -> Path:
     """Precision-recall at IoU 0.5 and 0.75 (two panels), one line per variant."""
     from rcnn_lab.report.plots import _figure, _save
@@ -186,7 +189,7 @@ def plot_pr(err: pd.DataFrame, iou_type: str, path: str | Path) -> Path:
         a.set_ylim(0, 1.02)
         a.set_xlabel("recall")
         a.set_ylabel("precision")
-        a.set_title(f"{iou_type}: IoU {iou} (AP in brackets)", fontsize=10)
+        a.set_title(f"{IOU_NAMES.get(iou_type, iou_type)}: IoU {iou} (AP in brackets)", fontsize=10)
         a.grid(alpha=0.3)
         a.legend(fontsize=7, loc="lower left")
     return _save(fig, path)
@@ -210,7 +213,8 @@ def plot_errors(err: pd.DataFrame, iou_type: str, path: str | Path) -> Path:
         bottom += steps[:, i]
     ax.set_ylim(0, 1)
     ax.set_ylabel("AP (cumulative)")
-    ax.set_title(f"{iou_type}: COCO error breakdown (each band: AP gained by forgiving that error)", fontsize=10)
+    ax.set_title(f"{IOU_NAMES.get(iou_type, iou_type)}: COCO error breakdown\n(each band: AP gained by forgiving that error)",
+                 fontsize=10)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.tick_params(axis="x", labelsize=8)
     return _save(fig, path)

@@ -84,3 +84,10 @@ def test_an_epoch_run_journals_its_last_steps_before_its_last_checkpoint(tmp_pat
         hook.after_step(trainer, _record(it))
     assert _journaled_steps(journal) == [1, 2, 3, 4, 5, 6] and hook.buffer == []  # step 6 precedes the last checkpoint
     journal.close(0)
+
+
+def test_cocoeval_minus_one_for_an_empty_size_range_is_not_logged():
+    from rcnn_lab.runner.hooks import defined
+
+    metrics = {"bbox_AP": 0.5, "bbox_APl": -1.0, "segm_ARs": -1.0, "segm_APs": 0.0, "eval_time_s": 2.0}
+    assert defined(metrics) == {"bbox_AP": 0.5, "segm_APs": 0.0, "eval_time_s": 2.0}  # a true 0 stays
