@@ -76,6 +76,8 @@ def backbone_spec(cfg: ModelConfig, path: str = "model") -> Spec:
         return spec
     accepted = {p.name for p in BACKBONES.get(spec.type, f"{path}.backbone.type").params()}
     filled = {k: v for k, v in FINE_TUNE_DEFAULTS.items() if k in accepted and spec.kwargs.get(k) is None}
+    if "norm" in filled and (cfg.weights == "coco_v2" or "_V2_Weights." in cfg.weights):
+        filled["norm"] = "batchnorm"  # maskrcnn_resnet50_fpn_v2 / fasterrcnn_..._v2 keep BatchNorm2d in the body
     return Spec(spec.type, {**spec.kwargs, **filled}) if filled else spec
 
 

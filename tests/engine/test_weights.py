@@ -211,6 +211,34 @@ def test_detector_weights_bring_torchvisions_fine_tuning_defaults(tmp_path, extr
     assert stages == sorted(trainable)
 
 
+V2 = """  backbone: {type: resnet_fpn, depth: 50, fpn_norm: batchnorm}
+  rpn: {head: {type: conv, conv_depth: 2}}
+  roi_heads:
+    box_head: {type: conv_fc, conv_layers: [256, 256, 256, 256], fc_layers: [1024], norm: batchnorm}
+    mask_head: {type: conv_stack, layers: [256, 256, 256, 256], dilation: 1, norm: batchnorm}
+"""  # torchvision's maskrcnn_resnet50_fpn_v2, written out
+
+
+@pytest.mark.parametrize("weights, builder, enum", [
+    ("coco", torchvision.models.detection.maskrcnn_resnet50_fpn,
+     torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
+    ("coco_v2", torchvision.models.detection.maskrcnn_resnet50_fpn_v2,  # BatchNorm2d in the body, 3 stages
+     torchvision.models.detection.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
+])
+def test_the_backbone_is_what_torchvisions_builder_makes_for_those_weights(tmp_path, monkeypatch, weights, builder, enum):
+    """Module types and trainable parameters as torchvision's builder makes them when given the weights."""
+    path = tmp_path / "coco.yaml"
+    path.write_text(f"base: {EXPERIMENTS / 'base.yaml'}\nname: c\nmodel:\n  weights: {weights}\n{V2 if weights == 'coco_v2' else ''}")
+    cfg = load_experiment(path).variants[0].config.model
+    with torch.device("meta"):  # no download: torchvision's builder is handed a state_dict of its own shapes
+        state = builder(weights=None, weights_backbone=None).state_dict()
+        monkeypatch.setattr(type(enum), "get_state_dict", lambda self, *a, **k: state)
+        theirs = builder(weights=enum)
+        ours = build_model(cfg)
+    assert [type(m) for m in ours.modules()][1:] == [type(m) for m in theirs.modules()][1:]  # [0]: the assembled class
+    assert [(n, p.requires_grad) for n, p in ours.named_parameters()] == [(n, p.requires_grad) for n, p in theirs.named_parameters()]
+
+
 def test_without_weights_the_backbone_trains_whole(tmp_path):
     cfg = model_config(tmp_path)
     with torch.device("meta"):
