@@ -200,11 +200,14 @@ def test_error_under_a_config_key(tmp_path):
     assert str(moved).count("data.train.images") == 1 and "x.jpg" in str(moved)
 
 
-def test_coco_dataset_reads_a_sixteen_bit_png_in_unit_range(tmp_path):
+def test_coco_dataset_reads_a_sixteen_bit_png_in_unit_range(tmp_path, monkeypatch):
     """A 16-bit PNG reaches the model in [0, 1] through the COCO dataset (it used to reach 257)."""
     import json
 
+    from rcnn_lab.data import coco_files
     from rcnn_lab.data.coco import CocoDataset
+
+    monkeypatch.setattr(coco_files, "SAMPLE", 0)  # the build's header sample would refuse bad.png first (test_coco_files.py)
 
     (tmp_path / "images").mkdir()
     Image.fromarray(gradient(np.uint16, 65535)).save(tmp_path / "images" / "deep.png")
