@@ -65,7 +65,7 @@ import pytest
 import torch
 import torchvision
 from pycocotools import mask as mask_utils
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -139,6 +139,19 @@ class GroupedBatchSampler(BatchSampler):
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
+
+
+class Permutation(Sampler):
+    """A fixed order as a sampler (tests/data/test_loader.py feeds the transcribed GroupedBatchSampler with it)."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
 
 
 class FlippedItems(torch.utils.data.Dataset):
