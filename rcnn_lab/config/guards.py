@@ -37,6 +37,27 @@ def check_seeds(seeds: Any, key: str, source: str | None) -> list[int]:
     return seeds
 
 
+def experiment_seeds(raw: dict, parsed: list, seeds_file: str, seed_file: str, warnings: list[Problem]) -> list[int]:
+    """The experiment's seeds: ``seeds:``, else ``train.seed`` (an override of it, ``--set train.seed=7``,
+    takes effect). With ``seeds:`` in the file (``seeds_file``), ``train.seed`` is replaced: an override of
+    it (``parsed``: (key, value, source) of ``--set`` and flags) is refused (``--seeds`` is the flag), one in a
+    file (``seed_file``) is a warning."""
+    over = [(v.get("seed") if k == "train" else v, s) for k, v, s in parsed
+            if k == "train.seed" or (k == "train" and isinstance(v, dict) and "seed" in v)]
+    if raw.get("seeds") is not None:
+        seeds = check_seeds(raw["seeds"], "seeds", seeds_file)
+        if over:
+            raise ConfigError([Problem("train.seed", f"{seeds_file} lists seeds: {excerpt(seeds)}, which "
+                                       "replace train.seed; choose seeds with --seeds N instead", over[-1][1])])
+        if isinstance(raw.get("train"), dict) and "seed" in raw["train"]:
+            warnings.append(Problem("train.seed", f"is replaced by seeds: {excerpt(seeds)}; remove it", seed_file))
+        return seeds
+    train = raw.get("train")
+    seed = over[-1][0] if over else train.get("seed", 0) if isinstance(train, dict) else 0
+    ok = _is_int(seed) and -INT_LIMIT < seed < INT_LIMIT
+    return [seed if ok else 0]  # a bad seed: train.seed's error
+
+
 def _sections(cls: type, prefix: str = "") -> set[str]:
     """Dotted paths of the schema's sections (dataclass fields: ``model``, ``model.roi_heads``, ...)."""
     out: set[str] = set()

@@ -271,7 +271,7 @@ def load_experiment(path: str | Path, overrides: list[str] = (), flags: dict[str
         raise ConfigError([Problem("plugins", "must be a list of plugin file paths", file)])
 
     warnings: list[Problem] = []
-    seeds = _seeds(raw, prov, parsed, file, warnings)
+    seeds = guards.experiment_seeds(raw, parsed, prov.get("seeds", file), _source_of("train.seed", prov, file), warnings)
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         seeds = list(dict.fromkeys(seeds))
@@ -352,27 +352,6 @@ def _search(raw: dict, baseline_data: dict, baseline: RunConfig, file: str, fami
     if problems:
         raise ConfigError(problems)
     return search
-
-
-def _seeds(raw: dict, prov: dict[str, str], parsed: list, file: str, warnings: list[Problem]) -> list[int]:
-    """The experiment's seeds: ``seeds:``, else ``train.seed`` (an override of it, ``--set train.seed=7``,
-    takes effect). With ``seeds:`` in the file, ``train.seed`` is replaced: an override of it is refused
-    (``--seeds`` is the flag), a file's is a warning."""
-    over = [(v.get("seed") if k == "train" else v, s) for k, v, s in parsed
-            if k == "train.seed" or (k == "train" and isinstance(v, dict) and "seed" in v)]
-    if raw.get("seeds") is not None:
-        seeds = guards.check_seeds(raw["seeds"], "seeds", prov.get("seeds", file))
-        if over:
-            raise ConfigError([Problem("train.seed", f"{prov.get('seeds', file)} lists seeds: {excerpt(seeds)}, which "
-                                       "replace train.seed; choose seeds with --seeds N instead", over[-1][1])])
-        if isinstance(raw.get("train"), dict) and "seed" in raw["train"]:
-            warnings.append(Problem("train.seed", f"is replaced by seeds: {excerpt(seeds)}; remove it",
-                                    _source_of("train.seed", prov, file)))
-        return seeds
-    train = raw.get("train")
-    seed = over[-1][0] if over else train.get("seed", 0) if isinstance(train, dict) else 0
-    ok = isinstance(seed, int) and not isinstance(seed, bool) and -guards.INT_LIMIT < seed < guards.INT_LIMIT
-    return [seed if ok else 0]  # a bad seed: train.seed's error
 
 
 def _source_of(path: str, prov: dict[str, str], default: str) -> str:
