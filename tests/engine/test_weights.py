@@ -332,6 +332,7 @@ def tiny_file(tmp_path_factory):
     return path, cfg
 
 
+@pytest.mark.slow
 def test_the_trainer_loads_after_seeding_and_building_but_not_when_resuming(tiny_file, tmp_path):
     path, _ = tiny_file
     cfg = tiny_run(tmp_path, path)
@@ -357,6 +358,7 @@ def test_the_trainer_loads_after_seeding_and_building_but_not_when_resuming(tiny
 
 # --- experiments/finetune.yaml ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seeded_file, tmp_path, monkeypatch):
     """The documented steps on an exported COCO-format folder: the class count comes from the data's check,
     then the run starts from the (stand-in) COCO weights with fresh predictors. 64 px, 1 step."""

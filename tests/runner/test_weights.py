@@ -93,6 +93,7 @@ def finetuned(tmp_path_factory, new_store):
                 checkpoint=checkpoint, exp_file=exp_file, spec=spec)
 
 
+@pytest.mark.slow
 def test_a_run_id_resolves_to_the_runs_last_checkpoint(finetuned):
     assert finetuned["source"][0] == 0, finetuned["source"][2]
     path = finetuned["checkpoint"]
@@ -100,6 +101,7 @@ def test_a_run_id_resolves_to_the_runs_last_checkpoint(finetuned):
     assert ckpt.load(path)["iteration"] == 2
 
 
+@pytest.mark.slow
 def test_a_run_id_loads_the_same_way_as_its_checkpoint_file(finetuned, tmp_path):
     cfg = load_experiment(finetuned["exp_file"]).variants[0].config
     state = ckpt.load(finetuned["checkpoint"])["model"]
@@ -119,6 +121,7 @@ def test_a_run_id_loads_the_same_way_as_its_checkpoint_file(finetuned, tmp_path)
     assert "kept fresh: roi_heads.box_predictor.cls_score.weight (6 -> 8 classes)" in line
 
 
+@pytest.mark.slow
 def test_the_summary_is_tagged_and_the_full_list_stored(finetuned):
     run, c = finetuned["run"], finetuned["client"]
     assert run.info.status == "FINISHED"
@@ -133,6 +136,7 @@ def test_the_summary_is_tagged_and_the_full_list_stored(finetuned):
     assert "kept fresh (shape differs): 6" in listing and "file [6, 64] -> model [8, 64]" in listing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, message", [
     ("unknown", "model.weights: no run '0123456789abcdef' in the tracking store"),
     ("sweep", "is the sweep (parent) run of an invocation; give one of its variant runs"),
