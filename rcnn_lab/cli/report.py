@@ -159,6 +159,18 @@ def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
                           plot_pr(err, iou_type, f"{stem}_pr_{iou_type}.png")]
     if args.gallery and stem is not None:
         plots.append(plot_gallery(df, f"{stem}_gallery.png", seed=args.seed, tracking_uri=args.uri))
+    from rcnn_lab.report import search
+
+    for exp, study in search.studies(args.experiments, args.uri):  # experiments with a search: its trials
+        frame = search.trials(exp, study)
+        tables[f"Search {study.study_name}: trials"] = frame.drop(columns=["run_id"])
+        confirmed = search.confirmation(exp, study, df[df["experiment"] == exp.name])
+        if not confirmed.empty:
+            tables[f"Search {study.study_name}: confirmation"] = confirmed[
+                [c for c in confirmed.columns if c in ("variant", "single", "rank", "single_rank")
+                 or c.startswith(tuple(exp.search.objective))]]
+        if stem is not None:
+            plots += search.plots(exp, study, frame, Path(f"{stem}_search"))
     return tables, plots
 
 

@@ -165,3 +165,33 @@ def _save(fig, path: Path, plt) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def studies(experiments, tracking_uri: str | None = None) -> list:
+    """(experiment, study) of each experiment file given that has ``search:`` and a study in its storage
+    (read-only: a storage that does not exist yet is not created)."""
+    from pathlib import Path as _Path
+
+    from rcnn_lab.engine.preflight import load_names
+    from rcnn_lab.runner import tracking as tr
+    from rcnn_lab.search import study as st
+
+    out = []
+    for item in [experiments] if isinstance(experiments, (str, _Path)) else experiments:
+        if not str(item).endswith((".yaml", ".yml")) or not _Path(item).is_file():
+            continue
+        exp = load_names(item)
+        if exp.search is None:
+            continue
+        url = st.storage_url(exp.search, tracking_uri or tr.resolve_uri(exp.tracking.uri))
+        db = tr.sqlite_path(url)
+        if db is not None and not db.exists():
+            continue
+        import optuna
+
+        st.quiet_optuna()
+        try:
+            out.append((exp, optuna.load_study(study_name=st.study_name(exp), storage=st.storage(url))))
+        except KeyError:  # no study of this space yet
+            continue
+    return out

@@ -57,6 +57,11 @@ def test_a_tiny_search_nests_tagged_trial_runs_under_its_parent(tmp_path):
     assert "confirmation (seeds 0, 1)" in out and "| default" in out
     best = (tmp_path / "best.yaml").read_text()
     assert "search: null" in best and "lr:" in best and f"base: {exp.name}" in best
+    # rcnn-lab report on the search experiment: its trials and confirmation tables, and the search's plots
+    code, out, err = cli("report", str(exp), "--out", str(tmp_path / "rep"), "--no-log")
+    assert code == 0, err
+    assert f"Search {study.study_name}: trials" in out and f"Search {study.study_name}: confirmation" in out
+    assert (tmp_path / "rep" / "report_search" / "search_history.png").is_file()
     # the same command again: the budget is spent, nothing is trained
     code, out, err = cli("search", str(exp), "--no-progress")
     assert code == 0, err
