@@ -7,8 +7,9 @@ dataset labels it with its category's position (label ``i + 1`` is ``categories[
 Loaded as they are, those weights would call a stop sign (id 13, row 13) what ``categories[12]`` is (id 14,
 a parking meter). :func:`to_labels` reorders their predictor rows so that row ``i + 1`` is the row of
 ``categories[i]["id"]``: the same model with its classes renamed, so every detection (score, box, mask) is the
-one torchvision's model makes, under the dataset's label of its category. ``rcnn-lab eval`` applies it
-(``runner.evaluate_only``); it is a no-op on COCO ids 1..C in order (a dataset exported by rcnn-lab).
+one torchvision's model makes, under the dataset's label of its category. ``engine.weights.load`` applies it
+for the trainer (``model.weights``), ``rcnn-lab eval`` and ``rcnn-lab predict`` alike; it is a no-op on COCO
+ids 1..C in order (a dataset exported by rcnn-lab).
 """
 
 from __future__ import annotations

@@ -108,8 +108,8 @@ class Trainer:
         if spec is not None and not resuming:
             from rcnn_lab.engine.weights import apply, is_run
 
-            if self.world.main or not is_run(spec):
-                self.weights_report = apply(model, spec)
+            if self.world.main or not is_run(spec):  # COCO class rows in data.train's label order (engine.weights.load)
+                self.weights_report = apply(model, spec, categories=getattr(self.train_set, "categories", None))
         self.model = model.to(self.device)
         if t.channels_last:  # CUDA: tensor-core layouts; CPU: oneDNN's native layout (fast max-pool)
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -236,6 +236,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
     source: str = ""
     identity: str = ""
+    reordered: bool = False  # torchvision's COCO class rows put in the dataset's label order (engine.label_order)
 
     @property
     def total(self) -> int:
@@ -310,11 +311,33 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
     return report
 
 
-def apply(model: torch.nn.Module, spec: str, *, key: str = KEY, file: str | None = None,
-          with_masks: bool | None = None) -> LoadReport:
-    """:func:`read_state` + :func:`load_into`: initialise ``model`` from ``spec`` (a name or a local file)."""
+def load(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, identity: str,
+         categories: list[dict] | None = None, key: str = KEY, file: str | None = None) -> LoadReport:
+    """The one way weights go into a model for a dataset (the trainer, ``rcnn-lab eval`` and ``predict``):
+    torchvision's COCO weights, whose class rows are COCO category ids, first get their predictor rows in
+    the label order of ``categories`` (``engine.label_order.to_labels``: label ``i + 1`` is ``categories[i]``)
+    when the model's predictors have their shape (else they stay fresh anyway); then :func:`load_into`."""
+    from rcnn_lab.engine.label_order import PREDICTOR_ROWS, by_category_id, to_labels
+
+    reordered = False
+    if categories and by_category_id(identity):
+        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith(tuple(PREDICTOR_ROWS))}
+        if any(n in state and tuple(state[n].shape) == s for n, s in shapes.items()):
+            moved = to_labels(state, [int(c["id"]) for c in categories])
+            if moved is not None:
+                state, reordered = moved, True
+                source = f"{source} (class rows reordered from COCO category ids to the dataset's labels)"
+    report = load_into(model, state, source=source, identity=identity, key=key, file=file)
+    report.reordered = reordered
+    return report
+
+
+def apply(model: torch.nn.Module, spec: str, *, categories: list[dict] | None = None, key: str = KEY,
+          file: str | None = None, with_masks: bool | None = None) -> LoadReport:
+    """:func:`read_state` + :func:`load`: initialise ``model`` from ``spec`` (a name or a local file) for a
+    dataset of ``categories`` (its label order)."""
     if with_masks is None:
         with_masks = getattr(getattr(model, "roi_heads", None), "mask_head", None) is not None
     state, identity = read_state(spec, key=key, file=file, with_masks=with_masks)
     source = str(hub_enum(spec, with_masks, key, file)) if is_hub_name(spec) else display_path(spec)
-    return load_into(model, state, source=source, identity=identity, key=key, file=file)
+    return load(model, state, source=source, identity=identity, categories=categories, key=key, file=file)

@@ -207,9 +207,8 @@ def _evaluate_one(c, run_id: str, run: PlannedRun, out: Path, weights: Weights, 
     """Build the variant's model, load the weights, evaluate, and log it all through the run's journal."""
     from rcnn_lab.engine.evaluator import Evaluator
     from rcnn_lab.engine.hooks import Periods
-    from rcnn_lab.engine.label_order import by_category_id, to_labels
     from rcnn_lab.engine.trainer import resolve_amp, seed_everything
-    from rcnn_lab.engine.weights import load_into
+    from rcnn_lab.engine.weights import load
     from rcnn_lab.models.builder import build_for_weights
     from rcnn_lab.runner.hooks import GalleryHook, MLflowHook
     from rcnn_lab.runner.inputs import describe
@@ -220,13 +219,11 @@ def _evaluate_one(c, run_id: str, run: PlannedRun, out: Path, weights: Weights, 
     try:
         seed_everything(cfg.train.seed)
         model = build_for_weights(cfg.model)  # the backbone's own weights are not read: every tensor is replaced
-        state, source = weights.state, weights.source
-        if by_category_id(weights.identity):  # torchvision's COCO weights: class rows by category id, not by label
-            reordered = to_labels(state, [cat["id"] for cat in inputs.val_set.categories])
-            if reordered is not None:
-                state, source = reordered, f"{source} (predictor rows reordered from COCO category ids to data.val's labels)"
-                echo(f"       {run.label}: {weights.label}'s class rows are COCO category ids: reordered to data.val's labels")
-        report = load_into(model, state, source=source, identity=weights.identity, key=weights.flag)
+        # torchvision's COCO weights: class rows by category id, put in data.val's label order first
+        report = load(model, weights.state, source=weights.source, identity=weights.identity,
+                      categories=inputs.val_set.categories, key=weights.flag)
+        if report.reordered:
+            echo(f"       {run.label}: {weights.label}'s class rows are COCO category ids: reordered to data.val's labels")
         artifacts.log_weights(j, report)
         j.text(artifacts.model_summary(model), "model_summary.txt")
         j.inputs([{**describe(cfg.data.val, inputs.val_set, "val"), "context": "validation"}])
