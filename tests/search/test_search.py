@@ -151,3 +151,19 @@ def test_the_seeded_sampler_proposes_the_same_sequence_for_the_same_history(tmp_
     assert first != other
     if sampler != "nsga2":  # NSGA-II's offspring may inherit a parent's value
         assert len({p["train.optimizer.lr"] for p in first}) == len(first)  # no repeated proposal
+
+
+def test_the_confirmation_says_when_it_disagrees_with_the_single_seed_ranking():
+    import pandas as pd
+
+    from rcnn_lab.report.search import disagrees
+
+    def table(confirmed, single):
+        rows = [{"variant": "default", "baseline": True, "rank": float("nan"), "single_rank": float("nan")}]
+        rows += [{"variant": f"trial-000{i}", "baseline": False, "rank": r, "single_rank": s}
+                 for i, (r, s) in enumerate(zip(confirmed, single))]
+        return pd.DataFrame(rows)
+
+    assert not disagrees(table([1, 2, 3], [1, 2, 3]))
+    assert disagrees(table([2, 1, 3], [1, 2, 3]))  # the single-seed winner is second once confirmed
+    assert not disagrees(pd.DataFrame())
