@@ -134,7 +134,8 @@ def execute(s: Search, trial, values: dict, adopted: bool = False) -> None:
     if done:
         got = _values(s, tr.final_metrics(done[0]))
         if got is not None:
-            _tell(s, trial, "complete", got, done[0].info.run_id, **{REUSED: True, ITERATION: run.config.train.iterations})
+            reused = done[0].data.tags.get(tags.TRIAL) != str(trial.number)  # not its own run, finished before a kill
+            _tell(s, trial, "complete", got, done[0].info.run_id, **{REUSED: reused, ITERATION: run.config.train.iterations})
             return
     stopped = [r for r in existing if r.info.status == "KILLED" and tags.STOPPED_AT in r.data.tags]
     if stopped and stopped[0] is existing[0]:
