@@ -116,21 +116,16 @@ def _model(cfg, weights, variant, categories):
     """The variant's model with every tensor from ``weights``: ``(model, one-line load summary)``.
 
     torchvision's COCO weights have their class rows by COCO category id: reordered to the labels of
-    ``categories`` first, as ``rcnn-lab eval`` does (``engine.label_order``).
+    ``categories`` first, as the trainer and ``rcnn-lab eval`` do (``engine.weights.load``).
     """
-    from rcnn_lab.engine.label_order import by_category_id, to_labels
     from rcnn_lab.engine.predict import foreign_tensors
-    from rcnn_lab.engine.weights import load_into
+    from rcnn_lab.engine.weights import load
     from rcnn_lab.errors import ConfigError, Problem
     from rcnn_lab.models.builder import build_for_weights
 
     model = build_for_weights(cfg.model)  # the backbone's own weights are not read: every tensor is replaced
-    state, source = weights.state, weights.source
-    if by_category_id(weights.identity):
-        reordered = to_labels(state, [c["id"] for c in categories])
-        if reordered is not None:
-            state, source = reordered, f"{source} (class rows reordered from COCO category ids to data.val's labels)"
-    report = load_into(model, state, source=source, identity=weights.identity, key=weights.flag)
+    report = load(model, weights.state, source=weights.source, identity=weights.identity, categories=categories,
+                  key=weights.flag)
     # every tensor of the model from the file, and none of the file left over inside a part the model has
     # (ResNet-34 weights fill a ResNet-18 by name and shape, with blocks to spare: another architecture all the same)
     if report.fresh or report.missing or foreign_tensors(model, report.unexpected):
@@ -138,4 +133,4 @@ def _model(cfg, weights, variant, categories):
                                    f"({report.summary()}); predictions need the model the weights were trained as: give the "
                                    "experiment (and --variant) they were trained with, or set model.num_classes and "
                                    "the architecture to theirs", variant.file or None)])
-    return model, f"{source}: {report.summary()}"
+    return model, f"{report.source}: {report.summary()}"
