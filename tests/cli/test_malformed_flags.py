@@ -52,7 +52,12 @@ CASES = [  # (id, argv, expected code, substrings of the error line); `afile` is
     ("ui-ftp", ["ui", "--uri", "ftp://example.org/x"], 3, ("tracking store", "scheme 'ftp'")),
     ("report-sqlite-memory", ["report", "exp.yaml", "--uri", "sqlite://"], 3, ("tracking store", "in-memory")),
     ("report-plain-file-store", ["report", "exp.yaml", "--uri", "afile"], 3, ("tracking store", "is a file")),
+    ("batch-100x-the-data", ["validate", "big_batch.yaml", "--data"], 2,
+     ("big_batch.yaml: data.batch_size: is 500 but data.train has 4 images", "125x")),
+    ("batch-100x-the-data-run", ["run", "big_batch.yaml", "--no-progress"], 2, ("data.batch_size", "use at most 4")),
 ]
+BIG_BATCH = ("name: t\nmodel: {num_classes: 6}\ntrain: {device: cpu}\n"
+             "data: {batch_size: 500, train: {type: shapes, num_images: 4}, val: {type: shapes, split: val, num_images: 2}}\n")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -62,6 +67,7 @@ def test_malformed_flag_fails_in_one_line_and_writes_nothing(case, tmp_path, mon
     folder.mkdir()
     (folder / "exp.yaml").write_text(OK)
     (folder / "afile").write_text("not a folder\n")
+    (folder / "big_batch.yaml").write_text(BIG_BATCH)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RCNN_LAB_RUNS", raising=False)
@@ -72,7 +78,9 @@ def test_malformed_flag_fails_in_one_line_and_writes_nothing(case, tmp_path, mon
     lines = err.splitlines()
     assert code == expected, (code, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith(f"rcnn-lab {argv[0]}: error: "), err[:2000]
-    assert "Traceback" not in err and out == ""
+    assert "Traceback" not in err
+    assert all(line.startswith("plugins: ") for line in out.splitlines()), out  # found after loading (preflight) only
+    assert out == "" or argv[1] == "big_batch.yaml"
     assert len(lines[0]) <= LINE_CAP, f"{len(lines[0])} characters: {lines[0][:300]}"
     for text in expect:
         assert text in lines[0], lines[0]
