@@ -112,10 +112,15 @@ def measure(exp, sampler: str, objectives: int, store: tuple, repeats: int, fold
     started = time.perf_counter()
     fill(exp, study, run_ids)
     filled = time.perf_counter() - started
+    study = optuna.load_study(study_name="bench", storage=st.storage(url))  # a fresh process's view: empty cache
     s = driver.Search(exp, study, url, c, exp_id, "parent", echo=lambda *_: None)
+    started = time.perf_counter()
+    driver.reconcile(s)  # what every invocation does first (reads every trial once into Optuna's cache)
+    startup = time.perf_counter() - started
     times = [propose(s) for _ in range(repeats)]
     warm = times[1:] or times
-    return {"sampler": sampler, "objectives": objectives, "first": times[0], "median": statistics.median(warm),
+    return {"sampler": sampler, "objectives": objectives, "startup": startup, "first": times[0],
+            "median": statistics.median(warm),
             "max": max(warm), "min": min(warm), "fill": filled}
 
 
@@ -155,15 +160,15 @@ def main() -> None:
         "`rcnn_lab.search.driver` does before training a trial: count trials against the budget, seeded sampler + "
         "`study.ask()`, host/pid attrs, suggest every key, config + hash, the MLflow look-up by hash (reuse check). "
         f"{args.repeats} proposals per row, each then told (the store grows as in a real search).", "",
-        "| sampler | objectives | first proposal of a process | later: median | later: max | later: min |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[f"| {r['sampler']} | {r['objectives']} | {r['first']:.3f} s | {r['median']:.3f} s | {r['max']:.3f} s | "
-          f"{r['min']:.3f} s |" for r in rows],
+        "| sampler | objectives | start-up (reconcile) | first proposal | later: median | later: max | later: min |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['sampler']} | {r['objectives']} | {r['startup']:.3f} s | {r['first']:.3f} s | {r['median']:.3f} s | "
+          f"{r['max']:.3f} s | {r['min']:.3f} s |" for r in rows],
         "",
         f"Goal: at most {GOAL_S:.0f} s per proposal with {args.trials:,} finished trials: "
-        f"**{'met' if worst <= GOAL_S else 'not met'}** for the proposals of a running search (worst {worst:.3f} s); "
-        f"the first proposal of a new process (worst {first:.3f} s) also reads every trial into Optuna's cache "
-        "(`_CachedStorage`) and imports the sampler's code, once per worker.", "",
+        f"**{'met' if max(worst, first) <= GOAL_S else 'not met'}** (worst proposal {max(worst, first):.3f} s; the "
+        "first one of a process also imports the sampler's code). Once per invocation, before any proposal, the "
+        "driver's reconciliation reads every trial into Optuna's cache (`_CachedStorage`): the start-up column.", "",
         "TPE's own cost grows with the number of finished trials (it fits its densities on all of them at every "
         "proposal); the storage reads grow too (the driver reads the trial list to count the budget). Optuna's sqlite "
         "file runs in WAL mode without an fsync per commit (`search/study.py`): with an fsync per commit, the ~15 "
