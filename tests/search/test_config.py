@@ -108,3 +108,43 @@ def test_objective_names_are_the_metrics_runs_log(tmp_path):
     names = logged_metrics(exp.baseline.config)
     assert {"segm_AP50", "bbox_AP", "segm_ARl", "gflops", "train_time_s"} <= set(names)
     assert set(COST_METRICS) == {"params", "gflops", "peak_memory_mb", "images_per_s", "train_time_s"}
+
+
+def test_dry_run_prints_the_search_and_writes_nothing(tmp_path):
+    path = search_experiment(tmp_path, "  confirm: {top_k: 1, seeds: [0, 1]}\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = cli("search", str(path), "--dry-run")
+    assert code == 0, err
+    assert "search tiny-search-" in out and "float   train.optimizer.lr: [0.001, 0.02] log" in out
+    assert "budget 2 trials" in out and "confirm   top 1 + baseline on seeds [0, 1]" in out
+    assert "trials so far: 0" in out and "optuna.db" in out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_storage_urls_open_a_study_that_a_second_process_finds(tmp_path, kind):
+    import dataclasses
+
+    import optuna
+
+    from rcnn_lab.search import study as st
+
+    exp = load_experiment(search_experiment(tmp_path))
+    url = f"sqlite:///{tmp_path / 'o.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'shared' / 'search.log'}"
+    exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, storage=url))
+    assert st.storage_url(exp.search, "sqlite:///elsewhere/mlflow.db") == url
+    study = st.open_study(exp, url)
+    trial = study.ask()
+    trial.suggest_float("train.optimizer.lr", 0.001, 0.02, log=True)
+    study.tell(trial, 0.5)
+    again = st.open_study(exp, url)  # load_if_exists: the same study
+    assert [t.value for t in again.get_trials()] == [0.5] and again.study_name == study.study_name
+    optuna.delete_study(study_name=study.study_name, storage=st.storage(url))
+
+
+def test_the_default_storage_is_beside_the_mlflow_store(tmp_path):
+    from rcnn_lab.search import study as st
+
+    exp = load_experiment(search_experiment(tmp_path))
+    assert st.storage_url(exp.search, f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}") == \
+        f"sqlite:///{(tmp_path / 'store' / 'optuna.db').resolve()}"
