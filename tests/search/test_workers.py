@@ -69,6 +69,15 @@ def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_not
     assert sorted(r.data.tags["rcnn_lab.trial"] for r in runs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["rcnn_lab.config_hash"] for r in runs}) == len(runs) == 2
+    # an uninterrupted search of the same file: the same trials (the runs are bit-reproducible on CPU)
+    reference = tmp_path / "reference"
+    ref_exp = search_experiment(reference, iterations=4, train="  checkpoint_every: 2\n")
+    code, _, err = cli("search", str(ref_exp), "--no-progress")
+    assert code == 0, err
+    ref_trials, ref_runs = _state(reference, ref_exp)
+    assert [(t.params, t.values) for t in trials] == [(t.params, t.values) for t in ref_trials]
+    assert sorted(r.data.tags["rcnn_lab.config_hash"] for r in runs) == sorted(r.data.tags["rcnn_lab.config_hash"]
+                                                                                for r in ref_runs)
 
 
 def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path):
