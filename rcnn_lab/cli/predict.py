@@ -68,14 +68,15 @@ def cmd_predict(args) -> int:
 
     print_warnings(exp, "predict")
     cfg = variant.config
-    device, categories = _inputs(cfg, variant)
+    device, categories, cfg = _inputs(cfg, variant)
     weights = read_weights(args.weights, args.run, tr.resolve_uri(exp.tracking.uri),
                            with_masks=cfg.model.roi_heads.mask_head is not None)
     model, summary = _model(cfg, weights, variant, categories)
     print(summary, flush=True)
+    from rcnn_lab.engine.evaluator import place  # on the device in the run's memory format, as eval
     from rcnn_lab.engine.trainer import resolve_amp
 
-    done = predict_images(model.to(device), items, out, categories, device, batch_size=cfg.eval.batch_size,
+    done = predict_images(place(model, cfg, device), items, out, categories, device, batch_size=cfg.eval.batch_size,
                           num_workers=cfg.data.num_workers, score=args.score, amp_dtype=resolve_amp(cfg.train.amp, device),
                           draw=not args.no_draw, progress=not args.no_progress and sys.stderr.isatty() and len(items) > 1)
     from rcnn_lab.errors import display_path
@@ -91,9 +92,13 @@ def cmd_predict(args) -> int:
 
 
 def _inputs(cfg, variant):
-    """The device (``train.device``) and the category names (``data.val``'s categories); one-line errors."""
+    """The device (``train.device``), the category names (``data.val``'s categories) and ``cfg`` with
+    ``model.num_classes: auto`` counted from them; one-line errors."""
+    from dataclasses import replace
+
     from rcnn_lab.components import register_builtins
     from rcnn_lab.engine.device import resolve_device
+    from rcnn_lab.engine.preflight import auto_num_classes
     from rcnn_lab.errors import ConfigError, Problem
     from rcnn_lab.registry import DATASETS
 
@@ -104,12 +109,15 @@ def _inputs(cfg, variant):
     except ConfigError as exc:
         problems += exc.problems
     try:
-        categories = DATASETS.build(cfg.data.val, "data.val").categories
+        val_set = DATASETS.build(cfg.data.val, "data.val")
+        categories = val_set.categories
+        if cfg.model.num_classes == "auto":  # the model the weights were trained as: 1 + the categories
+            cfg = replace(cfg, model=replace(cfg.model, num_classes=auto_num_classes(val_set, "data.val")))
     except ConfigError as exc:
         problems += exc.problems
     if problems:
         raise ConfigError([p if p.file else Problem(p.path, p.message, variant.source_of(p.path)) for p in problems])
-    return device, categories
+    return device, categories, cfg
 
 
 def _model(cfg, weights, variant, categories):
