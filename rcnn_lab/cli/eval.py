@@ -36,14 +36,16 @@ def cmd_eval(args) -> int:
     from rcnn_lab.runner import tracking as tr
     from rcnn_lab.runner.evaluate_only import check_fit, evaluate_plan, make_eval_plan, read_weights
     from rcnn_lab.runner.outcome import Status
+    from rcnn_lab.runner.plan import resolved
 
     print_warnings(exp, "eval")
     _check_variants(exp, only)
     with_masks = all(v.config.model.roi_heads.mask_head is not None for v in exp.variants if not only or v.name in only)
     weights = read_weights(args.weights, args.run, tr.resolve_uri(exp.tracking.uri), with_masks=with_masks)
     plan = make_eval_plan(exp, only, weights)
-    check_fit(plan, weights)  # every variant's model takes all its tensors from the weights
     inputs = prepare_eval(plan)  # devices and validation sets, before any run exists
+    plan = resolved(plan, inputs)  # model.num_classes: auto -> 1 + data.val's categories
+    check_fit(plan, weights)  # every variant's model takes all its tensors from the weights
     outcomes = evaluate_plan(exp, plan, weights, inputs, force=args.force,
                              progress=not args.no_progress and sys.stderr.isatty())
     print_summary(outcomes)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
+from rcnn_lab.config.schema import AUTO
 from rcnn_lab.config.types import to_plain
 from rcnn_lab.engine.preflight import load_experiment
 
@@ -42,8 +44,9 @@ def meta_model(model_cfg):
     import torch
 
     from rcnn_lab.config.types import Spec
-    from rcnn_lab.models.builder import build_model
+    from rcnn_lab.models.builder import build_model, stand_in
 
+    model_cfg = stand_in(model_cfg)  # num_classes: auto before the data is read
     spec = model_cfg.backbone
     if spec.kwargs.get("weights") is not None:
         model_cfg = replace(model_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
@@ -65,12 +68,19 @@ def cmd_validate(args) -> int:
         from rcnn_lab.engine.preflight import preflight
         from rcnn_lab.runner.plan import make_plan
 
-        inputs = preflight(make_plan(exp))
+        plan = make_plan(exp)
+        inputs = preflight(plan)
+        counted = {r.variant.name: inputs[r.hash].num_classes for r in plan if inputs[r.hash].num_classes}
         if args.deep:
             check_image_headers(inputs)
+    else:
+        counted = {}
     rows = []
     for v in exp.variants:
-        params = count_parameters(meta_model(v.config.model))
+        model_cfg = v.config.model
+        if v.name in counted:  # model.num_classes: auto, counted from the data
+            model_cfg = replace(model_cfg, num_classes=counted[v.name])
+        params = count_parameters(meta_model(model_cfg))
         changed = ", ".join(f"{k}={json.dumps(val)}" for k, val in v.changed.items()) or "(base)"
         rows.append((v.name + (" *" if v.baseline else ""), f"{params:,}", changed))
     w0 = max(len("variant"), *(len(r[0]) for r in rows))
@@ -78,6 +88,9 @@ def cmd_validate(args) -> int:
     print(f"{'variant':<{w0}}  {'parameters':>{w1}}  changed keys vs base")
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]}")
+    auto = [v.name for v in exp.variants if v.config.model.num_classes == AUTO]
+    if auto:
+        print(auto_note(auto, counted))
     print(f"\n{exp.path}: {len(exp.variants)} variant(s) x {len(exp.seeds)} seed(s) valid (* = baseline)")
     if args.data:
         print("datasets opened and device checked: run's preflight passes"
@@ -86,6 +99,21 @@ def cmd_validate(args) -> int:
         print("not checked: dataset files and device availability (validate --data checks them); "
               "the tracking store is checked by run only")
     return 0
+
+
+def auto_note(names: list[str], counted: dict[str, int]) -> str:
+    """What ``model.num_classes: auto`` resolves to for the variants ``names`` (``counted``: by the data, when read)."""
+    from rcnn_lab.models.builder import AUTO_STAND_IN
+
+    done = sorted({counted[n] for n in names if n in counted})
+    if done and len(done) == 1 and all(n in counted for n in names):
+        return (f"model.num_classes: auto -> {done[0]} (1 + data.train's {done[0] - 1} categories) "
+                f"for {', '.join(names)}")
+    if counted:
+        return "model.num_classes: auto -> " + ", ".join(f"{n}: {counted[n]}" for n in names if n in counted)
+    return (f"model.num_classes: auto -> 1 + data.train's categories, counted when the data is read (run, eval, "
+            f"predict; validate --data shows the number); parameters above count predictors for {AUTO_STAND_IN} "
+            f"classes meanwhile ({', '.join(names)})")
 
 
 def check_image_headers(inputs: dict) -> None:
@@ -172,6 +200,8 @@ def cmd_inspect(args) -> int:
         print(f"=== variant {v['name']}{' (baseline)' if v['baseline'] else ''}")
         print(yaml.safe_dump(v["config"], sort_keys=False).rstrip())
         print(f"\nparameters: {v['parameters']:,}")
+        if v["config"]["model"]["num_classes"] == AUTO:
+            print(f"  ({auto_note([v['name']], {})})")
         for name, n in v["components"].items():
             print(f"  {name:<26}{n:>12,}")
         a = v["anchors"]

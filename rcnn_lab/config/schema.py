@@ -32,6 +32,7 @@ def _positive(check: Check, key: str, value: float) -> None:
         check.append((key, f"must be positive, got {value}"))
 
 
+AUTO = "auto"  # model.num_classes: auto
 MAX_SIDE = 8192  # model.transform.min_size / max_size, in pixels (docs/configuration.md, "Limits")
 MAX_BATCH = 1024  # data.batch_size and eval.batch_size (a global batch)
 
@@ -179,7 +180,8 @@ class RoIHeadsConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_classes: int = 91
+    # 1 + the categories of data.train, or auto: that count, resolved once the data is read (engine.preflight)
+    num_classes: int | Literal["auto"] = 91
     transform: TransformConfig = _default({})
     backbone: component("backbone") = _default({"type": "resnet_fpn", "depth": 50, "weights": None})
     anchor_generator: component("anchor_generator") = _default(
@@ -193,7 +195,7 @@ class ModelConfig:
 
     def check(self) -> Check:
         out: Check = []
-        if self.num_classes < 2:
+        if self.num_classes != AUTO and self.num_classes < 2:
             out.append(("num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}"))
         if self.weights is not None and not self.weights.strip():
             out.append(("weights", "is empty; use null, coco, a torchvision weights name, a file path or run:<run_id>"))

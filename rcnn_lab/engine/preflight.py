@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rcnn_lab.config import loader
-from rcnn_lab.config.schema import RunConfig
+from rcnn_lab.config.schema import AUTO, RunConfig
 from rcnn_lab.errors import ConfigError, Problem
 
 
@@ -108,6 +108,22 @@ class RunInputs:
     # model.weights as the trainer loads it: a torchvision weights name or a local file (a run:<id> until
     # runner.weights resolves it to the run's last checkpoint); None: no detector weights
     weights: str | None = None
+    num_classes: int | None = None  # model.num_classes: auto, resolved from the data (1 + its categories)
+
+    def resolve(self, config: RunConfig) -> RunConfig:
+        """``config`` with ``model.num_classes: auto`` replaced by the number the data gave (else unchanged)."""
+        if config.model.num_classes != AUTO or self.num_classes is None:
+            return config
+        return replace(config, model=replace(config.model, num_classes=self.num_classes))
+
+
+def auto_num_classes(train_set, key: str = "data.train") -> int:
+    """``model.num_classes: auto``: 1 (background) + the categories of ``train_set`` (``key`` names it in errors)."""
+    cats = getattr(train_set, "categories", None)
+    if not cats:
+        raise ConfigError([Problem("model.num_classes", f"is auto but {key} ({type(train_set).__name__}) lists no "
+                                   "categories to count; set model.num_classes to 1 + its number of classes")])
+    return len(cats) + 1
 
 
 def prepare(config: RunConfig, built: dict | None = None) -> RunInputs:
@@ -161,16 +177,19 @@ def _prepare(config: RunConfig, built: dict, splits: tuple[str, ...] = ("train",
         sets.append(built[ident])
     named = dict(zip(splits, sets))
     train = named.get("train", named.get("val"))  # data.val alone (an evaluation): the classes are checked against it
+    num_classes = None  # model.num_classes: auto, counted from the data
     if train is not None and named.get("val") is not None:
         try:
-            check_num_classes(config.model.num_classes, train, named["val"])
+            if config.model.num_classes == AUTO:
+                num_classes = auto_num_classes(train, "data.train" if "train" in named else "data.val")
+            check_num_classes(num_classes or config.model.num_classes, train, named["val"])
         except ConfigError as exc:
             problems += exc.problems
     size = len(named["train"]) if named.get("train") is not None and hasattr(named["train"], "__len__") else None
     if size is not None and config.data.batch_size > BATCH_OVER_DATA * size:  # each step repeats every image 100+ times
         problems.append(Problem("data.batch_size", f"is {config.data.batch_size:,} but data.train has {size:,} images; "
                                 f"a batch repeats each image {config.data.batch_size // size}x: use at most {size:,}"))
-    inputs = RunInputs(device, named.get("train"), named.get("val"), weights=weights)
+    inputs = RunInputs(device, named.get("train"), named.get("val"), weights=weights, num_classes=num_classes)
     return (inputs if not problems else None), problems
 
 

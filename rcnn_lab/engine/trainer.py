@@ -86,6 +86,7 @@ class Trainer:
         from rcnn_lab.models.builder import build_model
 
         inputs = inputs if inputs is not None else prepare(config)  # registers the built-ins too
+        config = inputs.resolve(config)  # model.num_classes: auto -> 1 + data.train's categories
         self.config, self.out_dir = config, Path(out_dir)
         t, d = config.train, config.data
         self.world, self.device = distributed.setup(inputs.device)  # torchrun: this rank's device

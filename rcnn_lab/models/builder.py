@@ -16,7 +16,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from rcnn_lab.config.schema import ModelConfig
+from rcnn_lab.config.schema import AUTO, ModelConfig
 from rcnn_lab.config.types import Spec
 from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.models.proposal_gradient import ProposalGradientRoIHeads, ProposalGradientRPN
@@ -100,8 +100,13 @@ def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
     """Build the Mask R-CNN described by ``cfg`` (a validated ``ModelConfig``).
 
     ``model.weights`` is not loaded here (``engine/weights.py`` does, after seeding and building);
-    it only sets the backbone's fine-tuning defaults (:func:`backbone_spec`).
+    it only sets the backbone's fine-tuning defaults (:func:`backbone_spec`). ``num_classes: auto`` must be
+    resolved from the data first (``engine.preflight.RunInputs.resolve``).
     """
+    if cfg.num_classes == AUTO:
+        raise ConfigError([Problem(f"{path}.num_classes", "is auto: the number comes from data.train's categories once "
+                                   "the data is read (rcnn-lab run does it; in code: engine.preflight.prepare(config)"
+                                   ".resolve(config)); or set a number")])
     backbone = _build(BACKBONES, backbone_spec(cfg, path), f"{path}.backbone")
     names = featmap_names(backbone)
     anchors = _build(ANCHOR_GENERATORS, cfg.anchor_generator, f"{path}.anchor_generator")
@@ -181,6 +186,17 @@ def proposal_gradient_problems(cfg: ModelConfig, path: str = "model") -> list[Pr
     return out
 
 
+AUTO_STAND_IN = 2  # num_classes: auto before the data is read: any count builds the same parts but the predictors' rows
+
+
+def stand_in(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` buildable before the data is read: ``num_classes: auto`` stands in as :data:`AUTO_STAND_IN` (for
+    checks and counts on the meta device; a run builds the number ``engine.preflight`` resolves)."""
+    from dataclasses import replace
+
+    return replace(cfg, num_classes=AUTO_STAND_IN) if cfg.num_classes == AUTO else cfg
+
+
 def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
     """Build ``cfg`` on the meta device (no memory, no downloads) and return its problems."""
     problems = proposal_gradient_problems(cfg, path)
@@ -191,11 +207,11 @@ def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
 
         if not Path(str(weights)).expanduser().is_file():
             problems.append(Problem(f"{path}.backbone.weights", f"weights file {weights!r} not found; use null, imagenet or an existing path"))
-    meta_cfg = cfg
+    meta_cfg = stand_in(cfg)
     if weights is not None:
         from dataclasses import replace
 
-        meta_cfg = replace(cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
+        meta_cfg = replace(meta_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
     try:
         with torch.device("meta"):
             build_model(meta_cfg, path)

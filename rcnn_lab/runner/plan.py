@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rcnn_lab.config.loader import Experiment, Variant, config_hash
@@ -78,6 +78,12 @@ def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] |
         i, n = shard
         runs = runs[i::n]
     return runs
+
+
+def resolved(plan: list[PlannedRun], inputs: dict) -> list[PlannedRun]:
+    """``plan`` with each run's ``model.num_classes: auto`` resolved from the data its ``inputs`` (``engine.preflight``,
+    by run hash) read; the hashes stay those of the configs as written."""
+    return [replace(r, config=inputs[r.hash].resolve(r.config)) if r.hash in inputs else r for r in plan]
 
 
 def output_dir(root: Path, exp: Experiment, run: PlannedRun) -> Path:

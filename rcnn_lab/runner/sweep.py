@@ -8,6 +8,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -129,6 +130,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                 parallel.announce(None)
                 continue
             run_inputs = run_inputs or prepare(run.config)  # a config planned twice (--seeds 0,0 --force)
+            run = replace(run, config=run_inputs.resolve(run.config))  # num_classes: auto -> the data's (params, config.yaml)
             if parent is None:
                 parent = tr.start_sweep(c, exp_id, exp, plan, common)
                 beats.enter_context(tr.Heartbeat(c, parent))

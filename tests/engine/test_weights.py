@@ -360,8 +360,8 @@ def test_the_trainer_loads_after_seeding_and_building_but_not_when_resuming(tiny
 
 @pytest.mark.slow
 def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seeded_file, tmp_path, monkeypatch):
-    """The documented steps on an exported COCO-format folder: the class count comes from the data's check,
-    then the run starts from the (stand-in) COCO weights with fresh predictors. 64 px, 1 step."""
+    """The documented steps on an exported COCO-format folder: the class count comes from the data
+    (``num_classes: auto``), then the run starts from the (stand-in) COCO weights with fresh predictors. 64 px, 1 step."""
     from rcnn_lab.data.export import export_shapes
     from rcnn_lab.engine.preflight import prepare
 
@@ -372,12 +372,13 @@ def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seed
     export_shapes("my_data/val", "val", num_images=2, image_size=64)
     small = ["model.transform.min_size=64", "model.transform.max_size=64", "train.iterations=1", "train.device=cpu"]
     cfg = load_experiment(EXPERIMENTS / "finetune.yaml", small).variants[0].config
-    assert cfg.model.weights == "coco"
+    assert cfg.model.weights == "coco" and cfg.model.num_classes == "auto"
     with pytest.raises(ConfigError, match=r"model.num_classes: is 2 but data.train has 5 categories .*"
                                           r"set model.num_classes to 6"):
-        prepare(cfg)
-    cfg = load_experiment(EXPERIMENTS / "finetune.yaml", [*small, "model.num_classes=6"]).variants[0].config
+        prepare(load_experiment(EXPERIMENTS / "finetune.yaml", [*small, "model.num_classes=2"]).variants[0].config)
+    assert prepare(cfg).num_classes == 6  # 1 + the 5 categories of data.train
     trainer = Trainer(cfg, tmp_path / "out")
+    assert trainer.config.model.num_classes == 6 and trainer.model.roi_heads.box_predictor.cls_score.out_features == 6
     report = trainer.weights_report
     assert report.identity == "MaskRCNN_ResNet50_FPN_Weights.COCO_V1" and w.frozen_bn_eps(trainer.model) == 0.0
     assert {n for n, _, _ in report.fresh} == PREDICTORS and "(91 -> 6 classes)" in report.summary()
