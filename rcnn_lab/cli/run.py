@@ -106,7 +106,9 @@ def cmd_run(args) -> int:
     if args.parallel and args.parallel > 1:
         cuda = bool(plan) and inputs[plan[0].hash].device.type == "cuda"
         del inputs  # the workers check and load their own runs
-        outcomes, code = run_parallel(exp, plan, args.parallel, argv, cuda)
+        from rcnn_lab.report.sweep_summary import summarize
+
+        outcomes, code = run_parallel(exp, plan, args.parallel, argv, cuda, summarize)
         print_summary(outcomes)
         return code
     from rcnn_lab.report.sweep_summary import summarize

@@ -18,7 +18,7 @@ import time
 
 import pandas as pd
 
-from rcnn_lab.report.render import display_table, markdown, nothing_to_compare, preamble
+from rcnn_lab.report.render import COST_COLUMNS, display_table, markdown, nothing_to_compare, preamble
 from rcnn_lab.report.stats import summary
 
 HEADLINE = ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")  # the sweep run's per-variant metrics
@@ -68,12 +68,14 @@ def summarize(exp, outcomes, planned: int) -> tuple[dict[str, float], str]:
                     metrics[metric_key(m, str(row["variant"]), stat)] = float(value)
     shown = summary(df, metrics=[m for m in NOTE_METRICS if m in present] or present)
     text = display_table(shown)
-    text = text[[c for c in text.columns if not str(c).startswith("seeds for")]]
+    cost = {title for _, title, _ in COST_COLUMNS}  # the run page shows the table at its own width: accuracy only
+    text = text[[c for c in text.columns if not str(c).startswith("seeds for") and c not in cost]]
     lines = [head, "", *preamble(shown)]
     lone = nothing_to_compare(shown)
     lines += ["", markdown(text), "", lone or (
         f"Mean ± std over seeds, {100 * shown.attrs['confidence']:g}% Student-t interval; Δ: difference from the "
-        "baseline's mean; p: paired t-test over the seeds both have. `rcnn-lab report` gives every metric and plots.")]
+        "baseline's mean; p: paired t-test over the seeds both have. `rcnn-lab report` gives every metric, the cost "
+        "columns and plots.")]
     note = "\n".join(lines)
     if len(note) > NOTE_LIMIT:
         note = note[:NOTE_LIMIT].rsplit("\n", 1)[0] + "\n\n(table cut: `rcnn-lab report` shows all of it)"

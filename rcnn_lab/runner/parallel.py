@@ -169,9 +169,9 @@ def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> No
             sys.stdout.flush()
 
 
-def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, int]:
+def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool, summarize=None) -> tuple[list, int]:
     """Train ``plan`` on ``k`` worker processes (one GPU each with ``cuda``); (one outcome per planned run
-    read from MLflow, exit code)."""
+    read from MLflow, exit code). ``summarize``: as ``sweep.run_plan``'s, written to the sweep run once at the end."""
     if k < 1:
         raise ConfigError([Problem("--parallel", f"must be >= 1, got {k}")])
     workers = max(1, min(k, len(plan)))
@@ -208,9 +208,24 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool) -> tuple[list, 
         if code == 0 and any(o.status in (Status.FAILED, Status.PLANNED, Status.KILLED) for o in outcomes):
             code = 1
         status = Status.FAILED if code else Status.FINISHED
+        if summarize is not None:
+            _summarize(c, sweep, summarize(exp, outcomes, len(plan)), len([o for o in outcomes if o.metrics]))
     finally:
         _end_sweep(c, exp_id, sweep, status)
     return outcomes, code
+
+
+def _summarize(c, sweep: str, summary: tuple[dict, str], step: int) -> None:
+    """The sweep's summary (metrics, description) on its sweep run; the store has just answered (outcomes)."""
+    from mlflow.entities import Metric, RunTag
+
+    metrics, note = summary
+    now = int(time.time() * 1000)
+    try:
+        c.log_batch(sweep, metrics=[Metric(k, v, now, step) for k, v in metrics.items() if v == v],
+                    tags=[RunTag(tags.NOTE, note)], synchronous=True)
+    except Exception:  # a view of what is stored: the runs themselves are complete
+        pass
 
 
 def _end_sweep(c, exp_id: str, sweep: str, status: Status) -> None:

@@ -104,6 +104,9 @@ def test_parallel_2_trains_both_variants_and_summarises(tmp_path):
     (sweep,) = c.search_runs([c.get_experiment_by_name("par").experiment_id], filter_string="tags.`rcnn_lab.kind` = 'sweep'")
     assert {r.data.tags["rcnn_lab.sweep"] for r in runs} == {sweep.info.run_id}  # one sweep run for both workers
     assert sweep.info.status == "FAILED" and sweep.data.tags["rcnn_lab.plan_size"] == "2"
+    a = next(r for r in runs if r.data.tags["rcnn_lab.variant"] == "a")  # the summary, written once by the coordinator
+    assert sweep.data.tags["mlflow.note.content"].startswith("**par**: 1 of 2 runs finished")
+    assert sweep.data.metrics["segm_AP/a"] == pytest.approx(a.data.metrics["final/segm_AP"])
 
     again = subprocess.run([sys.executable, "-m", "rcnn_lab", "run", str(exp), "--parallel", "2", "--only", "a"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=400)
