@@ -141,7 +141,7 @@ def config_hash(config: RunConfig, weights: str | None = None) -> str:
 
     ``model.weights`` counts by ``weights``, its identity (``engine.weights.identity_of``: a weights
     name or the digest of the file's content, so the same file under another path is the same run;
-    ``runner.plan`` passes it), else as written. Unset, it is left out: configs without it keep the
+    ``run:<id>``: the digest of that run's last checkpoint; ``runner.plan.weights_identity`` passes it), else as written. Unset, it is left out: configs without it keep the
     hash they had before the key existed.
     """
     plain = to_plain(config)

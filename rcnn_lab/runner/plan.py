@@ -9,11 +9,9 @@ from pathlib import Path
 from rcnn_lab.config.loader import Experiment, Variant, config_hash
 from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.errors import ConfigError, Problem, did_you_mean
+from rcnn_lab.runner.names import file_part, slug
 
-
-def file_part(text: str) -> str:
-    """``text`` as part of a file or folder name: every run of other characters than ``A-Za-z0-9_.=-`` becomes ``_``."""
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+__all__ = ["PlannedRun", "file_part", "make_plan", "output_dir", "parse_shard", "resolved", "slug", "weights_identity"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +31,6 @@ class PlannedRun:
         return slug(self.variant.name, self.seed, self.hash)
 
 
-def slug(variant: str, seed: int | str, config_hash: str) -> str:
-    """A run's output folder name from its variant, seed and config hash (also read back from a run's tags)."""
-    return file_part(f"{variant}-s{seed}")[:80] + f"-{config_hash[:8]}"
-
-
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``I/N`` (0 <= I < N) -> (I, N)."""
     if text is None:
@@ -48,15 +41,26 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def weights_identity(variant: Variant) -> str | None:
-    """The identity of a variant's ``model.weights`` for its config hash (None when unset)."""
+def weights_identity(variant: Variant, tracking_uri: str | None = None, known: dict | None = None) -> str | None:
+    """The identity of a variant's ``model.weights`` for its config hash (None when unset): torchvision's
+    name, or the sha256 of a file's content; ``run:<id>``: of its last checkpoint's content, looked up in the
+    store at ``tracking_uri`` (``runner.weights.run_identity``), so that checkpoint given as a file is the same
+    run. ``known`` caches identities by spec across the variants of a plan."""
     spec = variant.config.model.weights
     if spec is None:
         return None
-    from rcnn_lab.engine.weights import identity_of
+    from rcnn_lab.engine.weights import identity_of, is_run
 
-    return identity_of(spec, file=variant.source_of("model.weights"),
-                       with_masks=variant.config.model.roi_heads.mask_head is not None)
+    known = {} if known is None else known
+    if spec not in known:
+        file = variant.source_of("model.weights")
+        if is_run(spec):
+            from rcnn_lab.runner.weights import run_identity
+
+            known[spec] = run_identity(spec, tracking_uri, file=file)
+        else:
+            known[spec] = identity_of(spec, file=file, with_masks=variant.config.model.roi_heads.mask_head is not None)
+    return known[spec]
 
 
 def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] | None = None,
@@ -68,9 +72,9 @@ def make_plan(exp: Experiment, only: list[str] | None = None, seeds: list[int] |
     if problems:
         raise ConfigError(problems)
     chosen = [v for v in exp.variants if not only or v.name in only]
-    runs = []
+    runs, known = [], {}
     for v in chosen:
-        identity = weights_identity(v)
+        identity = weights_identity(v, exp.tracking.uri, known)
         for s in seeds if seeds is not None else exp.seeds:
             cfg = v.with_seed(s)
             runs.append(PlannedRun(v, s, cfg, config_hash(cfg, identity)))

@@ -13,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from rcnn_lab.engine import checkpoint as ckpt
-from rcnn_lab.engine.weights import KEY, RUN_PREFIX, is_run, run_id_of
+from rcnn_lab.engine.weights import KEY, RUN_PREFIX, file_digest, is_run, run_id_of
 from rcnn_lab.errors import ConfigError, Problem, excerpt
 from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
-from rcnn_lab.runner.plan import slug
+from rcnn_lab.runner.names import slug
 
 ARTIFACT = "checkpoint"  # the artifact folder of tracking.log_checkpoint (runner.artifacts.log_results)
 
@@ -90,6 +90,16 @@ def checkpoint_of_run(c, run_id: str, root: Path, key: str = KEY, file: str | No
                                     "checkpoint file instead", file)])
 
 
+def run_identity(spec: str, uri: str | None, root: Path | None = None, key: str = KEY, file: str | None = None) -> str:
+    """The identity of ``run:<id>`` weights in the config hash: the sha256 of its last checkpoint's content, as
+    ``engine.weights.identity_of`` gives for that file (the same checkpoint by path or by run id: one run).
+    The store at ``uri`` (the experiment's ``tracking.uri`` or the default) is looked up, never created."""
+    uri = tr.resolve_uri(uri, root)
+    c = open_store(uri, key, file)
+    return file_digest(checkpoint_of_run(c, run_id_of(spec), Path(root) if root is not None else tr.runs_root(uri),
+                                         key, file))
+
+
 def resolve(spec: str, c, root: Path, key: str = KEY, file: str | None = None) -> str:
     """``spec`` as the engine loads it: ``run:<id>`` -> its last checkpoint's path; anything else unchanged."""
     return str(checkpoint_of_run(c, run_id_of(spec), root, key, file)) if is_run(spec) else spec
@@ -121,4 +131,5 @@ def resolve_inputs(exp, plan, inputs: dict, root: Path | None = None, c=None) ->
     return out
 
 
-__all__ = ["RUN_PREFIX", "checkpoint_of_run", "find_run", "open_store", "output_folder", "resolve", "resolve_inputs"]
+__all__ = ["RUN_PREFIX", "checkpoint_of_run", "find_run", "open_store", "output_folder", "resolve", "resolve_inputs",
+           "run_identity"]

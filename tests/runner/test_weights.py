@@ -122,6 +122,24 @@ def test_a_run_id_loads_the_same_way_as_its_checkpoint_file(finetuned, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_same_checkpoint_as_a_file_or_as_a_run_id_is_the_same_run(finetuned, tmp_path):
+    """The config hash counts ``run:<id>`` by its last checkpoint's content, as it counts a file: the run trained
+    from ``run:<id>`` is skipped when the same checkpoint is given by path (a copy elsewhere too)."""
+    run, exp_file = finetuned["run"], finetuned["exp_file"]
+    copy = tmp_path / "elsewhere.pt"
+    shutil.copyfile(finetuned["checkpoint"], copy)
+    by_run = make_plan(load_experiment(exp_file))
+    by_file = make_plan(load_experiment(exp_file, [f"model.weights={copy}"]))
+    assert by_run[0].hash == by_file[0].hash == run.data.tags[tags.CONFIG_HASH]
+    other = make_plan(load_experiment(exp_file, [f"model.weights=run:{finetuned['trained'].info.run_id}",
+                                                 "train.iterations=3"]))
+    assert other[0].hash != by_run[0].hash
+    code, out, err = cli("run", str(exp_file), "--no-progress", "--set", f"model.weights={copy}")
+    assert code == 0, err
+    assert f"skip   ft seed=0 ({by_run[0].hash}): finished run {run.info.run_id}" in out
+
+
+@pytest.mark.slow
 def test_the_summary_is_tagged_and_the_full_list_stored(finetuned):
     run, c = finetuned["run"], finetuned["client"]
     assert run.info.status == "FINISHED"
