@@ -61,8 +61,8 @@ def cmd_predict(args) -> int:
     from rcnn_lab.cli.notes import print_warnings
     from rcnn_lab.engine.predict import check_out, find_images, predict_images
 
-    items = find_images(args.images)
     out = check_out(args.out)
+    items = find_images(args.images, exclude=out)
     from rcnn_lab.runner import tracking as tr
     from rcnn_lab.runner.evaluate_only import read_weights
 

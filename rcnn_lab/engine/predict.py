@@ -59,13 +59,15 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def find_images(inputs: Sequence[str], key: str = "IMAGES") -> list[ImageInput]:
+def find_images(inputs: Sequence[str], key: str = "IMAGES", exclude: Path | None = None) -> list[ImageInput]:
     """The image files among ``inputs`` (files, and folders searched recursively for image suffixes), in order.
 
     A named file must exist and have an image suffix; a folder must hold at least one image. The
     names keep folders' inner structure (``folder/sub/x.jpg`` -> ``sub/x``); a name met twice gets
-    ``-2``, ``-3`` ... Raises one ``ConfigError`` naming ``key`` and every problem.
+    ``-2``, ``-3`` ... Folder searches skip ``exclude`` (the output folder: an earlier run's pictures
+    are not inputs). Raises one ``ConfigError`` naming ``key`` and every problem.
     """
+    skip = Path(exclude).expanduser().resolve() if exclude is not None else None
     problems: list[Problem] = []
     found: list[Path] = []
     names: list[str] = []
@@ -76,7 +78,8 @@ def find_images(inputs: Sequence[str], key: str = "IMAGES") -> list[ImageInput]:
         path = Path(text).expanduser()
         if path.is_dir():
             try:
-                files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image(p) and not p.name.startswith("."))
+                files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image(p) and not p.name.startswith(".")
+                               and (skip is None or not p.resolve().is_relative_to(skip)))
             except OSError as exc:
                 problems.append(Problem(key, f"cannot list folder {excerpt(text)} ({exc.strerror}); make it readable"))
                 continue

@@ -40,6 +40,9 @@ def test_find_images_in_files_and_folders(tmp_path):
     items = find_images([str(tmp_path / "f"), str(tmp_path / "one.jpg"), str(tmp_path / "f" / "b.PNG")])
     assert [i.name for i in items] == ["b", "sub/a", "sub/b", "one", "b-2"]
     assert items[0].path == tmp_path / "f" / "b.PNG" and items[-1].path == tmp_path / "f" / "b.PNG"
+    (tmp_path / "f" / "preds" / "images").mkdir(parents=True)
+    rgb(tmp_path / "f" / "preds" / "images" / "b.png")  # an earlier run's picture, --out inside the folder
+    assert [i.name for i in find_images([str(tmp_path / "f")], exclude=tmp_path / "f" / "preds")] == ["b", "sub/a", "sub/b"]
 
 
 def test_find_images_reports_every_problem_in_one_error(tmp_path):
