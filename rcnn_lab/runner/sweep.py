@@ -171,6 +171,7 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
                                "(finished runs are skipped, interrupted ones resume)") from None
     finally:
         unstored = _close_journals(journals, uri, exp, INTERRUPTED_WAIT_S if interrupted else OUTAGE_WAIT_S, echo)
+        summary.tidy()
         beats.close()
         for o in outcomes:
             o.unstored = o.run_id in unstored
@@ -198,8 +199,8 @@ class _Summary:
         """Write to sweep run ``parent`` from now on (a continued one first stores what its journal kept)."""
         if self.summarize is None:
             return
-        where = journal.folder(self.root / "outputs" / self.exp.name / f"sweep-{parent}")
-        self.journal = journal.Journal(self.c, parent, where, watch=self.watch)
+        self.where = journal.folder(self.root / "outputs" / self.exp.name / f"sweep-{parent}")
+        self.journal = journal.Journal(self.c, parent, self.where, watch=self.watch)
         self.journals.append(self.journal)
         if outcomes:
             self.update(outcomes)
@@ -215,6 +216,12 @@ class _Summary:
         now, step = int(time.time() * 1000), sum(1 for o in outcomes if o.metrics)
         self.journal.metrics([(k, v, now, step) for k, v in metrics.items() if v == v])  # v == v: not NaN
         self.journal.tags({tags.NOTE: note})
+
+    def tidy(self) -> None:
+        """Once its journal is closed: the sweep's output folder goes when nothing is left in it to store."""
+        if self.journal is not None and not self.where.exists():
+            with contextlib.suppress(OSError):
+                self.where.parent.rmdir()
 
 
 def _replay(c, out: Path, run: PlannedRun, echo) -> None:

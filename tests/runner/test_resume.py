@@ -114,8 +114,8 @@ def test_kill_9_leftovers_are_cleaned_by_the_rerun(interrupted):
     assert status == "RUNNING"  # nothing could end it
     code, out, _ = interrupted["reruns"][f]
     sweeps = _sweeps(f)
-    assert sweeps.pop(killed_sweep) == "KILLED" and f"marked KILLED: sweep run {killed_sweep}" in out
-    assert list(sweeps.values()) == ["FINISHED"]  # the rerun's own sweep
+    assert sweeps == {killed_sweep: "FINISHED"}  # the same command continued the killed sweep run: one sweep, not two
+    assert f"continue sweep run {killed_sweep}" in out and "marked KILLED" not in out
     assert not interrupted["orphan"].exists()
     assert not list(_checkpoints(f)[0].parent.glob(".*.tmp-*"))
 

@@ -178,6 +178,7 @@ def test_the_sweep_run_carries_the_summary_and_each_gallery_run_shows_its_panels
     assert re.search(r"^\| b \(baseline\) +\|", note, re.M) and re.search(r"^\| small_rpn +\|", note, re.M)
     assert "Δ bbox_AP" in note and "p segm_AP" in note
     assert [m.step for m in c.get_metric_history(first.info.run_id, "bbox_AP/b")] == [1, 2]  # rewritten as each run ended
+    assert not list((sweep.store / "outputs" / "tiny").glob("sweep-*"))  # its journal is stored: nothing left on disk
     # the second invocation: both skipped (their metrics found finished), bad failed: counted, not averaged
     second = next(r for r in runs(sweep, "sweep") if r.info.run_id != first.info.run_id)
     assert second.data.tags["mlflow.note.content"].startswith("**tiny**: 2 of 3 runs finished")
@@ -318,6 +319,8 @@ def test_a_store_down_until_the_end_loses_nothing_and_the_rerun_stores_it_withou
     assert run.info.status == "RUNNING" and c.get_metric_history(run.info.run_id, "loss") == []
     (sweep_run,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'sweep'")
     assert sweep_run.info.status == "RUNNING" and run.data.tags["rcnn_lab.sweep"] == sweep_run.info.run_id
+    kept_summary = tmp_path / "store" / "outputs" / "tiny" / f"sweep-{sweep_run.info.run_id}" / "tracking" / "journal.jsonl"
+    assert kept_summary.is_file()  # the sweep's summary waits on disk too
     outputs = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
     assert any(ckpt.folder(p.parent.parent) == p.parent for p in outputs)  # the checkpoints are there
 
@@ -339,6 +342,7 @@ def test_a_store_down_until_the_end_loses_nothing_and_the_rerun_stores_it_withou
     assert again.info.run_id == sweep_run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["mlflow.note.content"].startswith("**tiny**: 1 of 1 runs finished")
     assert again.data.metrics["segm_AP/b"] == pytest.approx(run.data.metrics["final/segm_AP"])
+    assert not kept_summary.parent.parent.exists()
     kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "outputs").rglob("*") if p.is_file()}
     assert {p: t for p, t in kept.items() if p in outputs and "tracking" not in p.parts} == \
         {p: t for p, t in outputs.items() if "tracking" not in p.parts}  # checkpoints kept, untouched
