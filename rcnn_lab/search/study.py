@@ -87,6 +87,18 @@ def grid_size(search: SearchConfig) -> int:
 
 
 def sampler(search: SearchConfig, number: int):
+    """See :func:`_sampler`; Optuna's notes that multivariate TPE, QMC and the like are experimental are muted
+    (they would print at every trial)."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return _sampler(search, number)
+
+
+def _sampler(search: SearchConfig, number: int):
     """The sampler proposing trial ``number``, seeded with ``sampler.seed`` and the trial number: proposals are a
     function of the seed and the study's history, the same after a resume, and parallel workers (different
     trial numbers) never draw from the same random stream. QMC and grid keep one seed (it orders their points;
