@@ -168,5 +168,8 @@ def test_predict_with_a_finished_run(tmp_path, monkeypatch):
     assert code == 0, err
     assert f"run {run_id} (iter_0000001.pt): loaded " in out
     assert (tmp_path / "preds" / "images" / "x.png").is_file()
+    code, out, err = cli("predict", str(exp), "x.png", "--run", "0123456789abcdef", "--out", "preds2")
+    assert code == 2 and len(err.splitlines()) == 1 and "--run" in err and "no run '0123456789abcdef'" in err
+    assert not (tmp_path / "preds2").exists()
     runs_after = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs_after) == len(runs_before)
