@@ -44,7 +44,7 @@ RoI heads' samplers draw from, starts in the same state.
 Decoding the COCO files is not part of the comparison either: both read items of the same
 ``CocoDataset`` (export-shapes writes compressed RLE, which the reference's loader cannot read).
 
-Scale for a CPU: R50 at <= 192 px on 7 exported shape images padded to 7 aspect ratios, 2 images
+Scale for a CPU: R50 at <= 96 px on 7 exported shape images padded to 7 aspect ratios, 2 images
 per step, milestones at epochs 1 and 2 so that 5 steps cover the warm-up (min(1000, 3 - 1) = 2
 steps), an epoch boundary and the first lr drop. The ImageNet weights are a stand-in file (no
 download here; BatchNorm statistics of normal inputs, residual branches starting at zero so the
@@ -80,8 +80,9 @@ from rcnn_lab.engine.trainer import Trainer
 from tests.conftest import EXPERIMENTS
 
 RECIPE = EXPERIMENTS / "coco_r50_fpn_torchvision.yaml"
-SIZES = [(96, 96), (96, 160), (160, 96), (96, 128), (96, 192), (128, 96), (96, 112)]  # (height, width)
-STEPS, BATCH, SEED, MIN_SIZE, MAX_SIZE = 5, 2, 0, 96, 192
+SHAPE = 48  # the exported square images, then padded to SIZES (every size at scale 1 under MIN_SIZE / MAX_SIZE)
+SIZES = [(48, 48), (48, 80), (80, 48), (48, 64), (48, 96), (64, 48), (48, 56)]  # (height, width): 7 aspect ratios
+STEPS, BATCH, SEED, MIN_SIZE, MAX_SIZE = 5, 2, 0, 48, 96
 LR = 0.02  # the recipe's (its optimizer is not overridden here)
 
 
@@ -232,8 +233,8 @@ def reference_run(dataset, imagenet, initial_state, rng_state, num_classes):
 
 def padded_shapes(tmp_path):
     """export-shapes, then each image padded (bottom/right) to one of SIZES, its RLE masks re-encoded."""
-    out = export_shapes(tmp_path / "shapes", num_images=len(SIZES), image_size=96, seed=1, max_objects=3, min_size=16,
-                        max_size=40)
+    out = export_shapes(tmp_path / "shapes", num_images=len(SIZES), image_size=SHAPE, seed=1, max_objects=3, min_size=8,
+                        max_size=20)
     path = out / "annotations.json"
     data = json.loads(path.read_text())
     for img, (h, w) in zip(data["images"], SIZES):
@@ -244,7 +245,7 @@ def padded_shapes(tmp_path):
         for ann in data["annotations"]:
             if ann["image_id"] == img["id"]:
                 mask = np.zeros((h, w), np.uint8)
-                mask[:96, :96] = decode_segmentation(ann["segmentation"], 96, 96)
+                mask[:SHAPE, :SHAPE] = decode_segmentation(ann["segmentation"], SHAPE, SHAPE)
                 rle = mask_utils.encode(np.asfortranarray(mask))
                 ann["segmentation"] = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
         img["height"], img["width"] = h, w
