@@ -113,7 +113,7 @@ def auto_note(names: list[str], counted: dict[str, int]) -> str:
         return "model.num_classes: auto -> " + ", ".join(f"{n}: {counted[n]}" for n in names if n in counted)
     return (f"model.num_classes: auto -> 1 + data.train's categories, counted when the data is read (run, eval, "
             f"predict; validate --data shows the number); parameters above count predictors for {AUTO_STAND_IN} "
-            f"classes meanwhile ({', '.join(names)})")
+            "classes meanwhile" + (f" ({', '.join(names)})" if names else ""))
 
 
 def check_image_headers(inputs: dict) -> None:
@@ -201,7 +201,7 @@ def cmd_inspect(args) -> int:
         print(yaml.safe_dump(v["config"], sort_keys=False).rstrip())
         print(f"\nparameters: {v['parameters']:,}")
         if v["config"]["model"]["num_classes"] == AUTO:
-            print(f"  ({auto_note([v['name']], {})})")
+            print(f"  ({auto_note([], {})})")
         for name, n in v["components"].items():
             print(f"  {name:<26}{n:>12,}")
         a = v["anchors"]
