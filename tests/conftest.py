@@ -91,13 +91,16 @@ variants:
 
 
 def detach_vs_backprop(folder: Path, name: str) -> tuple[dict, list, list]:
-    """Load :data:`DETACH_VS_BACKPROP` with :data:`DIFF_POOLERS`: ``({variant: config}, 2 train images, their targets)``."""
+    """Load :data:`DETACH_VS_BACKPROP` with :data:`DIFF_POOLERS`: ``({variant: config}, 2 train images, their targets)``.
+
+    32 FPN channels instead of 256: the same components and gradient paths, and each of the probe's
+    five backward passes about half the cost."""
     from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.registry import DATASETS
 
     path = folder / "exp.yaml"
     path.write_text(f"name: {name}\n" + DETACH_VS_BACKPROP)
-    configs = {v.name: v.config for v in load_experiment(path, DIFF_POOLERS).variants}
+    configs = {v.name: v.config for v in load_experiment(path, [*DIFF_POOLERS, "model.backbone.out_channels=32"]).variants}
     data = DATASETS.build(configs["detach"].data.train, "data.train")
     images, targets = zip(*(data[i] for i in range(2)))
     return configs, list(images), list(targets)
