@@ -16,7 +16,7 @@ from rcnn_lab.config.schema import RunConfig
 from rcnn_lab.config.search import Param
 from rcnn_lab.config.types import convert_dataclass, to_plain
 from rcnn_lab.errors import ConfigError, Problem
-from rcnn_lab.runner.plan import PlannedRun
+from rcnn_lab.runner.plan import PlannedRun, weights_identity
 
 
 def _scalar(v: Any) -> bool:
@@ -82,7 +82,7 @@ def planned(exp: Experiment, variant: Variant, seed: int | None = None) -> Plann
     """One run of ``variant`` (default: the experiment's first seed)."""
     s = exp.seeds[0] if seed is None else seed
     cfg = variant.with_seed(s)
-    return PlannedRun(variant, s, cfg, config_hash(cfg))
+    return PlannedRun(variant, s, cfg, config_hash(cfg, weights_identity(variant, exp.tracking.uri)))  # as make_plan
 
 
 def trial_run(exp: Experiment, number: int, values: dict[str, Any]) -> PlannedRun:
