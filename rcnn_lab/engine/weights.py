@@ -155,8 +155,9 @@ def file_digest(path: Path) -> str:
 
 
 def identity_of(spec: str, *, key: str = KEY, file: str | None = None, with_masks: bool = True) -> str:
-    """What ``spec`` loads, for the config hash: torchvision's weights name, ``run:<id>``, or the
-    digest of a file's content (the same file under another path has the same identity)."""
+    """What ``spec`` loads, for the config hash: torchvision's weights name, or the digest of a file's content
+    (the same file under another path has the same identity); ``run:<id>`` as written (the store is the runner's:
+    ``runner.plan.weights_identity`` counts it by its last checkpoint's digest instead)."""
     if is_run(spec):
         return f"{RUN_PREFIX}{run_id_of(spec)}"
     if is_hub_name(spec):
