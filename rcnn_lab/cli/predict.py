@@ -126,8 +126,7 @@ def _model(cfg, weights, variant, categories):
     torchvision's COCO weights have their class rows by COCO category id: reordered to the labels of
     ``categories`` first, as the trainer and ``rcnn-lab eval`` do (``engine.weights.load``).
     """
-    from rcnn_lab.engine.predict import foreign_tensors
-    from rcnn_lab.engine.weights import load
+    from rcnn_lab.engine.weights import load, whole
     from rcnn_lab.errors import ConfigError, Problem
     from rcnn_lab.models.builder import build_for_weights
 
@@ -136,7 +135,7 @@ def _model(cfg, weights, variant, categories):
                   key=weights.flag)
     # every tensor of the model from the file, and none of the file left over inside a part the model has
     # (ResNet-34 weights fill a ResNet-18 by name and shape, with blocks to spare: another architecture all the same)
-    if report.fresh or report.missing or foreign_tensors(model, report.unexpected):
+    if not whole(model, report):
         raise ConfigError([Problem(weights.flag, f"{weights.source} does not fit variant {variant.name}'s model "
                                    f"({report.summary()}); predictions need the model the weights were trained as: give the "
                                    "experiment (and --variant) they were trained with, or set model.num_classes and "

@@ -127,23 +127,6 @@ def check_out(out: str | Path, key: str = "--out") -> Path:
     return path
 
 
-def foreign_tensors(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Those of ``names`` (tensors of a weights file that the model has no place for) that sit inside a part the
-    model has: another architecture, such as a deeper ResNet's extra blocks beside a shallower one's (which all
-    fit by name and shape). Tensors of a part the model leaves out (its attribute is None, e.g. a mask head
-    under a Faster R-CNN) are not foreign: weights for a larger model of the same family."""
-    modules = dict(model.named_modules())
-    out = []
-    for name in names:
-        parts = name.split(".")[:-1]
-        depth = max(k for k in range(len(parts) + 1) if ".".join(parts[:k]) in modules)
-        parent = modules[".".join(parts[:depth])]
-        if depth < len(parts) and depth > 0 and getattr(parent, parts[depth], 0) is None:
-            continue
-        out.append(name)
-    return out
-
-
 class ResultsWriter:
     """A JSON array written one result at a time (valid JSON once closed, even after an interruption)."""
 

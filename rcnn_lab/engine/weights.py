@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,6 +311,30 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
     if eps is not None:  # the eps the weights were trained with (torchvision's COCO_V1: 0.0)
         set_frozen_bn_eps(model, eps)
     return report
+
+
+def foreign_tensors(model: torch.nn.Module, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` (tensors of a weights file that the model has no place for) that sit inside a part the
+    model has: another architecture, such as a deeper ResNet's extra blocks beside a shallower one's (which all
+    fit by name and shape). Tensors of a part the model leaves out (its attribute is None, e.g. a mask head
+    under a Faster R-CNN) are not foreign: weights for a larger model of the same family."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in names:
+        parts = name.split(".")[:-1]
+        depth = max(k for k in range(len(parts) + 1) if ".".join(parts[:k]) in modules)
+        parent = modules[".".join(parts[:depth])]
+        if depth < len(parts) and depth > 0 and getattr(parent, parts[depth], 0) is None:
+            continue
+        out.append(name)
+    return out
+
+
+def whole(model: torch.nn.Module, report: LoadReport) -> bool:
+    """Every tensor of ``model`` came from the weights, and none of the file is left over inside a part the model
+    has: the rule for using weights as they are (``rcnn-lab eval`` and ``predict``), where fine-tuning keeps fresh
+    what does not fit."""
+    return not (report.fresh or report.missing or foreign_tensors(model, report.unexpected))
 
 
 def load(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, identity: str,

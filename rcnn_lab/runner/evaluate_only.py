@@ -103,7 +103,7 @@ def make_eval_plan(exp: Experiment, variants: list[str] | None, weights: Weights
 
 def check_fit(plan: list[PlannedRun], weights: Weights) -> None:
     """Every tensor of every planned model must come from ``weights`` (checked on the meta device: no memory)."""
-    from rcnn_lab.engine.weights import load_into
+    from rcnn_lab.engine.weights import load_into, whole
     from rcnn_lab.models.builder import build_for_weights
 
     problems: list[Problem] = []
@@ -118,7 +118,7 @@ def check_fit(plan: list[PlannedRun], weights: Weights) -> None:
         except ConfigError as exc:
             problems += [Problem(p.path, f"variant {run.variant.name}: {p.message}", p.file) for p in exc.problems]
             continue
-        if report.fresh or report.missing:
+        if not whole(model, report):
             problems.append(Problem(weights.flag, f"{weights.source} does not fit variant {run.variant.name}'s model "
                                     f"({report.summary()}); an evaluation needs every tensor from the weights: give the "
                                     "experiment (and --variant) they were trained with, or set model.num_classes and "

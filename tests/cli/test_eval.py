@@ -115,6 +115,12 @@ def test_weights_of_another_architecture(exp, store, tmp_path):
     # an R18 file into an R50 model: hardly anything fits
     line = refused(store, tmp_path, str(exp), "--weights", str(three), "--set", "model.backbone.depth=50")
     assert "--weights: variant b: " in line and "does not fit this model" in line
+    # an R34 file into the R18 model: every R18 tensor fits by name and shape, the extra blocks are another
+    # architecture all the same (the rule predict applies too: engine.weights.whole)
+    deeper = tmp_path / "r34.pth"
+    torch.save(build_model(load_experiment(exp, ["model.backbone.depth=34"]).variants[0].config.model).state_dict(), deeper)
+    line = refused(store, tmp_path, str(exp), "--weights", str(deeper))
+    assert "does not fit variant b's model" in line and "not in the model" in line and "layer" in line
 
 
 @pytest.mark.parametrize("argv, words", [

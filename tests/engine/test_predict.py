@@ -223,7 +223,7 @@ def test_pictures_from_the_masks_at_hand_equal_pictures_from_the_rle(tmp_path):
 
 
 def test_foreign_tensors_are_extra_parts_inside_the_model_not_parts_it_leaves_out():
-    from rcnn_lab.engine.predict import foreign_tensors
+    from rcnn_lab.engine.weights import foreign_tensors
 
     class Heads(nn.Module):
         def __init__(self):
