@@ -22,6 +22,8 @@ def add_arguments_search(p: argparse.ArgumentParser) -> None:
                    "stage is split the same way)")
     p.add_argument("--parallel", type=int, metavar="K", help="K worker processes on the same search (one GPU each, "
                    "or cores/K CPU threads each)")
+    p.add_argument("--nproc", type=int, metavar="N", help="not offered by search (refused): a trial trains on one process; "
+                   "use --parallel K to run K trials at once")
     p.add_argument("--export", metavar="BEST.yaml", help="write the best configuration (confirmed when there is a "
                    "confirmation stage) as a runnable experiment")
     p.add_argument("--no-confirm", action="store_true", help="skip the confirmation stage")
@@ -102,6 +104,10 @@ def cmd_search(args) -> int:
     shard = parse_shard(args.shard)
     if args.dry_run:
         return _dry_run(exp)
+    if args.nproc is not None:
+        raise ConfigError([Problem("--nproc", f"search trains each trial on one process (DDP per trial is not offered), "
+                                   f"got --nproc {args.nproc}; use --parallel {max(args.nproc, 2)} to run that many "
+                                   "trials at once, or `rcnn-lab run --nproc N` on the exported best.yaml")])
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError([Problem("--parallel", f"must be >= 1, got {args.parallel}")])
     if args.parallel and args.parallel > 1 and shard:
