@@ -96,7 +96,8 @@ def cmd_run(args) -> int:
         return 0
     inputs = preflight(plan)  # every run's device and datasets, checked once
     if env_world().main:  # the launcher and rank 0: a checkpoint that cannot be resumed is refused (or --restart)
-        check_resumes(exp, plan, force=args.force, restart=args.restart, inputs=inputs)
+        check_resumes(exp, plan, force=args.force, restart=args.restart, inputs=inputs,
+                      world_size=args.nproc if args.nproc and args.nproc > 1 else env_world().size)
     from rcnn_lab.runner.weights import resolve_inputs
 
     inputs = resolve_inputs(exp, plan, inputs)  # model.weights run:<id>: in the store, finished, with a checkpoint

@@ -24,8 +24,11 @@ from rcnn_lab.runner.plan import PlannedRun, output_dir
 RESTART_FIX = "rerun with --restart to train this run afresh (its checkpoints are deleted), or delete the file"
 
 
-def total_iterations(run: PlannedRun, inputs=None) -> int | None:
-    """The run's length in iterations (as the trainer counts it); None for ``train.epochs`` without its dataset."""
+def total_iterations(run: PlannedRun, inputs=None, world_size: int = 1) -> int | None:
+    """The run's length in iterations (as the trainer counts it); None for ``train.epochs`` without its dataset.
+
+    With ``data.sampler: per_process`` each of ``world_size`` ranks draws its own batches: the longest rank's count.
+    """
     t, d = run.config.train, run.config.data
     if t.iterations is not None:
         return t.iterations
@@ -34,12 +37,15 @@ def total_iterations(run: PlannedRun, inputs=None) -> int | None:
         return None
     from rcnn_lab.data.loader import batch_schedule
 
-    return t.epochs * batch_schedule(train_set, d.batch_size, True, d.group_aspect_ratio,
-                                     d.aspect_ratio_group_factor, t.seed, True).batches_per_epoch
+    per_process = d.sampler == "per_process" and world_size > 1
+    ranks = range(world_size) if per_process else range(1)
+    return t.epochs * max(batch_schedule(train_set, d.batch_size, True, d.group_aspect_ratio, d.aspect_ratio_group_factor,
+                                         t.seed, True, per_process, rank, world_size).batches_per_epoch for rank in ranks)
 
 
 def check_resumes(exp: Experiment, plan: list[PlannedRun], *, force: bool = False, restart: bool = False,
-                  inputs: dict | None = None, root: Path | None = None, dry_run: bool = False, echo=print) -> list[str]:
+                  inputs: dict | None = None, root: Path | None = None, dry_run: bool = False, world_size: int = 1,
+                  echo=print) -> list[str]:
     """Check the checkpoint of each run the sweep would resume; -> the labels of runs restarted.
 
     Read-only unless ``restart`` (and not ``dry_run``). Raises ``ConfigError`` (one line per bad
@@ -65,7 +71,7 @@ def check_resumes(exp: Experiment, plan: list[PlannedRun], *, force: bool = Fals
         if action != Action.RESUME:
             continue
         try:
-            ckpt.check(path, total_iterations(run, (inputs or {}).get(run.hash)))
+            ckpt.check(path, total_iterations(run, (inputs or {}).get(run.hash), world_size))
         except ConfigError as exc:
             problem = exc.problems[0]
             bad.append((run, existing, Problem(problem.path, f"{problem.message} ({run.label}); {RESTART_FIX}",

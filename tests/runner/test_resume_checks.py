@@ -68,3 +68,23 @@ def test_restart_records_the_interrupted_run_failed_and_trains_afresh(tmp_path, 
     assert len(fresh) == 1 and fresh[0].info.status == "FINISHED"
     assert not path.exists() and [ckpt.iteration_of(p) for p in ckpt.saved(path.parent)] == [2]  # trained 2 iterations
     assert "restart b seed=0: " in out and path.name in out and f"run {killed} recorded FAILED" in out
+
+
+def test_the_length_a_checkpoint_is_checked_against_is_the_trainers_under_per_process_sampling():
+    """``data.sampler: per_process`` under N ranks: each rank draws its own share, so an epoch can hold more
+    steps than the global schedule's; a checkpoint at the true end must not be refused as past it."""
+    from types import SimpleNamespace
+
+    from rcnn_lab.data.loader import batch_schedule
+    from rcnn_lab.runner.resume import total_iterations
+    from tests.data.test_loader import Toy
+
+    ds = Toy([1.0, 0.5, 2.0, 0.75, 1.5, 1.0, 0.5, 1.33, 0.8, 1.0, 0.6])  # 11 images
+    data = SimpleNamespace(sampler="per_process", batch_size=4, group_aspect_ratio=True, aspect_ratio_group_factor=3)
+    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(iterations=None, epochs=2, seed=0), data=data))
+    inputs = SimpleNamespace(train_set=ds)
+    per_rank = [batch_schedule(ds, 4, True, True, 3, 0, True, True, rank, 2).batches_per_epoch for rank in range(2)]
+    global_ = batch_schedule(ds, 4, True, True, 3, 0, True).batches_per_epoch
+    assert total_iterations(run, inputs, world_size=2) == 2 * max(per_rank)
+    assert total_iterations(run, inputs, world_size=1) == 2 * global_
+    assert max(per_rank) > global_  # the case that was refused: the per-rank epoch is longer
