@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -160,18 +162,81 @@ def open_study(exp: Experiment, url: str):
 
 
 def parent_run(c, exp_id: str, exp: Experiment, study, url: str, common: dict[str, str]) -> str:
-    """The search's one parent run in MLflow (created by the first invocation, marked RUNNING again by later ones)."""
-    known = study.user_attrs.get(PARENT_ATTR)
-    if known:
+    """The search's one parent run in MLflow (created by the first invocation, marked RUNNING again by later ones).
+
+    Race-free: replacing the study's ``mlflow_parent_run`` attr (absent, or a run deleted from the store) is
+    claimed by creating the Optuna study ``<study>:parent:<old value>`` in the same storage, whose study names
+    are unique (a unique row in an RDB, the first record of the journal). The worker whose claim is created
+    reads the attr again, creates the run, sets the attr and drops the claim; the others wait for the attr and
+    adopt it. A claim whose process is gone (same host and dead pid, or held past ``CLAIM_WAIT_S``) is dropped."""
+    from optuna.exceptions import DuplicatedStudyError
+    from optuna.study import StudyDirection
+
+    st = None
+    seen: dict[str, float] = {}  # claim -> when this process first found it held
+    while True:
+        known = study.user_attrs.get(PARENT_ATTR)
+        if known and _usable(c, known):
+            return known
+        st = st or storage(url)
+        claim = f"{study.study_name}:parent:{known or 'none'}"
         try:
-            run = c.get_run(known)
-            if run.info.lifecycle_stage == "active":
-                if run.info.status != "RUNNING":
-                    c.update_run(known, status="RUNNING")
-                return known
-        except Exception:  # deleted from the store: start a new one
+            claim_id = st.create_new_study([StudyDirection.MINIMIZE], study_name=claim)
+        except DuplicatedStudyError:
+            _drop_if_stale(st, claim, seen)
+            time.sleep(0.2)
+            continue
+        try:
+            st.set_study_user_attr(claim_id, "host", socket.gethostname())
+            st.set_study_user_attr(claim_id, "pid", os.getpid())
+            if study.user_attrs.get(PARENT_ATTR) != known:  # replaced between our read and our claim: adopt it
+                continue
+            run = c.create_run(exp_id, run_name=f"search {exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
+                **common, **tr.claim_tags(), tags.KIND: tags.SEARCH, tags.STUDY: study.study_name, tags.STORAGE: url})
+            study.set_user_attr(PARENT_ATTR, run.info.run_id)
+            return run.info.run_id
+        finally:
+            _drop(st, claim)
+
+
+CLAIM_WAIT_S = 60  # a parent-run claim held longer than this (its process died mid-claim) is dropped
+
+
+def _usable(c, run_id: str) -> bool:
+    """The known parent run still exists (active): marked RUNNING again for this invocation."""
+    try:
+        run = c.get_run(run_id)
+    except Exception:  # deleted from the store: a new one replaces it
+        return False
+    if run.info.lifecycle_stage != "active":
+        return False
+    if run.info.status != "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+    return True
+
+
+def _drop(st, claim: str) -> None:
+    try:
+        st.delete_study(st.get_study_id_from_name(claim))
+    except KeyError:  # already dropped (by a worker that found it stale)
+        pass
+
+
+def _drop_if_stale(st, claim: str, seen: dict[str, float]) -> None:
+    first = seen.setdefault(claim, time.time())
+    try:
+        attrs = st.get_study_user_attrs(st.get_study_id_from_name(claim))
+    except KeyError:
+        return
+    host, pid = attrs.get("host"), attrs.get("pid")
+    dead = False
+    if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead = True
+        except PermissionError:
             pass
-    run = c.create_run(exp_id, run_name=f"search {exp.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags={
-        **common, **tr.claim_tags(), tags.KIND: tags.SEARCH, tags.STUDY: study.study_name, tags.STORAGE: url})
-    study.set_user_attr(PARENT_ATTR, run.info.run_id)
-    return run.info.run_id
+    if dead or time.time() - first > CLAIM_WAIT_S:
+        _drop(st, claim)
+        seen.pop(claim, None)
