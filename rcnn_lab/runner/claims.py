@@ -97,9 +97,10 @@ def end_stale_sweeps(c, exp_id: str, plan_key: str | None = None) -> tuple[list[
 
     A sweep run carries claim tags and a heartbeat like its children; one whose claim is stale
     (:func:`tracking.claim_is_stale`) has no process left to end it. The newest stale one of the same
-    plan (``plan_key``: the same command run again, e.g. after a tracking outage left it RUNNING) is not
-    ended but returned, claimed for this process (:func:`take_over`), so the rerun continues that sweep run.
-    Sweep runs from before claim tags existed are left alone.
+    plan (``plan_key``: the same command run again, e.g. after a tracking outage or ``kill -9`` left it
+    RUNNING) is not ended but returned, claimed for this process (:func:`take_over`), so the rerun
+    continues that sweep run; so is the plan's newest sweep run when it is KILLED (Ctrl-C, SIGTERM), as
+    its runs resume. Sweep runs from before claim tags existed are left alone.
     """
     running = f"{tags.filter_equals(tags.KIND, tags.SWEEP)} and attributes.status = 'RUNNING'"
     runs = c.search_runs([exp_id], filter_string=running, order_by=["attributes.start_time DESC"])
@@ -111,4 +112,9 @@ def end_stale_sweeps(c, exp_id: str, plan_key: str | None = None) -> tuple[list[
                 continue
             c.set_terminated(r.info.run_id, "KILLED")
             ended.append(r.info.run_id)
+    if kept is None and plan_key is not None:
+        same = f"{tags.filter_equals(tags.KIND, tags.SWEEP)} and {tags.filter_equals(tags.PLAN_KEY, plan_key)}"
+        newest = c.search_runs([exp_id], filter_string=same, order_by=["attributes.start_time DESC"], max_results=1)
+        if newest and newest[0].info.status == "KILLED" and take_over(c, newest[0]):
+            kept = newest[0]
     return ended, kept

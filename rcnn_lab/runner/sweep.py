@@ -104,8 +104,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
     watch = beats.enter_context(outage.Watch(uri, echo, OUTAGE_WAIT_S, lambda: tr.probe(uri)))
     summary = _Summary(c, exp, root, summarize, watch, journals, echo, len(plan))
-    if kept is not None:  # the same command, left RUNNING by an outage or a kill: this invocation continues it
-        echo(f"continue sweep run {parent} (its process is gone)")
+    if kept is not None:  # the same command, left RUNNING (outage, kill -9) or KILLED (Ctrl-C): this invocation continues it
+        echo(f"continue sweep run {parent} (the same command, interrupted or cut off from the store before)")
         beats.enter_context(tr.Heartbeat(c, parent))
         summary.attach(parent)
     interrupted = crashed = False

@@ -152,6 +152,9 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed_and_the_rerun_resumes(interrupte
     run = _state(f)[0]
     assert run.info.run_id == interrupted["before"][f].info.run_id and run.info.status == "FINISHED"
     assert "resume a seed=0" in out
+    (stopped, status), = interrupted["sweeps_before"][f].items()
+    assert status == "KILLED" and _sweeps(f) == {stopped: "FINISHED"}  # its sweep run continued too, as the run did
+    assert f"continue sweep run {stopped}" in out
 
 
 @pytest.mark.parametrize("which", ["killed", "ctrl_c", "sigterm"])
