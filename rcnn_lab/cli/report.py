@@ -28,7 +28,8 @@ def add_arguments_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", type=float, default=0.95, metavar="LEVEL", help="confidence level of the intervals (default 0.95)")
     p.add_argument("--uri", help="tracking store (default: tracking.uri / MLFLOW_TRACKING_URI / runs/mlflow.db)")
     p.add_argument("--no-log", action="store_true",
-                   help="with --out: do not attach the plots to each experiment's latest sweep run in MLflow")
+                   help="with --out: do not attach the plots to each experiment's latest sweep run in MLflow "
+                   "(an experiment with a search: to its search's parent run)")
     p.add_argument("--mde", type=float, metavar="POINTS", help="minimum detectable effect in AP points (1 = 0.01 AP): "
                    "adds the paired seeds needed to detect it (alpha 0.05, power 0.8)")
     p.add_argument("--per-class", action="store_true", help="per-category AP table (from each run's eval/per_class.json)")
@@ -115,21 +116,24 @@ def write_plots(table, df, stem: Path, group_by: str | None, uri: str | None, co
     return written
 
 
-def log_to_sweeps(df, files: list[Path], echo) -> None:
-    """Attach ``files`` under ``report/`` to the latest sweep (parent) run of every experiment in ``df``."""
+def log_to_sweeps(df, files: list[Path], echo, searches: dict[str, str] | None = None) -> None:
+    """Attach ``files`` under ``report/`` to the latest sweep (parent) run of every experiment in ``df``; an
+    experiment in ``searches`` (MLflow experiment name -> the search's parent run) gets them on its search's run."""
     from mlflow import MlflowClient
 
     from rcnn_lab.runner import tags
 
     for name, uri in df.attrs.get("tracking_uris", {}).items():
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(name)
-        parents = client.search_runs([exp.experiment_id], filter_string=tags.filter_equals(tags.KIND, tags.SWEEP),
-                                     order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-        if not parents:
-            echo(f"note: experiment {name!r} has no sweep run to attach the report to")
-            continue
-        run_id = parents[0].info.run_id
+        run_id = (searches or {}).get(name)
+        if run_id is None:
+            exp = client.get_experiment_by_name(name)
+            parents = client.search_runs([exp.experiment_id], filter_string=tags.filter_equals(tags.KIND, tags.SWEEP),
+                                         order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+            if not parents:
+                echo(f"note: experiment {name!r} has no sweep run to attach the report to")
+                continue
+            run_id = parents[0].info.run_id
         try:
             for f in files:
                 client.log_artifact(run_id, str(f), artifact_path="report")
@@ -140,8 +144,9 @@ def log_to_sweeps(df, files: list[Path], echo) -> None:
         echo(f"attached {len(files)} file(s) to run {run_id} of {name!r} (artifacts: report/)")
 
 
-def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
-    """--per-class / --errors / --gallery: (heading -> table, written PNGs); PNGs only with a ``stem``."""
+def analysis(args, df, stem: Path | None, searched: list | None = None) -> tuple[dict, list[Path]]:
+    """--per-class / --errors / --gallery, and the search tables of ``searched`` ((experiment, study) pairs):
+    (heading -> table, written PNGs); PNGs only with a ``stem``."""
     from rcnn_lab.report import errors, per_class, plot_errors, plot_gallery, plot_pr
 
     tables, plots = {}, []
@@ -161,7 +166,7 @@ def analysis(args, df, stem: Path | None) -> tuple[dict, list[Path]]:
         plots.append(plot_gallery(df, f"{stem}_gallery.png", seed=args.seed, tracking_uri=args.uri))
     from rcnn_lab.report import search
 
-    for exp, study in search.studies(args.experiments, args.uri):  # experiments with a search: its trials
+    for exp, study in searched or []:  # experiments with a search: its trials
         frame = search.trials(exp, study)
         tables[f"Search {study.study_name}: trials"] = frame.drop(columns=["run_id"])
         confirmed = search.confirmation(exp, study, df[df["experiment"] == exp.name])
@@ -215,7 +220,10 @@ def cmd_report(args) -> int:
         print(f"note: --gallery writes PNGs; no --out given, writing to {out}/", file=sys.stderr)
     if out:
         path, stem, fmt = output_paths(out, args.format)
-    tables, extra_plots = analysis(args, df, stem if out else None)
+    from rcnn_lab.report.search import parent_runs, studies
+
+    searched = studies(args.experiments, args.uri)
+    tables, extra_plots = analysis(args, df, stem if out else None, searched)
     text = render(table, fmt)
     if fmt == "md":
         text += "".join(f"\n{heading}\n\n{markdown(frame.map(_fmt))}\n" for heading, frame in tables.items())
@@ -239,7 +247,7 @@ def cmd_report(args) -> int:
     files = list(dict.fromkeys([path, page, *plots]))
     echo(f"wrote {path}, {page.name} (plots embedded) and {len(plots)} plot(s): {', '.join(p.name for p in plots)}")
     if not args.no_log:
-        log_to_sweeps(df, files, echo)
+        log_to_sweeps(df, files, echo, parent_runs(searched))
     return 0
 
 

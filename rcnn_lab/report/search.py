@@ -195,3 +195,15 @@ def studies(experiments, tracking_uri: str | None = None) -> list:
         except KeyError:  # no study of this space yet
             continue
     return out
+
+
+def parent_runs(searched) -> dict[str, str]:
+    """MLflow experiment name -> the search's parent run (``rcnn_lab.kind = search``) of each (experiment, study)."""
+    from rcnn_lab.search import study as st
+
+    out = {}
+    for exp, study in searched:
+        run_id = study.user_attrs.get(st.PARENT_ATTR)
+        if run_id:
+            out[exp.tracking_name] = run_id
+    return out

@@ -90,6 +90,16 @@ def test_finished_runs_of_an_ordinary_sweep_are_reused_by_config_hash(tmp_path):
     assert reused.user_attrs["run_id"] == sweep_run.info.run_id and reused.user_attrs["reused_run"] is True
     assert out.count("run    ") == 1  # only lr 0.02 trained
     assert len(c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'variant'")) == 2
+    # rcnn-lab report attaches the report, the search's plots and tables included, to the search's parent run,
+    # not to the ordinary sweep's run
+    code, out, err = cli("report", str(exp), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    (search_run,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'search'")
+    (sweep,) = c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'sweep'")
+    attached = {a.path for a in c.list_artifacts(search_run.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/search_history.png"} <= attached
+    assert search_run.info.run_id in err and sweep.info.run_id not in err
+    assert c.list_artifacts(sweep.info.run_id, "report") == []
 
 
 @pytest.mark.slow
