@@ -102,7 +102,8 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
     common = {**tr.common_tags(exp, distributed.world().size), **(child_tags or {})}
     beats = contextlib.ExitStack()  # the parent's heartbeat, from its creation to the end of the sweep
     journals: list[journal.Journal] = []  # of the runs trained here: their writes may still be on their way
-    watch = beats.enter_context(outage.Watch(uri, echo, OUTAGE_WAIT_S, lambda: tr.probe(uri)))
+    server = uri.startswith(("http://", "https://"))  # a local store fails at once: nothing to probe
+    watch = beats.enter_context(outage.Watch(uri, echo, OUTAGE_WAIT_S, (lambda: tr.probe(uri)) if server else None))
     summary = _Summary(c, exp, root, summarize, watch, journals, echo, len(plan))
     if kept is not None:  # the same command, left RUNNING (outage, kill -9) or KILLED (Ctrl-C): this invocation continues it
         echo(f"continue sweep run {parent} (the same command, interrupted or cut off from the store before)")
