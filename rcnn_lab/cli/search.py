@@ -80,6 +80,9 @@ def _dry_run(exp) -> int:
     for t in counted:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
     print(f"  trials so far: {len(counted)} ({', '.join(f'{n} {k}' for k, n in states.items()) or 'none'})")
+    hours = driver.spent_s(study.user_attrs) / 3600
+    print(f"  time spent: {hours:.3g} h" + (f" of {s.budget.hours:g} h" if s.budget.hours else "")
+          + " (all invocations together)")
     return 0
 
 

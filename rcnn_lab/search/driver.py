@@ -30,6 +30,7 @@ from rcnn_lab.search import space
 from rcnn_lab.search import study as st
 
 VOID = "void"  # user attr of a trial that is not part of the search (duplicate of a running config, over budget)
+WALL = "budget_wall:"  # study user attr per invocation: [start, last update] (epoch s) of its search loop
 HOST, PID, HASH, RUN_ID, ITERATION, REUSED = "host", "pid", "config_hash", "run_id", "iteration", "reused_run"
 
 
@@ -214,15 +215,47 @@ def limit(s: Search) -> int | None:
     return min(caps) if caps else None
 
 
+def spent_s(attrs: dict) -> float:
+    """Seconds the search has run: the union of the invocations' ``budget_wall:*`` intervals (study user attrs),
+    so resumes add up and workers running at the same time count once."""
+    spans = sorted(tuple(v) for k, v in attrs.items() if k.startswith(WALL) and isinstance(v, list) and len(v) == 2)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _clock(s: Search):
+    """Records this invocation's interval in the study (``budget_wall:<host>:<pid>:<start>``); the returned function
+    updates it and says whether ``budget.hours`` is spent, across every invocation of the search."""
+    began = time.time()
+    key = f"{WALL}{socket.gethostname()}:{os.getpid()}:{int(began * 1000)}"
+    hours = s.exp.search.budget.hours
+
+    def spent() -> bool:
+        s.study.set_user_attr(key, [began, time.time()])
+        if not hours:
+            return False
+        used = spent_s(s.study.user_attrs)
+        if used >= hours * 3600:
+            s.echo(f"search: budget.hours spent ({used / 3600:.3g} h of {hours:g} h, all invocations together)")
+            return True
+        return False
+
+    return spent
+
+
 def run_search(s: Search) -> list[int]:
     """Adopt orphaned trials, then run new ones until the budget ends; returns the trial numbers told here."""
     search = s.exp.search
-    deadline = time.time() + search.budget.hours * 3600 if search.budget.hours else None
+    spent = _clock(s)
     for trial in reconcile(s):
         execute(s, trial, space.suggest(trial, search.space), adopted=True)
     voids = 0
     cap = limit(s)
-    while deadline is None or time.time() < deadline:
+    while not spent():
         if cap is not None and len(counted(s.study.get_trials(deepcopy=False))) >= cap:
             break
         trial = _ask(s)
@@ -236,6 +269,7 @@ def run_search(s: Search) -> list[int]:
         if voids >= 20:
             s.echo("search: 20 proposals in a row duplicated running configs; the space looks exhausted")
             break
+    spent()  # the interval up to now, whatever ended the loop
     return list(s.told)
 
 

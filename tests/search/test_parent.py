@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.search.conftest import search_experiment
+from tests.search.conftest import cli, search_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -100,3 +100,35 @@ def test_a_claim_left_by_a_dead_process_is_dropped(tmp_path, new_store, monkeypa
     began = time.time()
     run_id = st.parent_run(c, exp_id, exp, study, url, {})
     assert time.time() - began < 20 and study.user_attrs[st.PARENT_ATTR] == run_id
+
+
+def test_spent_time_is_the_union_of_the_invocations_intervals():
+    from rcnn_lab.search.driver import WALL, spent_s
+
+    assert spent_s({}) == 0
+    # two invocations one after the other add up; a second worker overlapping the first counts once
+    attrs = {f"{WALL}a": [0.0, 100.0], f"{WALL}b": [50.0, 120.0], f"{WALL}c": [200.0, 260.0], "other": [0, 1e9]}
+    assert spent_s(attrs) == 120.0 + 60.0
+    assert spent_s({f"{WALL}a": [0.0, 100.0], f"{WALL}b": [10.0, 20.0]}) == 100.0  # one inside another
+
+
+def test_budget_hours_count_across_invocations(tmp_path, new_store):
+    from rcnn_lab.engine.preflight import load_experiment
+    from rcnn_lab.search import study as st
+    from rcnn_lab.search.driver import WALL, spent_s
+
+    new_store(tmp_path)
+    path = search_experiment(tmp_path, budget="  budget: {trials: 5, hours: 0.5}\n")
+    exp = load_experiment(path)
+    url = st.storage_url(exp.search, f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    now = time.time()
+    st.open_study(exp, url).set_user_attr(f"{WALL}earlier:1:0", [now - 7200, now - 5400])  # 30 min spent before
+    code, out, err = cli("search", str(path), "--no-progress", "--no-confirm")
+    assert code == 0, err + out
+    study = st.open_study(exp, url)
+    assert study.get_trials() == []  # nothing trained: the half hour was spent by the earlier invocation
+    assert "budget.hours spent (0.5 h of 0.5 h, all invocations together)" in out
+    walls = [k for k in study.user_attrs if k.startswith(WALL)]
+    assert len(walls) == 2 and spent_s(study.user_attrs) >= 1800  # this invocation's interval is recorded too
+    code, out, _ = cli("search", str(path), "--dry-run")
+    assert code == 0 and "time spent: 0.5 h of 0.5 h" in out
