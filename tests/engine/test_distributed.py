@@ -182,7 +182,7 @@ name: ddp_tiny
 model:
   num_classes: 6
   transform: {{min_size: 64, max_size: 64}}
-  backbone: {{type: resnet_fpn, depth: 18, returned_layers: [2, 3, 4]}}
+  backbone: {{type: resnet_fpn, depth: 18, returned_layers: [2, 3, 4], out_channels: 64}}  # as tests/conftest.py TINY_MODEL
   anchor_generator: {{type: grid, sizes: [[16], [32], [64], [128]], aspect_ratios: [[1.0]]}}
   rpn:
     pre_nms_top_n: {{train: 100, test: 50}}
