@@ -1,0 +1,36 @@
+"""A pytest plugin: CPU seconds per test (this process, and the subprocesses it waited for), as TSV.
+
+On a shared machine wall times (``--durations``) follow the other work on the cores; CPU seconds
+follow the test's own work more closely (docs/benchmarks/test_suite.md). Usage::
+
+    CPUTIME_OUT=cpu.tsv PYTHONPATH=benchmarks python -m pytest tests/test_probe.py -p pytest_cputime
+
+Columns: test id, CPU s of the pytest process, CPU s of its waited-for children, wall s (setup,
+call and teardown together, module fixtures included where the test set them up).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+_rows: list[tuple[str, float, float, float]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before, wall = os.times(), time.perf_counter()
+    yield
+    after = os.times()
+    own = (after.user - before.user) + (after.system - before.system)
+    children = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    _rows.append((item.nodeid, own, children, time.perf_counter() - wall))
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("CPUTIME_OUT")
+    if out:
+        with open(out, "w") as f:
+            f.writelines(f"{name}\t{own:.2f}\t{children:.2f}\t{wall:.2f}\n" for name, own, children, wall in _rows)
