@@ -28,13 +28,16 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RCNN_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+_SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored():
     """A sweep run in-process makes SIGINT/SIGTERM interrupt it (rcnn_lab.runner.parallel.join): put
-    pytest's handlers back after each test."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pytest's handlers back after each test. Those of the session's start, not of the test's: a module
+    fixture that ran a sweep has already changed them by the time its first test starts."""
     yield
-    for sig, handler in saved.items():
+    for sig, handler in _SESSION_HANDLERS.items():
         signal.signal(sig, handler)
 
 
