@@ -41,6 +41,15 @@ def _signal_handlers_restored():
         signal.signal(sig, handler)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count (for a process it starts in-process) leaves the next ones theirs:
+    a float comparison between thread counts (test_distributed's ranks vs one process) depends on it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     """Write a YAML file under tmp_path and return its path."""

@@ -60,8 +60,8 @@ def test_existing_folder_needs_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--num-images", "0"], "--num-images: must be >= 1, got 0"),
-    (["--image-size", "-4"], "--image-size: must be >= 1"),
+    (["--num-images", "0"], "--num-images: must be 1..10,000,000, got 0"),
+    (["--image-size", "-4"], "--image-size: must be 8..4,096, got -4"),
 ])
 def test_bad_values_exit_2_with_one_line(tmp_path, capsys, argv, expected):
     out = tmp_path / "out"
