@@ -169,6 +169,9 @@ def identity_of(spec: str, *, key: str = KEY, file: str | None = None, with_mask
 
 def _local(spec: str, key: str, file: str | None) -> Path:
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise ConfigError([Problem(key, f"{excerpt(spec)} is a folder, not a weights file; name the .pth/.pt file in it "
+                                        "(a run's checkpoints: checkpoints/iter_*.pt) or use run:<run_id>", file)])
     if not path.is_file():
         raise ConfigError([Problem(key, f"weights file {excerpt(spec)} not found; give an existing .pth/.pt file, "
                                         f"a torchvision weights name ({', '.join(ALIASES)}, "

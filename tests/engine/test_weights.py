@@ -169,10 +169,13 @@ def test_an_r18_file_into_an_r50_model_fails_in_one_line(loaded, tmp_path):
 @pytest.mark.parametrize("content, fix", [
     (b"not a torch file", "not a readable weights file"),
     (None, "not found"),
+    ("folder", "is a folder, not a weights file"),
 ])
 def test_bad_files_fail_in_one_line(tmp_path, content, fix):
     path = tmp_path / "bad.pth"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(ConfigError) as err:
         w.read_state(str(path), key="--weights")
