@@ -42,6 +42,17 @@ train:
     return path
 
 
+@contextlib.contextmanager
+def in_folder(root: Path):
+    """Inside ``root`` as a module fixture's working folder, with no store or runs folder named by the environment
+    (what a user gets in a fresh project folder); put back on exit."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("RCNN_LAB_RUNS", raising=False)
+        yield mp
+
+
 def cli(*argv: str) -> tuple[int, str, str]:
     """``rcnn-lab ARGV`` in this process -> (exit code, stdout, stderr)."""
     from rcnn_lab.cli.main import main

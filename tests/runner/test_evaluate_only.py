@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.runner.conftest import cli, tiny_experiment
+from tests.runner.conftest import cli, in_folder, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -27,10 +27,7 @@ def evaluated(tmp_path_factory, new_store):
     from rcnn_lab.models.builder import build_model
 
     root = tmp_path_factory.mktemp("eval")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("RCNN_LAB_RUNS", raising=False)
+    with in_folder(root):
         uri = new_store(root)
         exp_file = tiny_experiment(root, uri, variants="  b: {eval.gallery: 2}\n")
         s = SimpleNamespace(root=root, exp_file=exp_file, client=MlflowClient(uri))

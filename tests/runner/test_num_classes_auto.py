@@ -15,7 +15,7 @@ from rcnn_lab.models.builder import build_model
 from rcnn_lab.runner import tags
 from rcnn_lab.runner import weights as rw
 from rcnn_lab.runner.plan import make_plan
-from tests.runner.conftest import cli, tiny_experiment
+from tests.runner.conftest import cli, in_folder, tiny_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -35,10 +35,7 @@ def trained(tmp_path_factory, new_store):
 
     root = tmp_path_factory.mktemp("auto")
     uri = new_store(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("RCNN_LAB_RUNS", raising=False)
+    with in_folder(root):
         for split, n in (("train", 4), ("val", 2)):
             code, _, err = cli("export-shapes", "--out", str(root / split), "--split", split, "--num-images", str(n),
                                "--image-size", "64")

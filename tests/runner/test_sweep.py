@@ -14,7 +14,7 @@ import yaml
 from rcnn_lab.engine import checkpoint as ckpt
 from rcnn_lab.engine.preflight import load_experiment
 from rcnn_lab.runner.plan import make_plan
-from tests.runner.conftest import cli, files_under, tiny_experiment
+from tests.runner.conftest import cli, files_under, in_folder, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -31,10 +31,7 @@ def sweep(tmp_path_factory, new_store):
 
     root = tmp_path_factory.mktemp("sweep")
     store = root / "store"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("RCNN_LAB_RUNS", raising=False)
+    with in_folder(root):
         exp_file = tiny_experiment(root, f"sqlite:///{store / 'mlflow.db'}", variants=VARIANTS, train="  eval_every: 1\n")
         s = SimpleNamespace(root=root, store=store, exp_file=exp_file)
         s.dry_before = cli("run", str(exp_file), "--dry-run")

@@ -18,7 +18,7 @@ from rcnn_lab.runner import tags
 from rcnn_lab.runner import weights as rw
 from rcnn_lab.runner.plan import make_plan
 from tests.conftest import EXPERIMENTS
-from tests.runner.conftest import cli, files_under, tiny_experiment
+from tests.runner.conftest import cli, files_under, in_folder, tiny_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -72,10 +72,7 @@ def finetuned(tmp_path_factory, new_store):
 
     root = tmp_path_factory.mktemp("finetune")
     uri = new_store(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("RCNN_LAB_RUNS", raising=False)
+    with in_folder(root):
         source = cli("run", str(tiny_experiment(root / "a", uri)), "--no-progress")
         c = MlflowClient(uri)
         (trained,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id],
