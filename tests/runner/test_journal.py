@@ -17,10 +17,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 class Flapping:
-    """A real client whose store does not answer while ``down`` is set (each call raises what requests raises)."""
+    """A real client whose store does not answer while ``down`` is set (each call raises what requests raises,
+    after ``hang_s``: MLflow retrying a refused connection)."""
 
-    def __init__(self, c):
-        self.c, self.down, self.failures = c, threading.Event(), 0
+    def __init__(self, c, hang_s: float = 0.0):
+        self.c, self.hang_s, self.down, self.failures = c, hang_s, threading.Event(), 0
 
     def __getattr__(self, name):
         attr = getattr(self.c, name)
@@ -30,7 +31,8 @@ class Flapping:
         def call(*args, **kwargs):
             if self.down.is_set():
                 self.failures += 1
-                raise requests.exceptions.ConnectionError("HTTPConnectionPool: Connection refused")
+                time.sleep(self.hang_s)
+                raise requests.exceptions.ConnectionError("HTTPConnectionPool: Max retries exceeded: Connection refused")
             return attr(*args, **kwargs)
 
         return call

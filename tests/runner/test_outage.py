@@ -8,11 +8,11 @@ import threading
 import time
 
 import pytest
-import requests
 
 from rcnn_lab.runner import outage
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.journal import Journal
+from tests.runner.test_journal import Flapping
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -21,27 +21,6 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Hanging:
-    """A real client whose calls, while ``down``, hang ``hang_s`` (MLflow retrying a refused connection) and then raise."""
-
-    def __init__(self, c, hang_s: float):
-        self.c, self.hang_s, self.down, self.calls = c, hang_s, threading.Event(), 0
-
-    def __getattr__(self, name):
-        attr = getattr(self.c, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            if self.down.is_set():
-                self.calls += 1
-                time.sleep(self.hang_s)
-                raise requests.exceptions.ConnectionError("Max retries exceeded: Connection refused")
-            return attr(*args, **kwargs)
-
-        return call
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> None:
@@ -55,7 +34,7 @@ def test_the_user_hears_of_an_outage_within_seconds_dated_from_the_first_failed_
     monkeypatch.setattr(outage, "TICK_S", 0.05)
     c = tr.client(new_store(tmp_path))
     run_id = c.create_run(tr.experiment_id(c, "outage", (tmp_path / "artifacts").as_uri())).info.run_id
-    hanging, said = Hanging(c, hang_s=4.0), []
+    hanging, said = Flapping(c, hang_s=4.0), []
     url = f"http://127.0.0.1:{_closed_port()}"  # what the probe asks: a port nothing listens on
     with outage.Watch(url, said.append, wait_s=60, probe=lambda: tr.probe(url), slow_s=0.3) as watch:
         j = Journal(hanging, run_id, tmp_path / "tracking", retry_s=0.05, watch=watch)
@@ -64,7 +43,7 @@ def test_the_user_hears_of_an_outage_within_seconds_dated_from_the_first_failed_
         j.metrics([("loss", 1.0, 1_000, 1)], step_metrics=True)
         _wait_for(lambda: said)
         heard = time.time() - first
-        assert heard < 2.5 and hanging.calls == 1  # long before the hanging write gave up (4 s)
+        assert heard < 2.5 and hanging.failures == 1  # long before the hanging write gave up (4 s)
         (line,) = said
         assert line.startswith(f"tracking store {url} is not answering since {outage.clock(j.outage[0])} "
                                "(connection refused): training goes on")
@@ -73,7 +52,7 @@ def test_the_user_hears_of_an_outage_within_seconds_dated_from_the_first_failed_
         since = j.outage[0]
         for step in range(2, 5):
             j.metrics([("loss", 1.0, 1_000 + step, step)], step_metrics=True)
-        _wait_for(lambda: hanging.calls >= 2)  # retried: the outage keeps the date of the first failure, said once
+        _wait_for(lambda: hanging.failures >= 2)  # retried: the outage keeps the date of the first failure, said once
         assert j.outage[0] == since and len(said) == 1
         hanging.down.clear()
         _wait_for(lambda: len(said) == 2)
@@ -87,12 +66,12 @@ def test_the_user_hears_of_an_outage_within_seconds_dated_from_the_first_failed_
 def test_a_write_that_fails_at_once_is_said_at_once_without_a_probe(tmp_path, new_store):
     c = tr.client(new_store(tmp_path))
     run_id = c.create_run(tr.experiment_id(c, "outage", (tmp_path / "artifacts").as_uri())).info.run_id
-    hanging, said = Hanging(c, hang_s=0.0), []
+    hanging, said = Flapping(c, hang_s=0.0), []
     with outage.Watch("sqlite:///x.db", said.append, wait_s=5) as watch:
         j = Journal(hanging, run_id, tmp_path / "tracking", retry_s=0.05, watch=watch)
         hanging.down.set()
         j.metrics([("loss", 1.0, 1_000, 1)], step_metrics=True)
-        _wait_for(lambda: hanging.calls >= 5)
+        _wait_for(lambda: hanging.failures >= 5)
         assert len(said) == 1 and "is not answering since" in said[0]
         backlog = j.close(outage_wait_s=0)
     assert backlog.unstored and backlog.since == j.outage[0]
