@@ -18,10 +18,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 class Flapping:
     """A real client whose store does not answer while ``down`` is set (each call raises what requests raises,
-    after ``hang_s``: MLflow retrying a refused connection)."""
+    after ``hang_s`` or as soon as ``release`` is set: MLflow retrying a refused connection).
+    ``hanging``: a failing call is in its hang now."""
 
     def __init__(self, c, hang_s: float = 0.0):
         self.c, self.hang_s, self.down, self.failures = c, hang_s, threading.Event(), 0
+        self.release, self.hanging = threading.Event(), threading.Event()
 
     def __getattr__(self, name):
         attr = getattr(self.c, name)
@@ -31,7 +33,11 @@ class Flapping:
         def call(*args, **kwargs):
             if self.down.is_set():
                 self.failures += 1
-                time.sleep(self.hang_s)
+                self.hanging.set()
+                try:
+                    self.release.wait(self.hang_s)
+                finally:
+                    self.hanging.clear()
                 raise requests.exceptions.ConnectionError("HTTPConnectionPool: Max retries exceeded: Connection refused")
             return attr(*args, **kwargs)
 
