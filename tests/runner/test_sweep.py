@@ -241,16 +241,12 @@ def test_force_reruns_a_finished_config_as_a_new_run(sweep):
     assert b_runs[1].data.tags["rcnn_lab.config_hash"] == b_runs[0].data.tags["rcnn_lab.config_hash"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_before_training_with_one_line_and_writes_nothing(tmp_path):
-    url = f"http://127.0.0.1:{_closed_port()}"
-    exp = tiny_experiment(tmp_path / "e", url)
-    code, out, err = cli("run", str(exp), "--no-progress")
+    with socket.socket() as closed:  # bound, not listening: refused for the whole test, and no other process takes it
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        exp = tiny_experiment(tmp_path / "e", url)
+        code, out, err = cli("run", str(exp), "--no-progress")
     assert code == 3
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"tracking store {url} is unreachable (connection refused)" in lines[0]
