@@ -20,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rcnn-lab run experiments/quickstart.yaml
 
+# Two pytest-xdist workers, each test file on one worker (its module fixtures run once); serially: make test TEST_WORKERS=
+TEST_WORKERS ?= -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check rcnn_lab tests benchmarks registry
