@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/data_bench.py            # prints a table, writes docs/benchmarks/data.md
     python benchmarks/data_bench.py --no-write # prints only
+    python benchmarks/data_bench.py --smoke    # seconds: 4 images, one pass, every row's code path; prints only
 
 Timings are medians over repeated passes on one thread (``torch.set_num_threads(1)``), so they
 are per-core costs; a loader with ``num_workers = k`` scales them roughly by ``k``.
@@ -46,19 +47,19 @@ def per_item_ms(fn: Callable[[int], object], count: int, repeats: int = 5) -> fl
     return statistics.median(times)
 
 
-def run(quick: bool = False) -> list[tuple[str, float, str]]:
-    n = 50 if quick else 200
+def run(n: int = 200, repeats: int = 5) -> list[tuple[str, float, str]]:
+    """The table's rows, each timed on ``n`` images, median of ``repeats`` passes."""
     rows: list[tuple[str, float, str]] = []
     for size, max_size in ((128, 64), (256, 128), (512, 256)):
         ds = ShapesDataset(num_images=n, image_size=size, max_size=max_size, cache=False)
-        rows.append((f"shapes generate, {size} px (numpy, no cache)", per_item_ms(ds.generate, n), "ms/image"))
-        rows.append((f"shapes item, {size} px (generate + tensors)", per_item_ms(ds.__getitem__, n), "ms/image"))
+        rows.append((f"shapes generate, {size} px (numpy, no cache)", per_item_ms(ds.generate, n, repeats), "ms/image"))
+        rows.append((f"shapes item, {size} px (generate + tensors)", per_item_ms(ds.__getitem__, n, repeats), "ms/image"))
     cached = ShapesDataset(num_images=n, cache=True)
     for i in range(n):
         cached[i]
-    rows.append(("shapes item, 128 px, cache hit", per_item_ms(cached.__getitem__, n), "ms/image"))
+    rows.append(("shapes item, 128 px, cache hit", per_item_ms(cached.__getitem__, n, repeats), "ms/image"))
     dense = ShapesDataset(num_images=n, max_objects=12, classes=["circle", "star", "ring", "hexagon", "cross"], cache=False)
-    rows.append(("shapes generate, 128 px, up to 12 objects", per_item_ms(dense.generate, n), "ms/image"))
+    rows.append(("shapes generate, 128 px, up to 12 objects", per_item_ms(dense.generate, n, repeats), "ms/image"))
 
     with tempfile.TemporaryDirectory() as tmp:
         export_shapes(Path(tmp) / "warm-up", num_images=2)
@@ -66,7 +67,7 @@ def run(quick: bool = False) -> list[tuple[str, float, str]]:
         out = export_shapes(Path(tmp) / "shapes", num_images=n)
         rows.append(("export_shapes, 128 px (PNG + RLE JSON)", (time.perf_counter() - start) / n * 1e3, "ms/image"))
         coco = CocoDataset(out / "images", out / "annotations.json")
-        rows.append(("coco item, 128 px PNG (decode + masks)", per_item_ms(coco.__getitem__, n), "ms/image"))
+        rows.append(("coco item, 128 px PNG (decode + masks)", per_item_ms(coco.__getitem__, n, repeats), "ms/image"))
 
     batch = 8
     transforms = [hflip(0.5), resize_range(112, 144), color_jitter()]
@@ -96,9 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks/data.md")
     parser.add_argument("--quick", action="store_true", help="fewer images (rougher numbers)")
+    parser.add_argument("--smoke", action="store_true", help="4 images, one pass: that every row still runs; implies --no-write")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    text = markdown(run(args.quick))
+    n, repeats = (4, 1) if args.smoke else (50, 5) if args.quick else (200, 5)
+    text = markdown(run(n, repeats))
+    args.no_write = args.no_write or args.smoke
     publish(text, REPORT, write=not args.no_write)
 
 

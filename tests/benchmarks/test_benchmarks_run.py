@@ -14,7 +14,7 @@ CASES = {
     "train_step_bench.py": (["--iterations", "1", "--warmup", "1", "--overhead-steps", "2", "--threads", "1"],
                             "Ratio framework / plain:"),
     "optimizer_bench.py": (["--warmup", "0", "--repeats", "1"], "| AdamW |"),
-    "data_bench.py": (["--quick"], "shapes generate, 128 px"),
+    "data_bench.py": (["--smoke"], "training stream, batch 8"),
     "data_checks_bench.py": (["--smoke"], "`validate --data --deep`: every header read"),
     "coco_scale_bench.py": (["--smoke"], "| worker PSS flat within 5 % |"),
     "mlflow_overhead_bench.py": (["--steps", "1", "--rounds", "1"], "overhead"),
