@@ -77,7 +77,7 @@ class Plan:
     infer_batches: int
     roi_args: tuple[str, ...]
     quickstart_sets: tuple[str, ...]
-    model_sets: tuple[str, ...]  # overrides of base.yaml's model (smoke: few RoIs, so a CPU step takes a second)
+    model_sets: tuple[str, ...]  # overrides of base.yaml's model (smoke: R18, FPN and heads narrowed as the tests' tiny model, few RoIs)
     settings: tuple[int, ...]  # indices into SETTINGS
     budgets: dict  # section name -> planned seconds
     total_s: float
@@ -91,7 +91,10 @@ SMOKE = Plan(64, 107, 2, 2, 1, 1, 1,
               "train.checkpoint_every=0", "eval.batch_size=2"),
              ("model.transform={min_size: 64, max_size: 107}", "model.backbone.depth=18", "model.rpn.pre_nms_top_n={train: 50, test: 20}",
               "model.rpn.post_nms_top_n={train: 20, test: 10}", "model.roi_heads.batch_size_per_image=8",
-              "model.roi_heads.detections_per_img=4"),
+              "model.roi_heads.detections_per_img=4", "model.backbone.out_channels=64",
+              "model.roi_heads.box_head={type: two_mlp, representation_size: 64}",
+              "model.roi_heads.mask_head={type: conv_stack, layers: [32], dilation: 1}",
+              "model.roi_heads.mask_predictor={type: mask_rcnn, dim_reduced: 32}"),
              # about a minute on an idle 2-core machine; the caps leave room for a busy one (the test suite's)
              (0, 3, 6), {"environment": 60, "roi_align": 120, "train": 400, "inference": 200, "quickstart": 400}, 1200)
 
