@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Intra-op threads: at most 2, and the cores shared among pytest-xdist's workers (make test runs 2): two
+# spin-waiting OpenMP threads per worker on a busy 2-core machine made in-process training ~5x slower
+# (docs/benchmarks/test_suite.md). Under xdist, the processes that tests start get the worker's share too.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 # Tests build parts straight from the registries (DATASETS.build, build_model), as the loader and the
 # trainer do once they have registered the built-ins.
