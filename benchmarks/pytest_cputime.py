@@ -7,6 +7,9 @@ follow the test's own work more closely (docs/benchmarks/test_suite.md). Usage::
 
 Columns: test id, CPU s of the pytest process, CPU s of its waited-for children, wall s (setup,
 call and teardown together, module fixtures included where the test set them up).
+
+Under pytest-xdist (``-n 2``, as ``make test`` runs) each worker hands its rows to the controlling
+process (xdist's ``workeroutput``), which writes them all, a worker's rows in the order it ran them.
 """
 
 from __future__ import annotations
@@ -29,8 +32,22 @@ def pytest_runtest_protocol(item, nextitem):
     _rows.append((item.nodeid, own, children, time.perf_counter() - wall))
 
 
+_joined: list[str] = []  # pytest-xdist's controller: the rows of the workers that ended
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _joined.extend(getattr(node, "workeroutput", {}).get("cputime_rows", []))
+
+
 def pytest_sessionfinish(session):
     out = os.environ.get("CPUTIME_OUT")
-    if out:
-        with open(out, "w") as f:
-            f.writelines(f"{name}\t{own:.2f}\t{children:.2f}\t{wall:.2f}\n" for name, own, children, wall in _rows)
+    if not out:
+        return
+    lines = [f"{name}\t{own:.2f}\t{children:.2f}\t{wall:.2f}\n" for name, own, children, wall in _rows]
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller writes the file
+        workeroutput["cputime_rows"] = lines
+        return
+    with open(out, "w") as f:
+        f.writelines(lines + _joined)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 TESTS = """
@@ -24,16 +26,20 @@ def test_idle():
 """
 
 
-def test_each_test_gets_its_own_and_its_childrens_cpu_seconds(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_each_test_gets_its_own_and_its_childrens_cpu_seconds(tmp_path, workers):
     (tmp_path / "test_sample.py").write_text(TESTS)
     out = tmp_path / "cpu.tsv"
     env = {**os.environ, "CPUTIME_OUT": str(out), "PYTHONPATH": str(ROOT / "benchmarks")}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_cputime", "-p", "no:randomly",
-                           "-p", "no:cacheprovider", "test_sample.py"], cwd=tmp_path, env=env, capture_output=True,
+                           "-p", "no:cacheprovider", *workers, "test_sample.py"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = {line.split("\t")[0]: [float(x) for x in line.split("\t")[1:]] for line in out.read_text().splitlines()}
-    assert list(rows) == ["test_sample.py::test_busy", "test_sample.py::test_child", "test_sample.py::test_idle"]
+    lines = out.read_text().splitlines()
+    rows = {line.split("\t")[0]: [float(x) for x in line.split("\t")[1:]] for line in lines}
+    names = ["test_sample.py::test_busy", "test_sample.py::test_child", "test_sample.py::test_idle"]
+    # serially in the order they ran; under xdist each once, from both workers (written by the controller)
+    assert (list(rows) if not workers else sorted(rows)) == names and len(lines) == 3
     own, children, wall = rows["test_sample.py::test_busy"]
     assert own >= 0.29 and children == 0.0 and wall >= own - 0.05
     own, children, wall = rows["test_sample.py::test_child"]
