@@ -34,6 +34,7 @@ from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import output_dir
 
 SWEEP_ENV = "RCNN_LAB_SWEEP_RUN"  # --parallel: the sweep run its coordinator made; the workers' runs belong to it
+PROGRESS_POLL_S = 15.0  # --parallel: how often the coordinator looks for newly finished runs (one store query)
 
 
 def given_sweep_run() -> str | None:
@@ -171,7 +172,8 @@ def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> No
 
 def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool, summarize=None) -> tuple[list, int]:
     """Train ``plan`` on ``k`` worker processes (one GPU each with ``cuda``); (one outcome per planned run
-    read from MLflow, exit code). ``summarize``: as ``sweep.run_plan``'s, written to the sweep run once at the end."""
+    read from MLflow, exit code). ``summarize``: as ``sweep.run_plan``'s, written to the sweep run as runs finish
+    (checked every ``PROGRESS_POLL_S``) and once more at the end."""
     if k < 1:
         raise ConfigError([Problem("--parallel", f"must be >= 1, got {k}")])
     workers = max(1, min(k, len(plan)))
@@ -196,7 +198,8 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool, summarize=None)
                 procs.append(proc)
                 pumps.append(pump)
             try:
-                codes = [p.wait() for p in procs]
+                progress = _progress(c, exp_id, exp, plan, sweep, started_ms, summarize) if summarize else None
+                codes = wait_all(procs, progress)
             except KeyboardInterrupt:  # the workers got the signal too: let them record KILLED, then stop
                 for p in procs:
                     p.wait()
@@ -213,6 +216,37 @@ def run_parallel(exp, plan, k: int, argv: list[str], cuda: bool, summarize=None)
     finally:
         _end_sweep(c, exp_id, sweep, status)
     return outcomes, code
+
+
+def wait_all(procs: list, progress=None, poll_s: float = PROGRESS_POLL_S) -> list[int]:
+    """The workers' exit codes, once all have ended; ``progress()`` every ``poll_s`` while any runs."""
+    while True:
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return [p.wait() for p in procs]
+        try:
+            alive[0].wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            if progress is not None:
+                progress()
+
+
+def _progress(c, exp_id: str, exp, plan, sweep: str, started_ms: int, summarize):
+    """A callable that rewrites the sweep run's summary whenever more of its runs have finished (one query a poll)."""
+    seen = [0]
+
+    def update() -> None:
+        try:
+            done = c.search_runs([exp_id], filter_string=f"{tags.filter_equals(tags.SWEEP_RUN, sweep)} and "
+                                 "attributes.status = 'FINISHED'", max_results=len(plan) + 1)
+        except Exception:  # the store is not answering: the workers say so; the summary waits
+            return
+        if len(done) > seen[0]:
+            seen[0] = len(done)
+            outcomes = outcomes_from_store(c, exp_id, plan, started_ms)
+            _summarize(c, sweep, summarize(exp, outcomes, len(plan)), seen[0])
+
+    return update
 
 
 def _summarize(c, sweep: str, summary: tuple[dict, str], step: int) -> None:

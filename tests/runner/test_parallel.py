@@ -113,3 +113,39 @@ def test_parallel_2_trains_both_variants_and_summarises(tmp_path, new_store):
     assert code == 0, out + err  # a is finished: skipped, no sweep run is left behind
     assert "[a seed=0] skip   a seed=0" in out, out
     assert len(c.search_runs([c.get_experiment_by_name("par").experiment_id], "tags.`rcnn_lab.kind` = 'sweep'")) == 1
+
+
+def test_the_coordinator_waits_for_every_worker_and_checks_progress_meanwhile():
+    import subprocess
+
+    procs = [subprocess.Popen(["sleep", "0.1"]), subprocess.Popen(["sh", "-c", "sleep 0.5; exit 3"])]
+    calls = []
+    assert parallel.wait_all(procs, lambda: calls.append(time.monotonic()), poll_s=0.05) == [0, 3]
+    assert len(calls) >= 3  # the second worker ran ~0.5 s: progress was looked at while it did
+    assert parallel.wait_all([subprocess.Popen(["true"])], None, poll_s=0.05) == [0]
+
+
+def test_the_sweep_summary_is_rewritten_only_when_more_runs_have_finished(monkeypatch):
+    finished = []
+
+    class Store:
+        def search_runs(self, ids, filter_string, max_results):
+            assert "FINISHED" in filter_string and "rcnn_lab.sweep" in filter_string
+            if finished == ["down"]:
+                raise ConnectionError("store not answering")
+            return list(finished)
+
+    written = []
+    monkeypatch.setattr(parallel, "outcomes_from_store", lambda c, exp_id, plan, since: [f"o{len(finished)}"])
+    monkeypatch.setattr(parallel, "_summarize", lambda c, sweep, summary, step: written.append((summary, step)))
+    update = parallel._progress(Store(), "1", "exp", ["r1", "r2", "r3"], "sweep-id", 0,
+                                lambda exp, outcomes, n: (outcomes, n))
+    update()  # nothing finished yet: nothing written
+    finished[:] = ["a"]
+    update()
+    update()  # the same count: not rewritten
+    finished[:] = ["down"]
+    update()  # an outage is not an error of the coordinator
+    finished[:] = ["a", "b"]
+    update()
+    assert written == [((["o1"], 3), 1), ((["o2"], 3), 2)]
