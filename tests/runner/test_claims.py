@@ -26,8 +26,8 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+def _store(tmp_path, new_store):
+    uri = new_store(tmp_path)  # an empty store copied: MLflow's migrations run once a session
     c = tr.client(uri)
     return uri, c, tr.experiment_id(c, "claims", None)
 
@@ -41,8 +41,8 @@ def _claimed_run(c, exp_id, pid: int, beat: float, start_time: int | None = None
     return run_id
 
 
-def test_oldest_live_claim_wins_and_both_sides_agree(tmp_path):
-    _, c, exp_id = _store(tmp_path)
+def test_oldest_live_claim_wins_and_both_sides_agree(tmp_path, new_store):
+    _, c, exp_id = _store(tmp_path, new_store)
     now = time.time()
     _claimed_run(c, exp_id, _dead_pid(), now, start_time=1000)  # oldest, but its worker is gone: ignored
     other = _claimed_run(c, exp_id, os.getppid(), now, start_time=2000)  # a live worker
@@ -61,10 +61,10 @@ def test_oldest_live_claim_wins_and_both_sides_agree(tmp_path):
     assert claims.rival(c, exp_id, HASH, first, finished_wins=False) is None  # --force
 
 
-def test_backing_off_leaves_no_running_ghost(tmp_path):
+def test_backing_off_leaves_no_running_ghost(tmp_path, new_store):
     from mlflow.entities import ViewType
 
-    _, c, exp_id = _store(tmp_path)
+    _, c, exp_id = _store(tmp_path, new_store)
     now = time.time()
     other = _claimed_run(c, exp_id, os.getppid(), now, start_time=2000)
     mine = _claimed_run(c, exp_id, os.getpid(), now, start_time=3000)
@@ -76,8 +76,8 @@ def test_backing_off_leaves_no_running_ghost(tmp_path):
     assert ghost.data.tags[tags.BACKED_OFF_TO] == other
 
 
-def test_a_claim_is_taken_over_by_exactly_one_worker(tmp_path):
-    _, c, exp_id = _store(tmp_path)
+def test_a_claim_is_taken_over_by_exactly_one_worker(tmp_path, new_store):
+    _, c, exp_id = _store(tmp_path, new_store)
     run_id = _claimed_run(c, exp_id, _dead_pid(), time.time() - 3600)
     seen_by_a, seen_by_b = c.get_run(run_id), c.get_run(run_id)  # both workers decided to resume it
     assert tr.claim_is_stale(seen_by_a)
@@ -90,10 +90,10 @@ def test_a_claim_is_taken_over_by_exactly_one_worker(tmp_path):
 
 
 @pytest.mark.slow
-def test_hand_made_stale_claim_is_resumed_into(tmp_path):
+def test_hand_made_stale_claim_is_resumed_into(tmp_path, new_store):
     from rcnn_lab.runner.sweep import run_plan
 
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     exp = load_experiment(tiny_experiment(tmp_path, uri, name="stale", iterations=1))
     (planned,) = make_plan(exp)
     c = tr.client(uri)
@@ -110,8 +110,8 @@ def test_hand_made_stale_claim_is_resumed_into(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_racing_on_one_plan_train_each_config_once(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+def test_two_processes_racing_on_one_plan_train_each_config_once(tmp_path, new_store):
+    uri = new_store(tmp_path)
     exp_file = tiny_experiment(tmp_path, uri, variants="  a: {}\n  b: {model.rpn.pre_nms_top_n.train: 80}\n", name="race",
                                 iterations=1)
     c = tr.client(uri)  # an existing store (MLflow's sqlite schema creation is not itself safe to race)
