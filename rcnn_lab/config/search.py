@@ -82,6 +82,31 @@ class ConfirmConfig:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """A constraint on a metric a run logs: ``{min: x}``, ``{max: y}`` or both (inclusive)."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        for name in ("min", "max"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not _is_number(v)):
+                out.append((name, f"must be a finite number, got {v!r}"))
+        if not out and self.min is None and self.max is None:
+            out.append(("", "set min and/or max (e.g. {min: 0.85})"))
+        if not out and self.min is not None and self.max is not None and not self.min < self.max:
+            out.append(("", f"min ({self.min}) must be below max ({self.max})"))
+        return out
+
+    def violation(self, value: float) -> float:
+        """Optuna's convention: <= 0 when ``value`` satisfies the bound, else by how much it misses."""
+        return max(self.min - value if self.min is not None else -math.inf,
+                   value - self.max if self.max is not None else -math.inf)
+
+
+@dataclass(frozen=True)
 class SearchSection:
     """``search:`` as written (``space`` parsed separately into :class:`Param`)."""
 
@@ -91,6 +116,7 @@ class SearchSection:
     sampler: SamplerConfig = _default({})
     pruner: PrunerConfig = _default({})
     confirm: ConfirmConfig = _default({})
+    constraints: dict[str, Bound] = _default({})  # metric -> bound: trials outside it are infeasible
     storage: str | None = None  # Optuna storage: an RDB URL, or journal:PATH; default sqlite beside the MLflow store
 
 
@@ -127,6 +153,13 @@ class SearchConfig:
     confirm: ConfirmConfig
     storage: str | None
     file: str = ""
+    constraints: dict[str, Bound] = field(default_factory=dict)  # not in the fingerprint: they rank, not define, trials
+
+    def violations(self, metrics: dict) -> list[float] | None:
+        """One value per constraint (<= 0: satisfied), or None when a constrained metric is missing."""
+        if not all(m in metrics for m in self.constraints):
+            return None
+        return [b.violation(float(metrics[m])) for m, b in self.constraints.items()]
 
     @property
     def fingerprint(self) -> str:
@@ -256,10 +289,12 @@ def parse_search(raw: Any, base: dict, setter: Setter, families: Families, file:
         problems.append(Problem("search.objective", "names no metric; e.g. {segm_AP50: max}"))
     if metrics is not None and baseline is not None:
         known = list(metrics(baseline))
-        for name in section.objective:
-            if name not in known:
-                problems.append(Problem(f"search.objective.{name}", f"is not a metric runs of this experiment log"
-                                        f"{did_you_mean(name, known)} (e.g. {', '.join(known[:3])}, ..., gflops, train_time_s)"))
+        for section_name, names in (("objective", section.objective), ("constraints", section.constraints)):
+            for name in names:
+                if name not in known:
+                    problems.append(Problem(f"search.{section_name}.{name}", f"is not a metric runs of this experiment "
+                                            f"log{did_you_mean(name, known)} (e.g. {', '.join(known[:3])}, ..., gflops, "
+                                            "train_time_s)"))
     if section.pruner.type != "none":
         if len(section.objective) > 1:
             problems.append(Problem("search.pruner.type", "pruning needs a single objective (Optuna does not prune "
@@ -273,5 +308,5 @@ def parse_search(raw: Any, base: dict, setter: Setter, families: Families, file:
                 problems.append(Problem(f"search.space.{p.key}.float", "the grid sampler needs values it can list; "
                                         "add step: or use choice: [...]"))
     out = SearchConfig(tuple(space), dict(section.objective), section.budget, section.sampler, section.pruner,
-                       section.confirm, section.storage, file)
+                       section.confirm, section.storage, file, dict(section.constraints))
     return out, [Problem(p.path, p.message, file) for p in problems]

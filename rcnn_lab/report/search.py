@@ -21,7 +21,7 @@ STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RU
 
 def trials(exp, study) -> pd.DataFrame:
     """One row per counted trial: number, state, objective value(s), searched keys, iteration reached, run id."""
-    from rcnn_lab.search import driver, space
+    from rcnn_lab.search import driver, feasible, space
 
     names = list(exp.search.objective)
     rows = []
@@ -29,6 +29,9 @@ def trials(exp, study) -> pd.DataFrame:
         row = {"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower())}
         for i, n in enumerate(names):
             row[n] = t.values[i] if t.values is not None and len(t.values) > i else math.nan
+        if exp.search.constraints:
+            row.update({m: v for m, v in feasible.metrics_of(exp.search, t).items() if m not in names})
+            row["feasible"] = t.state.name == "COMPLETE" and feasible.feasible(exp.search, t)
         row.update(space.stored(exp.search.space, t.params))
         steps = sorted(t.intermediate_values)  # a trial told complete records the iterations it trained
         row["iteration"] = t.user_attrs.get(driver.ITERATION, steps[-1] if steps else None)
@@ -50,17 +53,38 @@ def confirmation(exp, study, runs_df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     df["variant"] = [by_hash[h].label for h in df["config_hash"]]
     df["baseline"] = [by_hash[h].number is None for h in df["config_hash"]]
-    metric = next(iter(exp.search.objective))
-    table = summary(df, metrics=list(exp.search.objective))
+    search = exp.search
+    table = summary(df, metrics=list(dict.fromkeys([*search.objective, *search.constraints])))
     single = {c.label: (c.single[0] if c.single else math.nan) for c in chosen}
     table["single"] = table["variant"].map(single)
-    sign = -1.0 if exp.search.objective[metric] == "max" else 1.0
     tops = table[~table["baseline"]].copy()
-    tops["rank"] = (sign * tops[f"{metric}_mean"]).rank(method="min")
-    tops["single_rank"] = (sign * tops["single"]).rank(method="min")
+    if search.constraints:
+        table["feasible"] = missed(search, table) <= 0
+        tops["feasible"] = table["feasible"]
+    tops["rank"] = confirmed_rank(search, tops)
+    # the single-seed ranking is the order the search chose them in (``feasible.ranked``)
+    position = {c.label: i + 1 for i, c in enumerate(c for c in chosen if c.number is not None)}
+    tops["single_rank"] = tops["variant"].map(position)
     table = pd.concat([table[table["baseline"]], tops.sort_values("rank")], ignore_index=True)
     table.attrs.update(tops.attrs or table.attrs)
     return table
+
+
+def missed(search, table: pd.DataFrame) -> pd.Series:
+    """Per row of a summary table: by how much its means miss ``search.constraints`` (0: they meet them)."""
+    if not search.constraints:
+        return pd.Series(0.0, index=table.index)
+    return table.apply(lambda row: sum(max(v, 0.0) for v in search.violations(
+        {m: row[f"{m}_mean"] for m in search.constraints})), axis=1)
+
+
+def confirmed_rank(search, tops: pd.DataFrame) -> list[int]:
+    """The confirmed ranking (1 = best) of summary rows: means that meet the constraints first (the less they miss
+    the better), then the first objective's mean; the trials' own rule (``search.feasible.ranked``) on means."""
+    metric = next(iter(search.objective))
+    sign = -1.0 if search.objective[metric] == "max" else 1.0
+    key = list(zip(missed(search, tops), sign * tops[f"{metric}_mean"]))
+    return [1 + sum(other < k for other in key) for k in key]
 
 
 def disagrees(table: pd.DataFrame) -> bool:
@@ -78,6 +102,10 @@ def confirmation_markdown(exp, table: pd.DataFrame) -> str:
     cols = {"variant": "config", "single": f"{m} (1 seed)", f"{m}_mean": f"{m} mean", f"{m}_ci_low": "CI low",
             f"{m}_ci_high": "CI high", f"{m}_delta": "delta", f"{m}_p": "p", f"{m}_p_holm": "p (Holm)",
             f"{m}_seeds": "seeds needed", f"{m}_n": "n"}
+    for other in dict.fromkeys([*list(exp.search.objective)[1:], *exp.search.constraints]):
+        cols.update({f"{other}_mean": f"{other} mean", f"{other}_delta": f"{other} delta", f"{other}_p_holm": f"{other} p (Holm)"})
+    if "feasible" in table:
+        cols["feasible"] = "meets constraints"
     shown = table[[c for c in cols if c in table]].rename(columns=cols)
     text = markdown(shown.map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)))
     if disagrees(table):
@@ -133,7 +161,10 @@ def plots(exp, study, frame: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_xlabel(f"importance for {m} (fANOVA)")
         out.append(_save(fig, folder / "search_importance.png", plt))
     if len(names) >= 2:
-        front = {t.number for t in study.best_trials}
+        from rcnn_lab.search import confirm, feasible
+
+        ok = [t for t in confirm.finished_trials(study) if feasible.feasible(exp.search, t)]
+        front = {t.number for t in feasible.front(exp.search, ok)}
         fig, ax = plt.subplots(figsize=(6, 4.5))
         on = done["trial"].isin(front)
         ax.plot(done.loc[~on, names[1]], done.loc[~on, m], "o", color="0.6", label="trials")

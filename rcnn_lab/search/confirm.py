@@ -18,7 +18,7 @@ from rcnn_lab.config.loader import Experiment, Variant
 from rcnn_lab.errors import ConfigError, Problem, display_path
 from rcnn_lab.runner import tags
 from rcnn_lab.runner.plan import PlannedRun
-from rcnn_lab.search import space
+from rcnn_lab.search import feasible, space
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,8 @@ def finished_trials(study) -> list:
 
 
 def ranked(exp: Experiment, study) -> list:
-    """Completed trials, best first: by the objective (several: the Pareto front first, then by the first objective)."""
-    search = exp.search
-    trials = finished_trials(study)
-    signs = [-1.0 if d == "max" else 1.0 for d in search.objective.values()]
-    if len(signs) == 1:
-        return sorted(trials, key=lambda t: (signs[0] * t.values[0], t.number))
-    front = {t.number for t in study.best_trials}
-    return sorted(trials, key=lambda t: (t.number not in front, signs[0] * t.values[0], t.number))
+    """Completed trials, best first (``feasible.ranked``: feasible first, the Pareto front first, then the first objective)."""
+    return feasible.ranked(exp.search, finished_trials(study))
 
 
 def candidates(exp: Experiment, study) -> list[Candidate]:

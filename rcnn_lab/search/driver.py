@@ -26,7 +26,7 @@ from rcnn_lab.engine.hooks import Hook, Priority, StopTraining
 from rcnn_lab.runner import tags
 from rcnn_lab.runner import tracking as tr
 from rcnn_lab.runner.outcome import Status
-from rcnn_lab.search import space
+from rcnn_lab.search import feasible, space
 from rcnn_lab.search import study as st
 
 VOID = "void"  # user attr of a trial that is not part of the search (duplicate of a running config, over budget)
@@ -107,9 +107,12 @@ def _tag(s: Search, run_id: str | None, number: int, state: str) -> None:
         pass
 
 
-def _tell(s: Search, trial, state: str, values=None, run_id: str | None = None, **attrs) -> None:
+def _tell(s: Search, trial, state: str, values=None, run_id: str | None = None, metrics: dict | None = None,
+          **attrs) -> None:
     from optuna.trial import TrialState
 
+    if metrics is not None and state == "complete":  # before tell: the sampler reads them when it is told
+        feasible.record(s.exp.search, trial, metrics)
     for k, v in {RUN_ID: run_id, **attrs}.items():
         if v is not None:
             trial.set_user_attr(k, v)
@@ -133,10 +136,12 @@ def execute(s: Search, trial, values: dict, adopted: bool = False) -> None:
     existing = tr.runs_with_hash(s.client, s.exp_id, run.hash)
     done = [r for r in existing if r.info.status == "FINISHED"]
     if done:
-        got = _values(s, tr.final_metrics(done[0]))
+        final = tr.final_metrics(done[0])
+        got = _values(s, final)
         if got is not None:
             reused = done[0].data.tags.get(tags.TRIAL) != str(trial.number)  # not its own run, finished before a kill
-            _tell(s, trial, "complete", got, done[0].info.run_id, **{REUSED: reused, ITERATION: run.config.train.iterations})
+            _tell(s, trial, "complete", got, done[0].info.run_id, final,
+                  **{REUSED: reused, ITERATION: run.config.train.iterations})
             return
     stopped = [r for r in existing if r.info.status == "KILLED" and tags.STOPPED_AT in r.data.tags]
     if stopped and stopped[0] is existing[0]:
@@ -159,7 +164,7 @@ def execute(s: Search, trial, values: dict, adopted: bool = False) -> None:
         if got is None:
             _tell(s, trial, "failed", run_id=o.run_id, error=f"the run logged none of {list(search.objective)}")
         else:
-            _tell(s, trial, "complete", got, o.run_id, **{ITERATION: run.config.train.iterations})
+            _tell(s, trial, "complete", got, o.run_id, o.metrics, **{ITERATION: run.config.train.iterations})
     elif o.status == Status.STOPPED:
         run_tags = s.client.get_run(o.run_id).data.tags
         _tell(s, trial, "pruned", run_id=o.run_id, **{ITERATION: int(run_tags.get(tags.STOPPED_AT, 0))})

@@ -40,6 +40,19 @@ def test_a_valid_search_loads_typed(tmp_path):
     assert (s.budget.trials, s.budget.hours, s.sampler.type, s.sampler.seed) == (4, 1.0, "nsga2", 3)
     assert s.confirm.seeds == [0, 1, 2] and s.confirm.top_k == 2
     assert all(v.config.name == "tiny" for v in exp.variants)  # search: is not part of a run's config
+    assert s.constraints == {}
+
+
+def test_constraints_load_and_do_not_change_the_study(tmp_path):
+    plain = load_experiment(search_experiment(tmp_path / "a", space=GOOD, budget=""))
+    bound = load_experiment(search_experiment(tmp_path / "b", space=GOOD + "  constraints: {segm_AP50: {min: 0.85}}\n",
+                                              budget=""))
+    (b,) = bound.search.constraints.values()
+    assert (b.min, b.max) == (0.85, None)
+    assert bound.search.violations({"segm_AP50": 0.9}) == [pytest.approx(-0.05)]
+    assert bound.search.violations({"segm_AP50": 0.8}) == [pytest.approx(0.05)]
+    assert bound.search.violations({"gflops": 1.0}) is None  # the constrained metric is missing
+    assert bound.search.fingerprint == plain.search.fingerprint  # constraints rank trials; they do not define them
 
 
 @pytest.mark.parametrize("space, key, words", [
@@ -77,6 +90,15 @@ def test_each_space_mistake_is_one_line_with_file_key_and_fix(tmp_path, space, k
     ("  objective: {segm_AP50: max}\n  budget: {trials: 0}\n", "search.budget.trials", [">= 1"]),
     ("  objective: {segm_AP50: max}\n  confirm: {top_k: 2, seeds: [0]}\n", "search.confirm.seeds", ["at least 2"]),
     ("  objective: {segm_AP50: max}\n  sampelr: {type: tpe}\n", "search.sampelr", ["unknown key", "sampler"]),
+    ("  objective: {gflops: min}\n  constraints: {segm_AP5: {min: 0.8}}\n", "search.constraints.segm_AP5",
+     ["not a metric", "segm_AP"]),
+    ("  objective: {gflops: min}\n  constraints: {segm_AP50: {}}\n", "search.constraints.segm_AP50", ["min and/or max"]),
+    ("  objective: {gflops: min}\n  constraints: {segm_AP50: {min: 0.9, max: 0.8}}\n", "search.constraints.segm_AP50",
+     ["must be below max"]),
+    ("  objective: {gflops: min}\n  constraints: {segm_AP50: {minimum: 0.8}}\n", "search.constraints.segm_AP50.minimum",
+     ["unknown key", "min"]),
+    ("  objective: {gflops: min}\n  constraints: {segm_AP50: {min: high}}\n", "search.constraints.segm_AP50.min",
+     ["expected"]),
 ])
 def test_each_section_mistake_is_one_line(tmp_path, extra, key, words):
     text = "search:\n  space:\n    train.optimizer.lr: {float: [0.001, 0.01]}\n" + extra
