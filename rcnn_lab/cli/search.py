@@ -22,8 +22,9 @@ def add_arguments_search(p: argparse.ArgumentParser) -> None:
                    "stage is split the same way)")
     p.add_argument("--parallel", type=int, metavar="K", help="K worker processes on the same search (one GPU each, "
                    "or cores/K CPU threads each)")
-    p.add_argument("--nproc", type=int, metavar="N", help="not offered by search (refused): a trial trains on one process; "
-                   "use --parallel K to run K trials at once")
+    p.add_argument("--nproc", type=int, metavar="N", help="train each trial (and the confirmation stage) on N local "
+                   "DDP ranks, data.batch_size being the global batch as for `run --nproc` (needs pruner: none)")
+    p.add_argument("--rank-of", help=argparse.SUPPRESS)  # internal: what a --nproc rank trains (search.ddp)
     p.add_argument("--export", metavar="BEST.yaml", help="write the best configuration (confirmed when there is a "
                    "confirmation stage) as a runnable experiment")
     p.add_argument("--no-confirm", action="store_true", help="skip the confirmation stage")
@@ -100,6 +101,26 @@ def _spawn(args, k: int, cuda: bool) -> int:
         raise
 
 
+def _check_nproc(exp, args) -> None:
+    from rcnn_lab.engine.distributed import env_world
+
+    n = args.nproc
+    if args.rank_of and not env_world().active:
+        raise ConfigError([Problem("--rank-of", "is set by `search --nproc` for its ranks; drop it")])
+    problem = None
+    if n is None:
+        return
+    if n < 1:
+        problem = f"must be >= 1, got {n}"
+    elif n > 1 and args.parallel and args.parallel > 1:
+        problem = "cannot be combined with --parallel; use one of them"
+    elif n > 1 and exp.search.pruner.type != "none":
+        problem = (f"the {exp.search.pruner.type} pruner decides in one process, and --nproc {n} trains each trial on {n}; "
+                   "set search.pruner.type: none, or drop --nproc")
+    if problem:
+        raise ConfigError([Problem("--nproc", problem)])
+
+
 def cmd_search(args) -> int:
     from rcnn_lab.runner.plan import parse_shard
 
@@ -107,10 +128,7 @@ def cmd_search(args) -> int:
     shard = parse_shard(args.shard)
     if args.dry_run:
         return _dry_run(exp)
-    if args.nproc is not None:
-        raise ConfigError([Problem("--nproc", f"search trains each trial on one process (DDP per trial is not offered), "
-                                   f"got --nproc {args.nproc}; use --parallel {max(args.nproc, 2)} to run that many "
-                                   "trials at once, or `rcnn-lab run --nproc N` on the exported best.yaml")])
+    _check_nproc(exp, args)
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError([Problem("--parallel", f"must be >= 1, got {args.parallel}")])
     if args.parallel and args.parallel > 1 and shard:
@@ -122,14 +140,28 @@ def cmd_search(args) -> int:
     from rcnn_lab.search import study as st
 
     baseline = space.planned(exp, exp.baseline)
+    ddp_n = args.nproc if args.nproc and args.nproc > 1 else 0
+    if ddp_n:
+        from rcnn_lab.runner.parallel import check_world
+
+        check_world([baseline], ddp_n, display_path(exp.path))
     inputs = preflight([baseline])  # device and datasets, before anything is written
     uri = tr.resolve_uri(exp.tracking.uri)
     c = tr.client(uri)
     exp_id = tr.experiment_id(c, exp.tracking_name, tr.default_artifact_root(uri))
     url = st.storage_url(exp.search, uri)
     study = st.open_study(exp, url)
+    if args.rank_of:  # one of the --nproc ranks: the search process made the parent run and owns the trials
+        from rcnn_lab.search import ddp
+
+        s = driver.Search(exp, study, url, c, exp_id, study.user_attrs[st.PARENT_ATTR])
+        return ddp.rank_main(s, args.rank_of)
     parent = st.parent_run(c, exp_id, exp, study, url, tr.common_tags(exp, 1))
     s = driver.Search(exp, study, url, c, exp_id, parent, progress=not args.no_progress and sys.stderr.isatty())
+    if ddp_n:
+        from rcnn_lab.search import ddp
+
+        s.train = ddp.trainer(s, ddp_n, args.argv)
     print(f"search {study.study_name}: storage {url}, parent run {parent}")
     status = "KILLED"
     try:
@@ -142,7 +174,10 @@ def cmd_search(args) -> int:
                 driver.run_search(s)
                 driver.wait_for_running(s)
                 if exp.search.confirm.top_k and not args.no_confirm:
-                    confirm.run_confirmation(s, confirm.candidates(exp, study), shard)
+                    if ddp_n:
+                        ddp.confirm(ddp_n, args.argv)
+                    else:
+                        confirm.run_confirmation(s, confirm.candidates(exp, study), shard)
         status = "FINISHED"
     finally:
         try:

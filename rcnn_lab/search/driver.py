@@ -48,6 +48,7 @@ class Search:
     echo: object = print
     root: Path | None = None
     told: list[int] = field(default_factory=list)  # trial numbers this invocation told
+    train: object = None  # (trial number, PlannedRun) -> Outcome; None: in this process (``search.ddp``: on N ranks)
 
 
 class PruneHook(Hook):
@@ -157,8 +158,11 @@ def execute(s: Search, trial, values: dict, adopted: bool = False) -> None:
     if search.pruner.type != "none":
         hooks = lambda r: [PruneHook(trial, next(iter(search.objective)))]  # noqa: E731
     child = {tags.STUDY: s.study.study_name, tags.TRIAL: str(trial.number), tags.STAGE: "trial"}
-    o = run_plan(s.exp, [run], parent=s.parent, child_tags=child, hooks=hooks, progress=s.progress, echo=s.echo,
-                 root=s.root)[0]
+    if s.train is not None:
+        o = s.train(trial.number, run)
+    else:
+        o = run_plan(s.exp, [run], parent=s.parent, child_tags=child, hooks=hooks, progress=s.progress, echo=s.echo,
+                     root=s.root)[0]
     if o.status in (Status.FINISHED, Status.SKIPPED):
         got = _values(s, o.metrics)
         if got is None:

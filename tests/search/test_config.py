@@ -125,16 +125,6 @@ def test_search_command_needs_a_search_section(tmp_path):
     assert code == 2 and "search: this experiment has no search: section" in err
 
 
-def test_search_refuses_nproc_in_one_line_naming_parallel(tmp_path):
-    path = search_experiment(tmp_path)
-    before = sorted(p.name for p in tmp_path.rglob("*"))
-    code, out, err = cli("search", str(path), "--nproc", "2")
-    assert code == 2 and out == ""
-    (line,) = err.strip().splitlines()
-    assert "--nproc" in line and "--parallel 2" in line
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before
-
-
 def test_objective_names_are_the_metrics_runs_log(tmp_path):
     exp = load_experiment(search_experiment(tmp_path))
     names = logged_metrics(exp.baseline.config)
