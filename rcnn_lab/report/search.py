@@ -154,12 +154,13 @@ def plots(exp, study, frame: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_ylabel(m)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
         out.append(_save(fig, folder / f"search_{p.key.replace('.', '_')}.png", plt))
-    importance = _importance(study, len(names))
-    if importance:
-        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(importance)))
-        ax.barh(list(importance)[::-1], list(importance.values())[::-1])
-        ax.set_xlabel(f"importance for {m} (fANOVA)")
-        out.append(_save(fig, folder / "search_importance.png", plt))
+    for i, name in enumerate(names):  # one per objective: what decides the cost need not decide the accuracy
+        importance = _importance(study, len(names), i)
+        if importance:
+            fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(importance)))
+            ax.barh(list(importance)[::-1], list(importance.values())[::-1])
+            ax.set_xlabel(f"importance for {name} (fANOVA)")
+            out.append(_save(fig, folder / ("search_importance.png" if i == 0 else f"search_importance_{name}.png"), plt))
     if len(names) >= 2:
         from rcnn_lab.search import confirm, feasible
 
@@ -169,7 +170,14 @@ def plots(exp, study, frame: pd.DataFrame, folder: Path) -> list[Path]:
         on = done["trial"].isin(front)
         ax.plot(done.loc[~on, names[1]], done.loc[~on, m], "o", color="0.6", label="trials")
         pareto = done[on].sort_values(names[1])
-        ax.plot(pareto[names[1]], pareto[m], "o-", color="C3", label="Pareto front")
+        bounded = exp.search.constraints
+        ax.plot(pareto[names[1]], pareto[m], "o-", color="C3",
+                label="Pareto front of the trials that meet the constraints" if bounded else "Pareto front")
+        for name, bound in bounded.items():  # a constraint on an axis: its bound as a line
+            for value in (bound.min, bound.max):
+                if value is not None and name in names[:2]:
+                    line = ax.axvline if name == names[1] else ax.axhline
+                    line(value, color="0.4", linestyle="--", linewidth=1, label=f"{name} bound {value:g}")
         ax.set_xlabel(names[1])
         ax.set_ylabel(m)
         ax.legend()
@@ -177,13 +185,13 @@ def plots(exp, study, frame: pd.DataFrame, folder: Path) -> list[Path]:
     return out
 
 
-def _importance(study, n_objectives: int) -> dict:
+def _importance(study, n_objectives: int, index: int = 0) -> dict:
     import warnings
 
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     try:
-        target = (lambda t: t.values[0]) if n_objectives > 1 else None
+        target = (lambda t: t.values[index]) if n_objectives > 1 else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return dict(get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), target=target))

@@ -86,3 +86,23 @@ def test_the_confirmed_ranking_puts_means_that_meet_the_constraints_first():
     assert confirmed_rank(s, tops) == [1, 3, 2]
     assert list(missed(s, tops).round(6)) == [0.0, 0.01, 0.0]
     assert confirmed_rank(_search(s.objective), tops) == [2, 1, 3]  # without the constraint: by time alone
+
+
+def test_the_plots_mark_the_feasible_front_and_explain_each_objective(tmp_path):
+    from types import SimpleNamespace
+
+    from rcnn_lab.report.search import plots, trials
+
+    s = _search({"train_time_s": "min", "segm_AP50": "max"}, {"segm_AP50": Bound(min=0.85)}, "random")
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(8):
+        trial = study.ask()
+        lr = trial.suggest_float("train.optimizer.lr", 1e-3, 1e-2)
+        time_s, ap = 100 + 1e4 * lr, 0.95 - 20 * abs(lr - 0.004)  # cost follows lr; accuracy peaks at 0.004
+        feasible.record(s, trial, {"train_time_s": time_s, "segm_AP50": ap})
+        study.tell(trial, [time_s, ap])
+    exp = SimpleNamespace(search=s)
+    frame = trials(exp, study)
+    assert list(frame["feasible"]) == [ap >= 0.85 for ap in frame["segm_AP50"]]
+    names = {p.name for p in plots(exp, study, frame, tmp_path)}
+    assert {"search_pareto.png", "search_importance.png", "search_importance_segm_AP50.png"} <= names
