@@ -161,6 +161,11 @@ class SearchConfig:
             return None
         return [b.violation(float(metrics[m])) for m, b in self.constraints.items()]
 
+    def shortfall(self, metrics: dict) -> float:
+        """By how much ``metrics`` miss the constraints in all (0: they meet them; inf: a constrained metric is missing)."""
+        got = self.violations(metrics)
+        return math.inf if got is None else sum(max(v, 0.0) for v in got)
+
     @property
     def fingerprint(self) -> str:
         """Hash of what makes a study: the space and the objective (budget, sampler, pruner may change on resume)."""

@@ -74,8 +74,7 @@ def missed(search, table: pd.DataFrame) -> pd.Series:
     """Per row of a summary table: by how much its means miss ``search.constraints`` (0: they meet them)."""
     if not search.constraints:
         return pd.Series(0.0, index=table.index)
-    return table.apply(lambda row: sum(max(v, 0.0) for v in search.violations(
-        {m: row[f"{m}_mean"] for m in search.constraints})), axis=1)
+    return table.apply(lambda row: search.shortfall({m: row[f"{m}_mean"] for m in search.constraints}), axis=1)
 
 
 def confirmed_rank(search, tops: pd.DataFrame) -> list[int]:

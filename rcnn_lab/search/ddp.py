@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-from rcnn_lab.runner import tags
 from rcnn_lab.runner.outcome import Action, Outcome, Status
 from rcnn_lab.runner.plan import PlannedRun
 
@@ -56,7 +55,7 @@ def rank_main(s, target: str) -> int:
     """What one rank does: train trial NUMBER's run, or the confirmation stage, with the other ranks."""
     from rcnn_lab.runner.sweep import run_plan
     from rcnn_lab.search import confirm as stage
-    from rcnn_lab.search import space
+    from rcnn_lab.search import driver, space
 
     if target == CONFIRM:
         stage.run_confirmation(s, stage.candidates(s.exp, s.study))
@@ -64,6 +63,6 @@ def rank_main(s, target: str) -> int:
     number = int(target.split(":", 1)[1])
     t = s.study.trials[number]
     run = space.trial_run(s.exp, number, space.stored(s.exp.search.space, t.params))
-    child = {tags.STUDY: s.study.study_name, tags.TRIAL: str(number), tags.STAGE: "trial"}
-    (o,) = run_plan(s.exp, [run], parent=s.parent, child_tags=child, progress=False, echo=s.echo, root=s.root)
+    (o,) = run_plan(s.exp, [run], parent=s.parent, child_tags=driver.trial_tags(s, number), progress=False,
+                    echo=s.echo, root=s.root)
     return 0 if o.status in (Status.FINISHED, Status.SKIPPED) else 1

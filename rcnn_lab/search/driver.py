@@ -157,7 +157,7 @@ def execute(s: Search, trial, values: dict, adopted: bool = False) -> None:
     hooks = None
     if search.pruner.type != "none":
         hooks = lambda r: [PruneHook(trial, next(iter(search.objective)))]  # noqa: E731
-    child = {tags.STUDY: s.study.study_name, tags.TRIAL: str(trial.number), tags.STAGE: "trial"}
+    child = trial_tags(s, trial.number)
     if s.train is not None:
         o = s.train(trial.number, run)
     else:
@@ -177,6 +177,11 @@ def execute(s: Search, trial, values: dict, adopted: bool = False) -> None:
             _void(s, trial, "duplicate of a config another worker is training")
     else:
         _tell(s, trial, "failed", run_id=o.run_id, error=(o.error or str(o.status))[:500])
+
+
+def trial_tags(s: Search, number: int) -> dict[str, str]:
+    """The tags of trial ``number``'s run (its study, number and stage), whichever process trains it."""
+    return {tags.STUDY: s.study.study_name, tags.TRIAL: str(number), tags.STAGE: "trial"}
 
 
 def _void(s: Search, trial, why: str) -> None:

@@ -75,5 +75,5 @@ def ranked(search: SearchConfig, trials: list) -> list:
     on_front = {t.number for t in front(search, ok)} if len(search.objective) > 1 else set()
     first = sorted(ok, key=lambda t: (t.number not in on_front, sign * t.values[0], t.number))
     rest = [t for t in trials if t.number not in {u.number for u in ok}]
-    miss = sorted(rest, key=lambda t: (sum(max(v, 0.0) for v in violations(search, t)), sign * t.values[0], t.number))
+    miss = sorted(rest, key=lambda t: (search.shortfall(metrics_of(search, t)), sign * t.values[0], t.number))
     return first + miss
