@@ -9,26 +9,39 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXPERIMENTS, TINY_MODEL
+from tests.conftest import EXPERIMENTS, ROOT, TINY_MODEL
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+PAUSE_PLUGIN = ROOT / "tests" / "fixtures" / "plugins" / "pause.py"
+
+
+def paused_env(env: dict[str, str], iteration: int, batch_size: int = 2) -> dict[str, str]:
+    """``env`` for a process that runs a ``pausable`` tiny experiment and stops (until a signal) once ``iteration``
+    iterations and their checkpoint are done."""
+    return {**env, "RCNN_LAB_TEST_PAUSE_AFTER_IMAGES": str(iteration * batch_size)}  # pause.py's PAUSE_VAR
+
 
 def tiny_experiment(folder: Path, uri: str | None, *, variants: str = "  b: {}\n", iterations: int = 2,
-                    train: str = "", name: str = "tiny") -> Path:
-    """Write ``folder/exp.yaml``: a tiny CPU experiment tracked at ``uri`` (None: the default store)."""
+                    train: str = "", name: str = "tiny", pausable: bool = False) -> Path:
+    """Write ``folder/exp.yaml``: a tiny CPU experiment tracked at ``uri`` (None: the default store).
+
+    ``pausable``: with the ``pause_at`` transform of tests/fixtures/plugins/pause.py, so that a test can stop the
+    run at a known iteration (:func:`paused_env`)."""
     folder.mkdir(parents=True, exist_ok=True)
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
     train_block = train if "checkpoint_every" in train else "  checkpoint_every: 0\n" + train  # no duplicate key
+    plugins = f"plugins: ['{PAUSE_PLUGIN}']\n" if pausable else ""
+    transforms = "[{type: hflip, p: 0.5}, {type: pause_at}]" if pausable else "[{type: hflip, p: 0.5}]"
     text = f"""base: {EXPERIMENTS / 'base.yaml'}
-name: {name}
+{plugins}name: {name}
 seeds: [0]
 {TINY_MODEL}
 data:
   train: {{type: shapes, split: train, num_images: 8, image_size: 64}}
   val: {{type: shapes, split: val, num_images: 4, image_size: 64}}
   batch_size: 2
-  transforms: [{{type: hflip, p: 0.5}}]
+  transforms: {transforms}
 train:
   iterations: {iterations}
   device: cpu

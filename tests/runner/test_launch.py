@@ -48,14 +48,14 @@ from pathlib import Path
 out, mode, rank = Path(sys.argv[1]), sys.argv[2], os.environ["RANK"]
 if mode == "deaf" and rank == "0":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-(out / f"pid{rank}").write_text(str(os.getpid()))
-if rank == "1" and mode in ("fail", "deaf"):
-    time.sleep(0.3)
-    sys.exit(3)
-if rank == "1" and mode == "crash":
-    time.sleep(0.3)
-    os.kill(os.getpid(), signal.SIGKILL)
-try:
+try:  # from the moment the test can see this rank, an interrupt is recorded
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    if rank == "1" and mode in ("fail", "deaf"):
+        time.sleep(0.3)
+        sys.exit(3)
+    if rank == "1" and mode == "crash":
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
 except KeyboardInterrupt:
     (out / f"interrupted{rank}").write_text("")

@@ -15,7 +15,7 @@ import torch
 
 from rcnn_lab.engine import checkpoint as ckpt
 from tests.conftest import ROOT
-from tests.runner.conftest import cli, tiny_experiment
+from tests.runner.conftest import cli, paused_env, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -27,13 +27,15 @@ TIMING = ("train_time_s", "eval_time_s", "eval_images_per_s", "images_per_s", "p
 
 def _experiment(folder: Path) -> Path:
     return tiny_experiment(folder, f"sqlite:///{folder / 'store' / 'mlflow.db'}", variants="  a: {}\n",
-                           iterations=ITERATIONS, train=TRAIN)
+                           iterations=ITERATIONS, train=TRAIN, pausable=True)
 
 
 def _start(folder: Path) -> subprocess.Popen:
-    """``rcnn-lab run`` in a subprocess, on one thread like this process (``_one_thread``)."""
+    """``rcnn-lab run`` in a subprocess, on one thread like this process (``_one_thread``), that stops after its
+    first checkpoint until the test's signal (the reruns in this process do not stop)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RCNN_LAB_RUNS")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env = paused_env(env, CHECKPOINT_EVERY)
     return subprocess.Popen([sys.executable, "-m", "rcnn_lab", "run", str(_experiment(folder)), "--no-progress"],
                             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
