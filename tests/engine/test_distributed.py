@@ -20,6 +20,7 @@ from rcnn_lab.data.loader import BatchSchedule, StreamSampler, build_loader
 from rcnn_lab.data.shapes import shapes
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError
+from tests.runner.conftest import PAUSE_PLUGIN, paused_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,6 +182,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 EXPERIMENT = """
 base: {base}
+plugins: ['{pause_plugin}']  # a run that stops after its first checkpoint until Ctrl-C, where the test says so
 name: ddp_tiny
 model:
   num_classes: 6
@@ -201,6 +203,7 @@ data:
   train: {{type: shapes, split: train, num_images: 8, image_size: 64}}
   val: {{type: shapes, split: val, num_images: 4, image_size: 64}}
   batch_size: 2
+  transforms: [{{type: hflip, p: 0.5}}, {{type: pause_at}}]
 train:
   iterations: 4
   device: cpu
@@ -217,13 +220,13 @@ def test_nproc_2_one_run_logged_once_and_resumes(tmp_path):
     from mlflow import MlflowClient
 
     exp = tmp_path / "exp.yaml"
-    exp.write_text(EXPERIMENT.format(base=ROOT / "experiments" / "base.yaml"))
+    exp.write_text(EXPERIMENT.format(base=ROOT / "experiments" / "base.yaml", pause_plugin=PAUSE_PLUGIN))
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "rcnn_lab", "run", str(exp), "--nproc", "2", "--set", f"tracking.uri={uri}", "--no-progress"]
     env = {**os.environ, "RCNN_LAB_RUNS": str(tmp_path / "runs")}
     first_log = tmp_path / "first.log"
-    with open(first_log, "w") as log:
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(first_log, "w") as log:  # each rank loads 1 image per iteration; both stop after the checkpoint of 2
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=paused_env(env, 2, batch_size=1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         checkpoints = tmp_path / "runs" / "outputs" / "ddp_tiny"
         deadline = time.time() + 240
         while not list(checkpoints.glob("*/checkpoints/iter_*.pt")) and first.poll() is None and time.time() < deadline:

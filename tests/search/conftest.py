@@ -15,10 +15,10 @@ SPACE = """search:
 
 
 def search_experiment(folder: Path, search: str = "", *, iterations: int = 2, train: str = "",
-                      budget: str = "  budget: {trials: 2}\n", space: str = SPACE) -> Path:
+                      budget: str = "  budget: {trials: 2}\n", space: str = SPACE, pausable: bool = False) -> Path:
     """``folder/exp.yaml``: the tiny experiment tracked at ``folder/store/mlflow.db`` (Optuna's sqlite beside it)
     with ``space`` + ``budget`` + ``search`` (more search keys) appended."""
     path = tiny_experiment(folder, f"sqlite:///{folder / 'store' / 'mlflow.db'}", variants="  default: {}\n",
-                           iterations=iterations, train=train)
+                           iterations=iterations, train=train, pausable=pausable)
     path.write_text(path.read_text() + space + budget + search)
     return path

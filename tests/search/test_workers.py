@@ -14,6 +14,7 @@ import pytest
 
 from rcnn_lab.engine import checkpoint as ckpt
 from tests.conftest import ROOT
+from tests.runner.conftest import paused_env
 from tests.search.conftest import cli, search_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -46,9 +47,9 @@ def _state(folder: Path, exp_path: Path):
 
 
 def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_nothing(tmp_path):
-    exp = search_experiment(tmp_path, iterations=4, train="  checkpoint_every: 2\n")
+    exp = search_experiment(tmp_path, iterations=4, train="  checkpoint_every: 2\n", pausable=True)
     proc = subprocess.Popen([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--no-progress"], cwd=tmp_path,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=paused_env(_env(), 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not _checkpoints(tmp_path) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -71,7 +72,7 @@ def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_not
     assert len({r.data.tags["rcnn_lab.config_hash"] for r in runs}) == len(runs) == 2
     # an uninterrupted search of the same file: the same trials (the runs are bit-reproducible on CPU)
     reference = tmp_path / "reference"
-    ref_exp = search_experiment(reference, iterations=4, train="  checkpoint_every: 2\n")
+    ref_exp = search_experiment(reference, iterations=4, train="  checkpoint_every: 2\n", pausable=True)
     code, _, err = cli("search", str(ref_exp), "--no-progress")
     assert code == 0, err
     ref_trials, ref_runs = _state(reference, ref_exp)
