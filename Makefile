@@ -20,8 +20,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rcnn-lab run experiments/quickstart.yaml
 
-# Two pytest-xdist workers, each test file on one worker (its module fixtures run once); serially: make test TEST_WORKERS=
-TEST_WORKERS ?= -n 2 --dist loadfile
+# Two pytest-xdist workers, each test file on one worker (its module fixtures run once), the files with slow tests
+# first (tests/conftest.py); serially: make test TEST_WORKERS=
+TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(TEST_WORKERS)

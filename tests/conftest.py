@@ -29,6 +29,16 @@ if _WORKERS > 1:
 register_builtins()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files that hold a ``slow`` test run first (a stable sort: the order within and between files is kept
+    otherwise). Under ``make test``'s two workers (``--dist loadfile --no-loadscope-reorder``), each worker takes
+    the next file when it runs out: the long files start early and the many short ones fill in at the end, so
+    neither worker is left alone with a minute-long file (xdist's own order, files with the most tests first,
+    left the end-to-end files for last)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path_factory, monkeypatch):
     """Every test gets its own empty on-disk cache (rcnn_lab.data.cache): none writes to the home folder."""
