@@ -138,3 +138,25 @@ def detach_vs_backprop(folder: Path, name: str) -> tuple[dict, list, list]:
 @pytest.fixture
 def tiny_model_yaml() -> str:
     return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory):
+    """``new_store(folder)`` -> sqlite URI of an empty MLflow store at ``folder/store/mlflow.db``.
+
+    MLflow builds a new database with dozens of migrations (seconds each time); tests copy one built here.
+    """
+    import shutil
+
+    from mlflow import MlflowClient
+
+    template = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()
+
+    def _copy(folder: Path) -> str:
+        db = folder / "store" / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+        return f"sqlite:///{db}"
+
+    return _copy

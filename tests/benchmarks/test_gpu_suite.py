@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -38,9 +39,11 @@ def test_smoke_runs_every_section_and_labels_itself(tmp_path):
     assert sorted((ROOT / "docs" / "benchmarks").iterdir()) == before  # --out only
 
 
-def test_smoke_refuses_to_overwrite_gpu_figures(tmp_path):
+def test_smoke_refuses_to_overwrite_gpu_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # main() in this process: the refusal comes before any work
+    gpu_suite = importlib.import_module("gpu_suite")
     out = tmp_path / "gpu.md"
-    out.write_text("<!-- gpu_suite: full run -->\n# GPU benchmark suite\nfigures\n")
-    done = _run("--smoke", "--out", str(out), tmp_path=tmp_path)
-    assert done.returncode == 2 and "holds a GPU run" in done.stderr
+    out.write_text(f"{gpu_suite.FULL_RUN_MARK}\n# GPU benchmark suite\nfigures\n")
+    assert gpu_suite.main(["--smoke", "--out", str(out)]) == 2
+    assert "holds a GPU run" in capsys.readouterr().err
     assert out.read_text().endswith("figures\n")

@@ -76,28 +76,6 @@ def cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="session")
-def new_store(tmp_path_factory):
-    """``new_store(folder)`` -> sqlite URI of an empty MLflow store at ``folder/store/mlflow.db``.
-
-    MLflow builds a new database with dozens of migrations (seconds each time); tests copy one built here.
-    """
-    import shutil
-
-    from mlflow import MlflowClient
-
-    template = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{template}").search_experiments()
-
-    def _copy(folder: Path) -> str:
-        db = folder / "store" / "mlflow.db"
-        db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template, db)
-        return f"sqlite:///{db}"
-
-    return _copy
-
-
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 

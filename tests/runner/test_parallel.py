@@ -80,16 +80,14 @@ def test_bad_scale_flags_fail_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_parallel_2_trains_both_variants_and_summarises(tmp_path, new_store):
-    import subprocess
-
+def test_parallel_2_trains_both_variants_and_summarises(tmp_path, new_store, monkeypatch):
     uri = new_store(tmp_path)  # an empty store copied, not built by MLflow's migrations (seconds of fsync)
     variants = "  a: {}\n  bad: {train.optimizer.lr: 1.0e+12}\n"
     exp = tiny_experiment(tmp_path, uri, variants=variants, name="par")
-    done = subprocess.run([sys.executable, "-m", "rcnn_lab", "run", str(exp), "--parallel", "2"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    out = done.stdout
-    assert done.returncode == 1, out + done.stderr  # one variant failed
+    monkeypatch.chdir(tmp_path)
+    # the coordinator in this process (its two workers are processes of their own): one interpreter start fewer
+    code, out, err = cli("run", str(exp), "--parallel", "2")
+    assert code == 1, out + err  # one variant failed
     lines = out.splitlines()
     assert any(line.startswith("[a seed=0] run    a seed=0") for line in lines), out
     assert any(line.startswith("[bad seed=0] FAILED bad seed=0: TrainingError: non-finite loss") for line in lines), out
@@ -108,7 +106,6 @@ def test_parallel_2_trains_both_variants_and_summarises(tmp_path, new_store):
     assert sweep.data.tags["mlflow.note.content"].startswith("**par**: 1 of 2 runs finished")
     assert sweep.data.metrics["segm_AP/a"] == pytest.approx(a.data.metrics["final/segm_AP"])
 
-    # the coordinator in this process (its worker is still a process of its own): one interpreter start fewer
     code, out, err = cli("run", str(exp), "--parallel", "2", "--only", "a")
     assert code == 0, out + err  # a is finished: skipped, no sweep run is left behind
     assert "[a seed=0] skip   a seed=0" in out, out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.runner.conftest import _isolated, _one_thread, cli, new_store, tiny_experiment  # noqa: F401  (fixtures)
+from tests.runner.conftest import _isolated, _one_thread, cli, tiny_experiment  # noqa: F401  (fixtures)
 
 SPACE = """search:
   space:

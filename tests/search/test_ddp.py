@@ -17,13 +17,14 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.m
 
 
 @pytest.mark.slow
-def test_trials_and_the_confirmation_train_on_two_ranks_logged_once(tmp_path):
+def test_trials_and_the_confirmation_train_on_two_ranks_logged_once(tmp_path, new_store):
     import optuna
     from mlflow import MlflowClient
 
     from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.search import study as st
 
+    new_store(tmp_path)  # an empty store copied: MLflow's migrations run once a session
     exp = search_experiment(tmp_path, "  confirm: {top_k: 1, seeds: [0, 1]}\n", budget="  budget: {trials: 1}\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RCNN_LAB_RUNS")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")

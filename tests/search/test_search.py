@@ -30,7 +30,8 @@ def _study(folder, exp_path):
 
 
 @pytest.mark.slow
-def test_a_tiny_search_nests_tagged_trial_runs_under_its_parent(tmp_path):
+def test_a_tiny_search_nests_tagged_trial_runs_under_its_parent(tmp_path, new_store):
+    new_store(tmp_path)  # an empty store copied: MLflow's migrations run once a session
     exp = search_experiment(tmp_path, "  confirm: {top_k: 1, seeds: [0, 1]}\n")
     code, out, err = cli("search", str(exp), "--no-progress", "--export", str(tmp_path / "best.yaml"))
     assert code == 0, err + out

@@ -46,7 +46,8 @@ def _state(folder: Path, exp_path: Path):
     return study.get_trials(), runs
 
 
-def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_nothing(tmp_path):
+def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_nothing(tmp_path, new_store):
+    new_store(tmp_path)  # an empty store copied (MLflow's migrations run once a session), as below
     exp = search_experiment(tmp_path, iterations=4, train="  checkpoint_every: 2\n", pausable=True)
     proc = subprocess.Popen([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--no-progress"], cwd=tmp_path,
                             env=paused_env(_env(), 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -72,6 +73,7 @@ def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_not
     assert len({r.data.tags["rcnn_lab.config_hash"] for r in runs}) == len(runs) == 2
     # an uninterrupted search of the same file: the same trials (the runs are bit-reproducible on CPU)
     reference = tmp_path / "reference"
+    new_store(reference)
     ref_exp = search_experiment(reference, iterations=4, train="  checkpoint_every: 2\n", pausable=True)
     code, _, err = cli("search", str(ref_exp), "--no-progress")
     assert code == 0, err
@@ -81,13 +83,14 @@ def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_not
                                                                                 for r in ref_runs)
 
 
-def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path):
+def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path, new_store):
     space = """search:
   space:
     model.roi_heads.box_head: {choice: [{type: two_mlp, representation_size: 32}, {type: two_mlp, representation_size: 64}]}
   objective: {segm_AP50: max}
   sampler: {type: random, seed: 0}
 """
+    new_store(tmp_path)
     exp = search_experiment(tmp_path, space=space, budget="  budget: {trials: 4}\n")
     proc = subprocess.run([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--parallel", "2"], cwd=tmp_path,
                           env=_env(), capture_output=True, text=True, timeout=600)
