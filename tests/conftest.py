@@ -39,6 +39,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path not in slow_files)
 
 
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` of a process that a test interrupts as Ctrl-C would: SIGINT at its default action and not
+    blocked, as a terminal's foreground process gets it. A child inherits an ignored or blocked SIGINT from the
+    process that starts it, and the test process's own (a pytest-xdist worker's) is not always the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path_factory, monkeypatch):
     """Every test gets its own empty on-disk cache (rcnn_lab.data.cache): none writes to the home folder."""

@@ -16,6 +16,7 @@ import pytest
 
 from rcnn_lab.errors import ConfigError
 from rcnn_lab.runner import launch, lifeline
+from tests.conftest import sigint_as_in_a_terminal
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc (Linux)")
 
@@ -135,7 +136,7 @@ def launcher(out: Path, *command: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for var in launch.IFNAME_VARS:
         env.pop(var, None)
-    return subprocess.Popen([sys.executable, "-c", code, *command], env=env, cwd=out)
+    return subprocess.Popen([sys.executable, "-c", code, *command], env=env, cwd=out, preexec_fn=sigint_as_in_a_terminal)
 
 
 def test_store_listens_on_loopback_only_and_ranks_join_it_as_clients(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rcnn_lab.engine import checkpoint as ckpt
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigint_as_in_a_terminal
 from tests.runner.conftest import cli, paused_env, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -37,7 +37,8 @@ def _start(folder: Path) -> subprocess.Popen:
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
     env = paused_env(env, CHECKPOINT_EVERY)
     return subprocess.Popen([sys.executable, "-m", "rcnn_lab", "run", str(_experiment(folder)), "--no-progress"],
-                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
 
 
 def _checkpoints(folder: Path) -> list[Path]:
