@@ -32,9 +32,9 @@ register_builtins()
 def pytest_collection_modifyitems(config, items):
     """Files that hold a ``slow`` test run first (a stable sort: the order within and between files is kept
     otherwise). Under ``make test``'s two workers (``--dist loadfile --no-loadscope-reorder``), each worker takes
-    the next file when it runs out: the long files start early and the many short ones fill in at the end, so
-    neither worker is left alone with a minute-long file (xdist's own order, files with the most tests first,
-    left the end-to-end files for last)."""
+    the next file when it runs out: the long files start early and the many short ones fill in at the end
+    (xdist's own order, files with the most tests first, leaves the end-to-end files for last). Measured on 2
+    cores, the gain is within the run-to-run spread (docs/benchmarks/test_suite.md, "Third round")."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
 

@@ -21,7 +21,7 @@ from rcnn_lab.data.shapes import shapes
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError
 from tests.conftest import sigint_as_in_a_terminal
-from tests.runner.conftest import PAUSE_PLUGIN, paused_env
+from tests.runner.conftest import PAUSE_PLUGIN, PAUSE_TRANSFORM, paused_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,7 +204,7 @@ data:
   train: {{type: shapes, split: train, num_images: 8, image_size: 64}}
   val: {{type: shapes, split: val, num_images: 4, image_size: 64}}
   batch_size: 2
-  transforms: [{{type: hflip, p: 0.5}}, {{type: pause_at}}]
+  transforms: [{{type: hflip, p: 0.5}}, {pause_transform}]
 train:
   iterations: 4
   device: cpu
@@ -221,14 +221,15 @@ def test_nproc_2_one_run_logged_once_and_resumes(tmp_path):
     from mlflow import MlflowClient
 
     exp = tmp_path / "exp.yaml"
-    exp.write_text(EXPERIMENT.format(base=ROOT / "experiments" / "base.yaml", pause_plugin=PAUSE_PLUGIN))
+    exp.write_text(EXPERIMENT.format(base=ROOT / "experiments" / "base.yaml", pause_plugin=PAUSE_PLUGIN,
+                                     pause_transform=PAUSE_TRANSFORM))
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "rcnn_lab", "run", str(exp), "--nproc", "2", "--set", f"tracking.uri={uri}", "--no-progress"]
     env = {**os.environ, "RCNN_LAB_RUNS": str(tmp_path / "runs")}
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:  # each rank loads 1 image per iteration; both stop after the checkpoint of 2
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=paused_env(env, 2, batch_size=1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=sigint_as_in_a_terminal)
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=paused_env(env, 2, batch_size=1), stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
         checkpoints = tmp_path / "runs" / "outputs" / "ddp_tiny"
         deadline = time.time() + 240
         while not list(checkpoints.glob("*/checkpoints/iter_*.pt")) and first.poll() is None and time.time() < deadline:

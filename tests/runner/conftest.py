@@ -14,12 +14,14 @@ from tests.conftest import EXPERIMENTS, ROOT, TINY_MODEL
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PAUSE_PLUGIN = ROOT / "tests" / "fixtures" / "plugins" / "pause.py"
+PAUSE_VAR = "RCNN_LAB_TEST_PAUSE_AFTER_IMAGES"
+PAUSE_TRANSFORM = f"{{type: pause_at, env: {PAUSE_VAR}}}"  # pause.py's transform, reading PAUSE_VAR
 
 
 def paused_env(env: dict[str, str], iteration: int, batch_size: int = 2) -> dict[str, str]:
     """``env`` for a process that runs a ``pausable`` tiny experiment and stops (until a signal) once ``iteration``
     iterations and their checkpoint are done."""
-    return {**env, "RCNN_LAB_TEST_PAUSE_AFTER_IMAGES": str(iteration * batch_size)}  # pause.py's PAUSE_VAR
+    return {**env, PAUSE_VAR: str(iteration * batch_size)}
 
 
 def tiny_experiment(folder: Path, uri: str | None, *, variants: str = "  b: {}\n", iterations: int = 2,
@@ -32,7 +34,7 @@ def tiny_experiment(folder: Path, uri: str | None, *, variants: str = "  b: {}\n
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
     train_block = train if "checkpoint_every" in train else "  checkpoint_every: 0\n" + train  # no duplicate key
     plugins = f"plugins: ['{PAUSE_PLUGIN}']\n" if pausable else ""
-    transforms = "[{type: hflip, p: 0.5}, {type: pause_at}]" if pausable else "[{type: hflip, p: 0.5}]"
+    transforms = f"[{{type: hflip, p: 0.5}}, {PAUSE_TRANSFORM}]" if pausable else "[{type: hflip, p: 0.5}]"
     text = f"""base: {EXPERIMENTS / 'base.yaml'}
 {plugins}name: {name}
 seeds: [0]
