@@ -24,8 +24,10 @@ demo: $(STAMP)
 # first (tests/conftest.py); serially: make test TEST_WORKERS=
 TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
+# PYTHONDONTWRITEBYTECODE emptied: the ~100 processes the tests start reuse the package's compiled bytecode, and
+# pytest its rewritten test files, rather than compiling them again each time (docs/benchmarks/test_suite.md)
 test: $(STAMP)
-	$(BIN)/python -m pytest tests $(TEST_WORKERS)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest tests $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check rcnn_lab tests benchmarks registry

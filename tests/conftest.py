@@ -7,26 +7,33 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
-
-from rcnn_lab.components import register_builtins
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-# Intra-op threads: at most 2, and the cores shared among pytest-xdist's workers (make test runs 2): two
-# spin-waiting OpenMP threads per worker on a busy 2-core machine made in-process training ~5x slower
-# (docs/benchmarks/test_suite.md). Under xdist, the processes that tests start get the worker's share too.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
-torch.set_num_threads(_THREADS)
-if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
-# Tests build parts straight from the registries (DATASETS.build, build_model), as the loader and the
-# trainer do once they have registered the built-ins.
-register_builtins()
+def pytest_configure(config):
+    """In each process that runs tests (not in pytest-xdist's controller, which only hands out files: torch and
+    torchvision would cost it seconds of CPU while its workers start):
+
+    * Intra-op threads: at most 2, and the cores shared among pytest-xdist's workers (make test runs 2): two
+      spin-waiting OpenMP threads per worker on a busy 2-core machine made in-process training ~5x slower
+      (docs/benchmarks/test_suite.md). Under xdist, the processes that tests start get the worker's share too.
+    * Tests build parts straight from the registries (DATASETS.build, build_model), as the loader and the
+      trainer do once they have registered the built-ins."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the controller
+    import torch
+
+    from rcnn_lab.components import register_builtins
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(threads)
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    register_builtins()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,6 +77,8 @@ def _signal_handlers_restored():
 def _torch_threads_restored():
     """A test that sets torch's thread count (for a process it starts in-process) leaves the next ones theirs:
     a float comparison between thread counts (test_distributed's ranks vs one process) depends on it."""
+    import torch
+
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -150,9 +159,10 @@ def tiny_model_yaml() -> str:
 
 @pytest.fixture(scope="session")
 def new_store(tmp_path_factory):
-    """``new_store(folder)`` -> sqlite URI of an empty MLflow store at ``folder/store/mlflow.db``.
+    """``new_store(folder, name="store/mlflow.db")`` -> sqlite URI of an empty MLflow store at ``folder/name``.
 
-    MLflow builds a new database with dozens of migrations (seconds each time); tests copy one built here.
+    MLflow builds a new database with dozens of migrations (seconds each time); tests copy one built here. A test
+    whose subject is how a store comes to be (rcnn_lab.runner.tracking) lets MLflow build its own.
     """
     import shutil
 
@@ -161,8 +171,8 @@ def new_store(tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(f"sqlite:///{template}").search_experiments()
 
-    def _copy(folder: Path) -> str:
-        db = folder / "store" / "mlflow.db"
+    def _copy(folder: Path, name: str = "store/mlflow.db") -> str:
+        db = folder / name
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, db)
         return f"sqlite:///{db}"

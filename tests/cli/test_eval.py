@@ -14,14 +14,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> dict:
+def store(tmp_path_factory, new_store) -> dict:
     """A store with experiment ``tiny`` holding a FINISHED variant run whose outputs are gone, a RUNNING one and an
     evaluation of the first."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     folder = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = new_store(folder, "mlflow.db")
     c = MlflowClient(uri)
     exp_id = c.create_experiment("tiny", artifact_location=(folder / "artifacts").as_uri())
     ids = {}

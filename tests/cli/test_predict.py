@@ -146,10 +146,11 @@ def test_several_variants_need_variant(setup):
     assert files_under(setup / "preds") == {"images", "results.json"}
 
 
-def test_predict_with_a_finished_run(tmp_path, monkeypatch):
+def test_predict_with_a_finished_run(tmp_path, monkeypatch, new_store):
     """--run RUN_ID: the run's last checkpoint, found through the store; predict itself records no run."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RCNN_LAB_RUNS", str(tmp_path / "runs"))
+    new_store(tmp_path, "runs/mlflow.db")  # the default store under RCNN_LAB_RUNS, copied empty
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     torch.set_num_threads(1)
     exp = tiny_experiment(tmp_path, None, iterations=1, train="  checkpoint_every: 1\n")

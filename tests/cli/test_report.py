@@ -22,13 +22,13 @@ VALUES = {"n50": (50, [0.20, 0.24, 0.22], [0.18, 0.21, 0.19]), "n300": (300, [0.
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, new_store):
     """-> (uri, parent run id)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root, "mlflow.db")
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.create_experiment(EXP, artifact_location=(root / "artifacts").as_uri())
     c.create_experiment("nothing_yet", artifact_location=(root / "artifacts2").as_uri())
@@ -129,13 +129,13 @@ def test_missing_store_is_not_created(tmp_path, capsys):
     assert "no tracking store" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()
 
 
-def test_per_class_errors_gallery_mde_and_the_html_page(tmp_path, capsys):
+def test_per_class_errors_gallery_mde_and_the_html_page(tmp_path, capsys, new_store):
     from mlflow import MlflowClient
 
     from tests.report.test_gallery import EXP as GAL
     from tests.report.test_gallery import build_artifact_store
 
-    uri = build_artifact_store(tmp_path / "store")
+    uri = build_artifact_store(tmp_path / "store", new_store)
     capsys.readouterr()  # pycocotools' "creating index..." while the store is built
     out = tmp_path / "rep"
     assert main(["report", GAL, "--uri", uri, "--metric", "bbox_AP", "--per-class", "--errors", "--gallery", "--seed", "1",

@@ -41,13 +41,14 @@ def test_ui_serves_the_default_store_on_localhost(tmp_path, execv):
     assert "open http://127.0.0.1:5123/#/experiments?workflowType=machine_learning" in out  # MLflow's model-training view
 
 
-def test_ui_uses_the_experiments_store_or_the_environments(tmp_path, execv, monkeypatch):
+def test_ui_uses_the_experiments_store_or_the_environments(tmp_path, execv, monkeypatch, new_store):
     db = tmp_path / "store" / "mlflow.db"
     exp = tiny_experiment(tmp_path, f"sqlite:///{db}")
     assert cli("ui", str(exp))[0] == 0  # no store yet: the experiment list (and no store created)
     assert not db.exists()
     from rcnn_lab.runner.tracking import client, experiment_id
 
+    new_store(tmp_path)  # the store the experiment names (store/mlflow.db), copied empty
     exp_id = experiment_id(client(f"sqlite:///{db}"), "tiny", None)
     code, out, _ = cli("ui", str(exp))
     assert f"/#/experiments/{exp_id}?workflowType=machine_learning" in out  # opens on that experiment's runs

@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def uri(tmp_path_factory) -> str:
+def uri(tmp_path_factory, new_store) -> str:
     from tests.report.test_data import build_store
 
-    return build_store(tmp_path_factory.mktemp("mlflow"))
+    return build_store(tmp_path_factory.mktemp("mlflow"), new_store)

@@ -59,11 +59,12 @@ def _log(client, exp_id: str, parent: str, start: int, variant: str, seed: int, 
     return rid
 
 
-def build_store(root: Path) -> str:
-    """A sqlite store with two experiments; returns its URI. See VARIANTS / VARIANTS2 for the logged values."""
+def build_store(root: Path, new_store) -> str:
+    """A sqlite store with two experiments at ``root/mlflow.db`` (``new_store``: the fixture); returns its URI.
+    See VARIANTS / VARIANTS2 for the logged values."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root, "mlflow.db")
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.create_experiment(EXP, artifact_location=(root / "artifacts" / EXP).as_uri())
     parent = c.create_run(exp_id, start_time=T0, tags={tags.KIND: tags.SWEEP}).info.run_id
@@ -135,12 +136,12 @@ def test_latest_finished_drops_older_duplicate_and_unfinished(uri):
     assert set(metric_columns(df)) == {"bbox_AP", "bbox_AP50", "segm_AP", "train_time_s", "eval_images_per_s"}
 
 
-def test_latest_finished_keeps_only_the_newest_config_of_a_variant_seed(tmp_path):
+def test_latest_finished_keeps_only_the_newest_config_of_a_variant_seed(tmp_path, new_store):
     from mlflow import MlflowClient
 
     from rcnn_lab.report import latest_finished, runs
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path, "mlflow.db")
     c = MlflowClient(tracking_uri=store)
     exp_id = c.create_experiment(EXP, artifact_location=(tmp_path / "artifacts").as_uri())
     parent = c.create_run(exp_id, start_time=T0, tags={tags.KIND: tags.SWEEP}).info.run_id

@@ -20,12 +20,13 @@ COLOURS = {("base", 0): (200, 0, 0), ("base", 1): (0, 200, 0), ("other", 0): (0,
 PER_CLASS = {"base": [0.2, 0.4], "other": [0.6, 0.8]}  # AP of category "a" per seed; "b" has no GT (-1)
 
 
-def build_artifact_store(root: Path) -> str:
+def build_artifact_store(root: Path, new_store) -> str:
+    """The gallery's store at ``root/mlflow.db`` (``new_store``: the fixture); returns its URI."""
     from mlflow import MlflowClient
 
     from rcnn_lab.engine import eval_file
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root, "mlflow.db")
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.create_experiment(EXP, artifact_location=(root / "artifacts").as_uri())
     t0 = 1_700_000_000_000
@@ -58,10 +59,10 @@ def _coco(gt: dict):
 
 
 @pytest.fixture(scope="module")
-def df(tmp_path_factory):
+def df(tmp_path_factory, new_store):
     from rcnn_lab.report import runs
 
-    return runs(EXP, tracking_uri=build_artifact_store(tmp_path_factory.mktemp("art")))
+    return runs(EXP, tracking_uri=build_artifact_store(tmp_path_factory.mktemp("art"), new_store))
 
 
 def test_gallery_grid_rows_are_variants_columns_images_one_seed(df, tmp_path):
@@ -99,13 +100,13 @@ def test_errors_and_per_class_from_the_saved_files_average_the_seeds(df, tmp_pat
     assert one.loc["other", "a"] == pytest.approx(0.8)
 
 
-def test_runs_without_saved_files_say_how_to_get_them(tmp_path):
+def test_runs_without_saved_files_say_how_to_get_them(tmp_path, new_store):
     from mlflow import MlflowClient
 
     from rcnn_lab.errors import ConfigError
     from rcnn_lab.report import errors, gallery_panels, runs
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path, "mlflow.db")
     c = MlflowClient(tracking_uri=uri)
     exp_id = c.create_experiment("bare", artifact_location=(tmp_path / "a").as_uri())
     rid = c.create_run(exp_id, tags={"rcnn_lab.kind": "variant", "rcnn_lab.variant": "v", "rcnn_lab.seed": "0"}).info.run_id

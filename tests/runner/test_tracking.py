@@ -47,11 +47,11 @@ def test_quiet_mlflow_hides_info_but_keeps_warnings():
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """One sqlite store and one planned run for the module (creating a store takes seconds)."""
+def shared(tmp_path_factory, new_store):
+    """One sqlite store (copied: creating one takes seconds) and one planned run for the module."""
     root = tmp_path_factory.mktemp("claims")
     (planned,) = make_plan(load_experiment(tiny_experiment(root, None)))
-    return tr.client(f"sqlite:///{root / 'mlflow.db'}"), root, planned
+    return tr.client(new_store(root, "mlflow.db")), root, planned
 
 
 @pytest.fixture

@@ -3,13 +3,8 @@ under the search's parent run; what --nproc cannot do with a search is refused i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
 from tests.search.conftest import cli, search_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -17,20 +12,21 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.m
 
 
 @pytest.mark.slow
-def test_trials_and_the_confirmation_train_on_two_ranks_logged_once(tmp_path, new_store):
+def test_trials_and_the_confirmation_train_on_two_ranks_logged_once(tmp_path, new_store, monkeypatch, capfd):
     import optuna
     from mlflow import MlflowClient
 
+    from rcnn_lab.cli.main import main
     from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.search import study as st
 
     new_store(tmp_path)  # an empty store copied: MLflow's migrations run once a session
     exp = search_experiment(tmp_path, "  confirm: {top_k: 1, seeds: [0, 1]}\n", budget="  budget: {trials: 1}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RCNN_LAB_RUNS")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    done = subprocess.run([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--nproc", "2", "--no-progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ranks' threads, as the other tests' processes
+    # the search process is this one (its ranks are processes of their own, writing to its stdout and stderr)
+    capfd.readouterr()
+    code = main(["search", str(exp), "--nproc", "2", "--no-progress"])
+    assert code == 0, "".join(capfd.readouterr())
     study = optuna.load_study(study_name=st.study_name(load_experiment(exp)),
                               storage=f"sqlite:///{tmp_path / 'store' / 'optuna.db'}")
     (trial,) = study.get_trials()

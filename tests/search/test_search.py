@@ -71,13 +71,14 @@ def test_a_tiny_search_nests_tagged_trial_runs_under_its_parent(tmp_path, new_st
 
 
 @pytest.mark.slow
-def test_finished_runs_of_an_ordinary_sweep_are_reused_by_config_hash(tmp_path):
+def test_finished_runs_of_an_ordinary_sweep_are_reused_by_config_hash(tmp_path, new_store):
     space = """search:
   space:
     train.optimizer.lr: {choice: [0.01, 0.02]}
   objective: {segm_AP50: max}
   sampler: {type: grid, seed: 0}
 """
+    new_store(tmp_path)
     exp = search_experiment(tmp_path, space=space, budget="  budget: {trials: 5}\n")
     code, _, err = cli("run", str(exp), "--no-progress")  # the base config: lr 0.01
     assert code == 0, err
@@ -104,11 +105,12 @@ def test_finished_runs_of_an_ordinary_sweep_are_reused_by_config_hash(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_pruned_trial_is_recorded_with_its_iteration_and_keeps_its_checkpoint(tmp_path, monkeypatch):
+def test_a_pruned_trial_is_recorded_with_its_iteration_and_keeps_its_checkpoint(tmp_path, monkeypatch, new_store):
     import optuna
 
     from rcnn_lab.engine import checkpoint as ckpt
 
+    new_store(tmp_path)
     exp = search_experiment(tmp_path, "  pruner: {type: asha, min_iterations: 1}\n", iterations=4,
                             train="  eval_every: 2\n", budget="  budget: {trials: 1}\n")
     monkeypatch.setattr(optuna.pruners.SuccessiveHalvingPruner, "prune", lambda self, study, trial: True)
