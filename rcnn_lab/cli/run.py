@@ -105,6 +105,12 @@ def cmd_run(args) -> int:
     if args.nproc and args.nproc > 1:
         return launch_local(args.nproc, argv)
     if args.parallel and args.parallel > 1:
+        from rcnn_lab.runner.sweep import all_finished
+
+        done = all_finished(exp, plan, args.force)
+        if done is not None:  # nothing to train: no workers
+            print_summary(done)
+            return 0
         cuda = bool(plan) and inputs[plan[0].hash].device.type == "cuda"
         del inputs  # the workers check and load their own runs
         from rcnn_lab.report.sweep_summary import summarize

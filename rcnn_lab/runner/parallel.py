@@ -158,6 +158,11 @@ def worker_env(index: int, workers: int, cuda: bool) -> dict[str, str]:
     return env
 
 
+def prefixed(label: str, line: str) -> str:
+    """A ``--parallel`` output line: prefixed with the run it is about."""
+    return f"[{label}] {line}"
+
+
 def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> None:
     """Copy a worker's output lines, each prefixed with the run it is on."""
     current = labels[0] if labels else "?"
@@ -166,7 +171,7 @@ def _pump(proc: subprocess.Popen, labels: list[str], lock: threading.Lock) -> No
             if f"{label} (" in line:
                 current = label
         with lock:
-            sys.stdout.write(f"[{current}] {line}" if line.strip() else line)
+            sys.stdout.write(prefixed(current, line) if line.strip() else line)
             sys.stdout.flush()
 
 

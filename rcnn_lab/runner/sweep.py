@@ -115,12 +115,12 @@ def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunIn
         for run in plan:
             run_inputs = inputs.pop(run.hash, None)  # a dataset is released after the last run that uses it
             out = output_dir(root, exp, run)
-            _replay(c, out, run, echo)  # what an earlier invocation could not store, before any decision
+            replay_leftovers(c, out, run, echo)  # what an earlier invocation could not store, before any decision
             action, existing = decide(c, exp_id, run, force)
             if action == Action.RESUME and not claims.take_over(c, existing):  # another worker took it first
                 action = Action.BUSY
             if action == Action.SKIP:
-                echo(f"skip   {run.label} ({run.hash}): finished run {existing.info.run_id} (--force reruns)")
+                echo(skip_line(run, existing.info.run_id))
                 outcomes.append(Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id))
                 summary.update(outcomes)
                 parallel.announce(None)
@@ -225,7 +225,35 @@ class _Summary:
                 self.where.parent.rmdir()
 
 
-def _replay(c, out: Path, run: PlannedRun, echo) -> None:
+def skip_line(run: PlannedRun, run_id: str) -> str:
+    return f"skip   {run.label} ({run.hash}): finished run {run_id} (--force reruns)"
+
+
+def all_finished(exp: Experiment, plan: list[PlannedRun], force: bool, echo=print) -> list[Outcome] | None:
+    """``--parallel``: when every planned run is FINISHED in the store, their outcomes, each echoed as a worker
+    would have skipped it; None when a run is left to train (or ``force``): then the workers start. A rerun of
+    a finished sweep starts no worker processes (seconds each) and no sweep run. Writes that an earlier
+    invocation left in a journal are stored first, as ``run_plan`` stores them."""
+    uri = tr.resolve_uri(exp.tracking.uri)
+    if force or not plan or tr.local_store_missing(uri):
+        return None
+    c = tr.client(uri)
+    e = c.get_experiment_by_name(exp.tracking_name)
+    if e is None:
+        return None
+    root, outcomes = tr.runs_root(uri), []
+    for run in plan:
+        replay_leftovers(c, output_dir(root, exp, run), run, echo)
+        action, existing = decide(c, e.experiment_id, run, force)
+        if action != Action.SKIP:
+            return None
+        outcomes.append(Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id))
+    for o in outcomes:
+        echo(parallel.prefixed(o.run.label, skip_line(o.run, o.run_id)))
+    return outcomes
+
+
+def replay_leftovers(c, out: Path, run: PlannedRun, echo) -> None:
     """Store the writes an earlier invocation left in ``out``'s journal (the store was down when it ended)."""
     stored = journal.replay(c, journal.folder(out))
     if stored is not None and stored.unstored:

@@ -106,9 +106,21 @@ def test_parallel_2_trains_both_variants_and_summarises(tmp_path, new_store, mon
     assert sweep.data.tags["mlflow.note.content"].startswith("**par**: 1 of 2 runs finished")
     assert sweep.data.metrics["segm_AP/a"] == pytest.approx(a.data.metrics["final/segm_AP"])
 
+    def no_worker(*args, **kwargs):
+        raise AssertionError(f"a worker started: {args}")
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", no_worker)
     code, out, err = cli("run", str(exp), "--parallel", "2", "--only", "a")
-    assert code == 0, out + err  # a is finished: skipped, no sweep run is left behind
-    assert "[a seed=0] skip   a seed=0" in out, out
+    assert code == 0, out + err  # a is finished: skipped without starting a worker, and no sweep run is left behind
+    assert f"[a seed=0] skip   a seed=0 ({a.data.tags['rcnn_lab.config_hash']}): finished run {a.info.run_id}" in out, out
+    assert [line.split()[:3] for line in out.splitlines()[-1:]] == [["a", "0", "SKIPPED"]], out
+    from rcnn_lab.engine.preflight import load_experiment
+    from rcnn_lab.runner.plan import make_plan
+    from rcnn_lab.runner.sweep import all_finished
+
+    loaded = load_experiment(exp)
+    assert all_finished(loaded, make_plan(loaded, ["a"]), force=True) is None  # --force: the workers retrain it
+    assert all_finished(loaded, make_plan(loaded), force=False) is None  # bad failed: left to train
     assert len(c.search_runs([c.get_experiment_by_name("par").experiment_id], "tags.`rcnn_lab.kind` = 'sweep'")) == 1
 
 
