@@ -63,22 +63,36 @@ def _stop(proc) -> None:
         proc.wait()
 
 
+class Server:
+    """One ``mlflow server`` for the module (each start costs seconds of CPU), which a test may stop and start
+    again on the same store and port."""
+
+    def __init__(self, root, backend: str, url: str):
+        self.root, self.backend, self.url = root, backend, url
+        self.proc = _serve(root, backend, url)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def start(self) -> None:
+        self.proc = _serve(self.root, self.backend, self.url)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, new_store):
-    """-> (url, server folder). The server always stops at the end."""
+    """The module's server; it always stops at the end."""
     root = tmp_path_factory.mktemp("server")
-    url = f"http://127.0.0.1:{_free_port()}"
-    proc = _serve(root, new_store(root), url)
+    served = Server(root, new_store(root), f"http://127.0.0.1:{_free_port()}")
     try:
-        yield url, root
+        yield served
     finally:
-        _stop(proc)
+        served.stop()
 
 
 def test_run_logs_runs_metrics_and_artifacts_to_a_server(server, tmp_path):
     from mlflow import MlflowClient
 
-    url, root = server
+    url, root = server.url, server.root
     exp = tiny_experiment(tmp_path / "e", url)
     code, out, err = cli("run", str(exp), "--no-progress")
     assert code == 0, err
@@ -104,7 +118,7 @@ def test_run_logs_runs_metrics_and_artifacts_to_a_server(server, tmp_path):
     assert len(c.search_runs([exp_id], "tags.`rcnn_lab.kind` = 'variant'")) == 1
 
 
-def test_a_server_that_stops_mid_training_and_returns_gets_every_step_while_training_goes_on(tmp_path, new_store,
+def test_a_server_that_stops_mid_training_and_returns_gets_every_step_while_training_goes_on(tmp_path, server,
                                                                                             monkeypatch):
     """The server is stopped after step 2 and started again after step 5: training never waits for it,
     the journal retries, and the run ends FINISHED with every step stored once."""
@@ -114,9 +128,7 @@ def test_a_server_that_stops_mid_training_and_returns_gets_every_step_while_trai
     from rcnn_lab.runner import tracking as tr
     from rcnn_lab.runner.hooks import MLflowHook
 
-    root = tmp_path / "server"
-    root.mkdir()
-    backend, url = new_store(root), f"http://127.0.0.1:{_free_port()}"
+    url = server.url
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     monkeypatch.setattr(journal, "RETRY_S", 0.2)
@@ -129,23 +141,21 @@ def test_a_server_that_stops_mid_training_and_returns_gets_every_step_while_trai
             failures.append(exc)
             raise
 
-    server = [_serve(root, backend, url)]
-
     def after_step(self, trainer, record):
         real_after_step(self, trainer, record)
         if record.iteration == 2:
-            _stop(server[0])
+            server.stop()
         elif record.iteration == 5:
             deadline = time.time() + 60
             while not failures and time.time() < deadline:  # the shipper met the dead server meanwhile
                 time.sleep(0.05)
-            server[0] = _serve(root, backend, url)
+            server.start()
 
     monkeypatch.setattr(journal, "ship", ship)
     monkeypatch.setattr(MLflowHook, "after_step", after_step)
     monkeypatch.chdir(tmp_path)
     try:
-        exp = tiny_experiment(tmp_path / "e", url, iterations=8)
+        exp = tiny_experiment(tmp_path / "e", url, iterations=8, name="outage")
         code, out, err = cli("run", str(exp), "--no-progress")
         assert code == 0, err
         assert failures and all(tr.unreachable(exc) for exc in failures)
@@ -155,9 +165,10 @@ def test_a_server_that_stops_mid_training_and_returns_gets_every_step_while_trai
         assert " answers again " in told[1]  # one line each way, on stdout; no closing line: everything was stored
         assert "Retrying" not in err and "tracking store" not in err
         c = MlflowClient(url)
-        (child,) = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
+        (child,) = c.search_runs([c.get_experiment_by_name("outage").experiment_id], "tags.`rcnn_lab.kind` = 'variant'")
         assert child.info.status == "FINISHED" and "final/segm_AP" in child.data.metrics
         assert sorted(m.step for m in c.get_metric_history(child.info.run_id, "loss")) == list(range(1, 9))
         assert not list((tmp_path / "runs" / "outputs").rglob("journal.jsonl"))  # all stored: no journal left
     finally:
-        _stop(server[0])
+        if server.proc.poll() is not None:  # stopped and not started again: the module's other tests need it
+            server.start()
