@@ -83,7 +83,7 @@ def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_not
                                                                                 for r in ref_runs)
 
 
-def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path, new_store):
+def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path, new_store, monkeypatch, capfd):
     space = """search:
   space:
     model.roi_heads.box_head: {choice: [{type: two_mlp, representation_size: 32}, {type: two_mlp, representation_size: 64}]}
@@ -92,9 +92,12 @@ def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path, new_stor
 """
     new_store(tmp_path)
     exp = search_experiment(tmp_path, space=space, budget="  budget: {trials: 4}\n")
-    proc = subprocess.run([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--parallel", "2"], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from rcnn_lab.cli.main import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    capfd.readouterr()
+    code = main(["search", str(exp), "--parallel", "2"])  # the coordinator here, its two workers processes of their own
+    assert code == 0, "".join(capfd.readouterr())
     trials, runs = _state(tmp_path, exp)
     hashes = [r.data.tags["rcnn_lab.config_hash"] for r in runs]
     assert len(hashes) == len(set(hashes)) <= 2  # two configs exist: each trained at most once
