@@ -55,15 +55,19 @@ def decide(c, exp_id: str | None, run: PlannedRun, force: bool) -> tuple[Action,
     return Action.RUN, None
 
 
+def _decisions(c, exp: Experiment, plan: list[PlannedRun], force: bool) -> list[tuple[PlannedRun, Action, object | None]]:
+    """(run, action, existing run or None) per planned run, read-only; ``c``: the store's client, None where
+    there is no store yet."""
+    e = c.get_experiment_by_name(exp.tracking_name) if c is not None else None
+    return [(r, *decide(c, e.experiment_id if e else None, r, force)) for r in plan]
+
+
 def plan_actions(exp: Experiment, plan: list[PlannedRun], force: bool,
                  root: Path | None = None) -> list[tuple[PlannedRun, Action]]:
     """What a run would do, read-only (``--dry-run``): never creates a store."""
     uri = tr.resolve_uri(exp.tracking.uri, root)
-    if tr.local_store_missing(uri):
-        return [(r, Action.RUN) for r in plan]
-    c = tr.client(uri)
-    e = c.get_experiment_by_name(exp.tracking_name)
-    return [(r, decide(c, e.experiment_id if e else None, r, force)[0]) for r in plan]
+    c = None if tr.local_store_missing(uri) else tr.client(uri)
+    return [(r, action) for r, action, _ in _decisions(c, exp, plan, force)]
 
 
 def run_plan(exp: Experiment, plan: list[PlannedRun], *, inputs: dict[str, RunInputs] | None = None,
@@ -226,6 +230,7 @@ class _Summary:
 
 
 def skip_line(run: PlannedRun, run_id: str) -> str:
+    """What a finished run's skip says (``run_plan``, and ``--parallel`` when no worker is needed)."""
     return f"skip   {run.label} ({run.hash}): finished run {run_id} (--force reruns)"
 
 
@@ -237,20 +242,16 @@ def all_finished(exp: Experiment, plan: list[PlannedRun], force: bool, echo=prin
     uri = tr.resolve_uri(exp.tracking.uri)
     if force or not plan or tr.local_store_missing(uri):
         return None
-    c = tr.client(uri)
-    e = c.get_experiment_by_name(exp.tracking_name)
-    if e is None:
-        return None
-    root, outcomes = tr.runs_root(uri), []
+    root, c = tr.runs_root(uri), tr.client(uri)
     for run in plan:
         replay_leftovers(c, output_dir(root, exp, run), run, echo)
-        action, existing = decide(c, e.experiment_id, run, force)
-        if action != Action.SKIP:
-            return None
-        outcomes.append(Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id))
-    for o in outcomes:
-        echo(parallel.prefixed(o.run.label, skip_line(o.run, o.run_id)))
-    return outcomes
+    decisions = _decisions(c, exp, plan, force)
+    if any(action != Action.SKIP for _, action, _ in decisions):
+        return None
+    for run, _, existing in decisions:
+        echo(parallel.prefixed(run.label, skip_line(run, existing.info.run_id)))
+    return [Outcome(run, Status.SKIPPED, action, tr.final_metrics(existing), run_id=existing.info.run_id)
+            for run, action, existing in decisions]
 
 
 def replay_leftovers(c, out: Path, run: PlannedRun, echo) -> None:

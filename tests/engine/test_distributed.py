@@ -21,7 +21,7 @@ from rcnn_lab.data.shapes import shapes
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError
 from tests.conftest import sigint_as_in_a_terminal
-from tests.runner.conftest import PAUSE_PLUGIN, PAUSE_TRANSFORM, paused_env
+from tests.runner.conftest import PAUSE_PLUGIN, PAUSE_TRANSFORM, cli_fd, paused_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -220,8 +220,6 @@ eval:
 def test_nproc_2_one_run_logged_once_and_resumes(tmp_path, monkeypatch, capfd, new_store):
     from mlflow import MlflowClient
 
-    from rcnn_lab.cli.main import main
-
     exp = tmp_path / "exp.yaml"
     exp.write_text(EXPERIMENT.format(base=ROOT / "experiments" / "base.yaml", pause_plugin=PAUSE_PLUGIN,
                                      pause_transform=PAUSE_TRANSFORM))
@@ -244,9 +242,7 @@ def test_nproc_2_one_run_logged_once_and_resumes(tmp_path, monkeypatch, capfd, n
     started_ms = int(time.time() * 1000)
     monkeypatch.chdir(tmp_path)  # the rerun's launcher is this process; its ranks write to its stdout
     monkeypatch.setenv("RCNN_LAB_RUNS", env["RCNN_LAB_RUNS"])
-    capfd.readouterr()
-    code = main(cmd[3:])
-    out, err = capfd.readouterr()
+    code, out, err = cli_fd(capfd, *cmd[3:])
     assert code == 0, out + err
     assert f"into run {run_id}" in out  # resumed into the same run
 

@@ -68,6 +68,17 @@ def in_folder(root: Path):
         yield mp
 
 
+def cli_fd(capfd, *argv: str) -> tuple[int, str, str]:
+    """``rcnn-lab ARGV`` in this process -> (exit code, stdout, stderr), read from the file descriptors (pytest's
+    ``capfd``): the processes it starts (ranks, workers) write there, not to ``sys.stdout``."""
+    from rcnn_lab.cli.main import main
+
+    capfd.readouterr()
+    code = main(list(argv))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 def cli(*argv: str) -> tuple[int, str, str]:
     """``rcnn-lab ARGV`` in this process -> (exit code, stdout, stderr)."""
     from rcnn_lab.cli.main import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.runner.conftest import cli_fd
 from tests.search.conftest import cli, search_experiment
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -16,7 +17,6 @@ def test_trials_and_the_confirmation_train_on_two_ranks_logged_once(tmp_path, ne
     import optuna
     from mlflow import MlflowClient
 
-    from rcnn_lab.cli.main import main
     from rcnn_lab.engine.preflight import load_experiment
     from rcnn_lab.search import study as st
 
@@ -24,9 +24,8 @@ def test_trials_and_the_confirmation_train_on_two_ranks_logged_once(tmp_path, ne
     exp = search_experiment(tmp_path, "  confirm: {top_k: 1, seeds: [0, 1]}\n", budget="  budget: {trials: 1}\n")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ranks' threads, as the other tests' processes
     # the search process is this one (its ranks are processes of their own, writing to its stdout and stderr)
-    capfd.readouterr()
-    code = main(["search", str(exp), "--nproc", "2", "--no-progress"])
-    assert code == 0, "".join(capfd.readouterr())
+    code, out, err = cli_fd(capfd, "search", str(exp), "--nproc", "2", "--no-progress")
+    assert code == 0, out + err
     study = optuna.load_study(study_name=st.study_name(load_experiment(exp)),
                               storage=f"sqlite:///{tmp_path / 'store' / 'optuna.db'}")
     (trial,) = study.get_trials()

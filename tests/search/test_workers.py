@@ -14,7 +14,7 @@ import pytest
 
 from rcnn_lab.engine import checkpoint as ckpt
 from tests.conftest import ROOT
-from tests.runner.conftest import paused_env
+from tests.runner.conftest import cli_fd, paused_env
 from tests.search.conftest import cli, search_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -92,12 +92,9 @@ def test_two_workers_on_one_search_never_train_a_config_twice(tmp_path, new_stor
 """
     new_store(tmp_path)
     exp = search_experiment(tmp_path, space=space, budget="  budget: {trials: 4}\n")
-    from rcnn_lab.cli.main import main
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    capfd.readouterr()
-    code = main(["search", str(exp), "--parallel", "2"])  # the coordinator here, its two workers processes of their own
-    assert code == 0, "".join(capfd.readouterr())
+    code, out, err = cli_fd(capfd, "search", str(exp), "--parallel", "2")  # the coordinator here, its workers processes
+    assert code == 0, out + err
     trials, runs = _state(tmp_path, exp)
     hashes = [r.data.tags["rcnn_lab.config_hash"] for r in runs]
     assert len(hashes) == len(set(hashes)) <= 2  # two configs exist: each trained at most once
