@@ -78,6 +78,7 @@ def torchvision_model(config, reference: torch.nn.Module) -> tuple[torch.nn.Modu
     bb, pools = m.backbone.kwargs, (h.box_pooler, h.mask_pooler)
     supported = (
         m.backbone.type == "resnet_fpn" and bb.get("weights") is None and bb.get("norm") in (None, "batchnorm")
+        and bb.get("blocks") is None
         and bb.get("out_channels", 256) == 256 and bb.get("extra_block", "maxpool") == "maxpool"
         and m.anchor_generator.type == "grid" and r.head.type == "conv" and r.proposal_gradient == "detach"
         and all(p is not None and p.type == "multiscale_roi_align" and not p.kwargs.get("aligned", False)
@@ -105,7 +106,7 @@ def torchvision_model(config, reference: torch.nn.Module) -> tuple[torch.nn.Modu
     t = m.transform
     model = MaskRCNN(
         backbone, num_classes=None, min_size=t.min_size if isinstance(t.min_size, int) else tuple(t.min_size),
-        max_size=t.max_size, image_mean=list(t.image_mean), image_std=list(t.image_std),
+        max_size=t.max_size, image_mean=list(t.image_mean), image_std=list(t.image_std), size_divisible=t.size_divisible,
         rpn_anchor_generator=AnchorGenerator(sizes, ratios),
         rpn_head=RPNHead(256, len(ratios[0]) * len(sizes[0]), conv_depth=r.head.kwargs.get("conv_depth", 1)),
         rpn_pre_nms_top_n_train=r.pre_nms_top_n.train, rpn_pre_nms_top_n_test=r.pre_nms_top_n.test,

@@ -136,6 +136,10 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+# schema keys added after runs were stored, with their defaults: left out of the hash at the default
+ADDED_LATER = {("data", "sampler"): "global", ("model", "transform", "size_divisible"): 32}
+
+
 def config_hash(config: RunConfig, weights: str | None = None) -> str:
     """Stable hash of everything that affects results (not names, descriptions or tracking).
 
@@ -152,8 +156,12 @@ def config_hash(config: RunConfig, weights: str | None = None) -> str:
         model.pop("weights", None)
     elif weights is not None:
         model["weights"] = weights
-    if plain.get("data", {}).get("sampler") == "global":  # the default: configs keep the hash they had before the key
-        plain["data"].pop("sampler")
+    for *section, key in ADDED_LATER:  # at their default: configs keep the hash they had before the key
+        where = plain
+        for part in section:
+            where = where.get(part, {})
+        if key in where and where[key] == ADDED_LATER[(*section, key)]:
+            where.pop(key)
     blob = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -72,9 +72,12 @@ class TransformConfig:
     max_size: int = 1333
     image_mean: list[float] = _default([0.485, 0.456, 0.406])
     image_std: list[float] = _default([0.229, 0.224, 0.225])
+    # the batch is padded to a multiple of this (torchvision: 32); 16 suits bodies whose coarsest level is stride 16
+    size_divisible: int = 32
 
     def check(self) -> Check:
         out: Check = []
+        _positive(out, "size_divisible", self.size_divisible)
         sizes = self.min_size if isinstance(self.min_size, list) else [self.min_size]
         if not sizes:
             out.append(("min_size", "must not be empty"))

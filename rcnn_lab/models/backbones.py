@@ -15,7 +15,9 @@ from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.models.norms import BodyNorm, FreshNorm, norm_layer
 from rcnn_lab.registry import BACKBONES
 
-_RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
+# torchvision's blocks per stage (layer1..layer4) and block type for each depth
+_BLOCKS = {18: ([2, 2, 2, 2], tvm.resnet.BasicBlock), 34: ([3, 4, 6, 3], tvm.resnet.BasicBlock),
+           50: ([3, 4, 6, 3], tvm.resnet.Bottleneck), 101: ([3, 4, 23, 3], tvm.resnet.Bottleneck)}
 
 
 def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
@@ -69,12 +71,16 @@ def resnet_fpn(
     out_channels: int = 256,
     extra_block: Literal["maxpool", "none"] = "maxpool",
     fpn_norm: FreshNorm = "none",
+    blocks: list[int] | None = None,
 ) -> nn.Module:
     """ResNet body + FPN (torchvision's Mask R-CNN backbone); weights: null | imagenet | PATH.
 
     Defaults follow torchvision: without weights all 5 stages train with BatchNorm; with
     weights, 3 stages train and BatchNorm is frozen. ``fpn_norm`` normalises the FPN's lateral
     and output convolutions too (torchvision's ``norm_layer``; the heads' ``norm`` vocabulary).
+    ``blocks``: residual blocks per stage (layer1..layer4) in place of the depth's, built by
+    torchvision's ``ResNet`` with the depth's block type: ``depth: 18, blocks: [1, 1, 1, 1]`` is a
+    ResNet-10, half of ResNet-18's convolutions per stage. Trained from scratch only.
     """
     trained = weights is not None
     trainable_layers = (3 if trained else 5) if trainable_layers is None else trainable_layers
@@ -82,9 +88,14 @@ def resnet_fpn(
         raise ConfigError([Problem("trainable_layers", f"must be in 0..5, got {trainable_layers}")])
     if not returned_layers or any(layer not in (1, 2, 3, 4) for layer in returned_layers):
         raise ConfigError([Problem("returned_layers", f"must be a non-empty subset of [1, 2, 3, 4], got {list(returned_layers)}")])
+    if blocks is not None and (len(blocks) != 4 or any(b < 1 for b in blocks)):
+        raise ConfigError([Problem("blocks", f"must be 4 block counts >= 1 (layer1..layer4), got {list(blocks)}")])
+    if blocks is not None and trained and list(blocks) != _BLOCKS[depth][0]:
+        raise ConfigError([Problem("blocks", f"{list(blocks)} does not fit resnet{depth}'s weights ({_BLOCKS[depth][0]}); "
+                                             "drop blocks or set weights: null")])
     norm = norm or ("frozen_batchnorm" if trained else "batchnorm")
-    arch = _RESNETS[depth]
-    body = getattr(tvm, arch)(weights=None, norm_layer=norm_layer(norm))
+    arch, (default_blocks, block) = f"resnet{depth}", _BLOCKS[depth]  # what torchvision's resnet18() ... resnet101() build
+    body = tvm.resnet.ResNet(block, list(blocks or default_blocks), norm_layer=norm_layer(norm))
     if weights is not None:
         load_body_weights(body, weights, arch)
     extra = LastLevelMaxPool() if extra_block == "maxpool" else None

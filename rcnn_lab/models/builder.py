@@ -160,7 +160,7 @@ def build_model(cfg: ModelConfig, path: str = "model") -> MaskRCNN:
     )
     t = cfg.transform
     min_size = tuple(t.min_size) if isinstance(t.min_size, list) else t.min_size
-    transform = GeneralizedRCNNTransform(min_size, t.max_size, list(t.image_mean), list(t.image_std))
+    transform = GeneralizedRCNNTransform(min_size, t.max_size, list(t.image_mean), list(t.image_std), size_divisible=t.size_divisible)
     return AssembledMaskRCNN(backbone, rpn, roi_heads, transform)
 
 

@@ -116,3 +116,58 @@ def test_fpn_norm_normalises_every_fpn_convolution(fpn_norm, kind):
     assert len(blocks) == 4 and all(isinstance(block[1], kind) for block in blocks)
     out = normed(torch.rand(2, 3, 64, 64))
     assert list(out) == ["0", "1", "pool"] and out["0"].shape == (2, 64, 8, 8)
+
+
+def test_blocks_build_a_shallower_resnet_and_the_depths_own_blocks_build_torchvisions():
+    from torchvision.models import resnet18
+
+    from rcnn_lab.models.backbones import resnet_fpn
+
+    torch.manual_seed(3)
+    own = resnet_fpn(depth=18, blocks=[2, 2, 2, 2]).body.state_dict()
+    torch.manual_seed(3)
+    ref = resnet18().state_dict()  # the same body, initialised from the same RNG stream
+    assert list(own) == [k for k in ref if k in own] and all(torch.equal(own[k], ref[k]) for k in own)
+
+    r10 = resnet_fpn(depth=18, blocks=[1, 1, 1, 1], returned_layers=[2, 3], out_channels=64)
+    r18 = resnet_fpn(depth=18, returned_layers=[2, 3], out_channels=64)
+    assert [len(r10.body[f"layer{i}"]) for i in (1, 2, 3)] == [1, 1, 1]  # layer4 is never computed: not kept
+    assert count_parameters(r10) < 0.6 * count_parameters(r18)
+    out, ref_out = r10(torch.rand(1, 3, 64, 64)), r18(torch.rand(1, 3, 64, 64))
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ref_out.items()}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.backbone.blocks=[1, 1, 1]"], "must be 4 block counts >= 1"),
+    (["model.backbone.blocks=[1, 0, 1, 1]"], "must be 4 block counts >= 1"),
+])
+def test_bad_blocks_fail_at_load_naming_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.backbone.depth=18", *overrides])
+    assert "model.backbone.blocks" in str(exc.value) and message in str(exc.value)
+
+
+def test_blocks_that_do_not_fit_the_weights_fail_before_loading_them():
+    from rcnn_lab.models.backbones import resnet_fpn
+
+    with pytest.raises(ConfigError) as exc:  # no download tried: the check comes first
+        resnet_fpn(depth=18, blocks=[1, 1, 1, 1], weights="imagenet")
+    p = exc.value.problems[0]
+    assert p.path == "blocks" and "resnet18's weights ([2, 2, 2, 2]); drop blocks or set weights: null" in p.message
+
+
+def test_size_divisible_sets_the_batch_padding():
+    images = [torch.rand(3, 128, 128)]
+    padded = {}
+    for div in (32, 16):
+        exp = rcnn_lab.load_experiment(EXPERIMENTS / "quickstart.yaml", [f"model.transform.size_divisible={div}"])
+        model = rcnn_lab.build_model(exp.variants[0].config.model).eval()
+        batch, _ = model.transform(images)
+        padded[div] = (tuple(batch.tensors.shape[-2:]), batch.image_sizes[0])
+    assert padded == {32: ((128, 128), (112, 112)), 16: ((112, 112), (112, 112))}  # resized to min_size 112 either way
+
+
+def test_size_divisible_must_be_positive():
+    with pytest.raises(ConfigError) as exc:
+        rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.transform.size_divisible=0"])
+    assert "model.transform.size_divisible: must be positive, got 0" in str(exc.value)
