@@ -226,3 +226,9 @@ def test_plain_names_with_dots_dashes_and_underscores_pass(write_yaml):
 def test_values_that_used_to_fail_only_after_a_run_record_fail_at_load(override, key, words):
     (p,) = problems_of(EXPERIMENTS / "base.yaml", [override])
     assert p.path == key and words in p.message and p.file == "--set"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_loads_and_builds_on_the_meta_device(path):
+    exp = load_experiment(path)  # check_models: every variant's model built on the meta device
+    assert exp.variants and all(v.config.name == exp.name for v in exp.variants)
