@@ -78,6 +78,7 @@ class TransformConfig:
     def check(self) -> Check:
         out: Check = []
         _positive(out, "size_divisible", self.size_divisible)
+        _at_most(out, "size_divisible", self.size_divisible, MAX_SIDE, "pixels (the batch is padded to a multiple of it)")
         sizes = self.min_size if isinstance(self.min_size, list) else [self.min_size]
         if not sizes:
             out.append(("min_size", "must not be empty"))

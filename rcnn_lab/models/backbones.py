@@ -15,6 +15,7 @@ from rcnn_lab.errors import ConfigError, Problem
 from rcnn_lab.models.norms import BodyNorm, FreshNorm, norm_layer
 from rcnn_lab.registry import BACKBONES
 
+MAX_BLOCKS = 64  # residual blocks per stage (ResNet-152: 36 in layer3); docs/configuration.md, "Limits"
 # torchvision's blocks per stage (layer1..layer4) and block type for each depth
 _BLOCKS = {18: ([2, 2, 2, 2], tvm.resnet.BasicBlock), 34: ([3, 4, 6, 3], tvm.resnet.BasicBlock),
            50: ([3, 4, 6, 3], tvm.resnet.Bottleneck), 101: ([3, 4, 23, 3], tvm.resnet.Bottleneck)}
@@ -88,8 +89,8 @@ def resnet_fpn(
         raise ConfigError([Problem("trainable_layers", f"must be in 0..5, got {trainable_layers}")])
     if not returned_layers or any(layer not in (1, 2, 3, 4) for layer in returned_layers):
         raise ConfigError([Problem("returned_layers", f"must be a non-empty subset of [1, 2, 3, 4], got {list(returned_layers)}")])
-    if blocks is not None and (len(blocks) != 4 or any(b < 1 for b in blocks)):
-        raise ConfigError([Problem("blocks", f"must be 4 block counts >= 1 (layer1..layer4), got {list(blocks)}")])
+    if blocks is not None and (len(blocks) != 4 or any(not 1 <= b <= MAX_BLOCKS for b in blocks)):
+        raise ConfigError([Problem("blocks", f"must be 4 block counts in 1..{MAX_BLOCKS} (layer1..layer4), got {list(blocks)}")])
     if blocks is not None and trained and list(blocks) != _BLOCKS[depth][0]:
         raise ConfigError([Problem("blocks", f"{list(blocks)} does not fit resnet{depth}'s weights ({_BLOCKS[depth][0]}); "
                                              "drop blocks or set weights: null")])

@@ -89,6 +89,9 @@ def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
     (["--set", "model.roi_heads.mask_head.norm=groupnorm", "--set", "model.roi_heads.mask_head.layers=[48]"],
      "model.roi_heads.mask_head.layers: norm groupnorm uses 32 groups"),
     (["--set", "model.backbone.fpn_norm=groupnorm", "--set", "model.backbone.out_channels=48"], "model.backbone.out_channels: norm groupnorm"),
+    # found when preflight builds the model (the meta-device check at load builds it without weights): before any download
+    (["--set", "model.backbone.blocks=[1, 1, 1, 1]", "--set", "model.backbone.weights=imagenet"],
+     "error: --set: model.backbone.blocks: [1, 1, 1, 1] does not fit resnet18's weights ([2, 2, 2, 2]); drop blocks or set weights: null"),
 ])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, args, words):
     exp = tiny_experiment(tmp_path, None)

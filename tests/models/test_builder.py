@@ -138,8 +138,8 @@ def test_blocks_build_a_shallower_resnet_and_the_depths_own_blocks_build_torchvi
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.backbone.blocks=[1, 1, 1]"], "must be 4 block counts >= 1"),
-    (["model.backbone.blocks=[1, 0, 1, 1]"], "must be 4 block counts >= 1"),
+    (["model.backbone.blocks=[1, 1, 1]"], "must be 4 block counts in 1..64"),
+    (["model.backbone.blocks=[1, 0, 1, 1]"], "must be 4 block counts in 1..64"),
 ])
 def test_bad_blocks_fail_at_load_naming_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as exc:
