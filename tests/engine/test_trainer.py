@@ -277,12 +277,12 @@ def test_resolve_amp(amp, device, native, expected, monkeypatch, capsys):
 
 
 def test_bf16_on_cpu_trains_under_autocast(tmp_path, monkeypatch, uninterrupted):
-    """train.amp=bf16 on a CPU with native bf16 changes the losses (autocast is on) and stays finite."""
+    """train.amp=bf16 on a CPU with native bf16 changes the losses (autocast is on) and stays finite (2 steps)."""
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)  # emulated where not native: slow, same maths
-    config = tiny_config(tmp_path, "train.amp=bf16", "train.checkpoint_every=0")
+    config = tiny_config(tmp_path, "train.amp=bf16", "train.checkpoint_every=0", "train.iterations=2")
     result = Trainer(config, tmp_path / "out", resume=False).fit()
     fp32 = uninterrupted[1].history
-    assert len(result.history) == len(fp32) == ITERATIONS
+    assert len(result.history) == 2 and result.iterations == 2
     assert all(math.isfinite(h[k]) for h in result.history for k in LOSSES)
     assert result.history[0]["loss_classifier"] != fp32[0]["loss_classifier"]
     assert result.history[0]["loss_classifier"] == pytest.approx(fp32[0]["loss_classifier"], rel=0.05)

@@ -364,7 +364,8 @@ def test_the_trainer_loads_after_seeding_and_building_but_not_when_resuming(tiny
 @pytest.mark.slow
 def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seeded_file, tmp_path, monkeypatch):
     """The documented steps on an exported COCO-format folder: the class count comes from the data
-    (``num_classes: auto``), then the run starts from the (stand-in) COCO weights with fresh predictors. 64 px, 1 step."""
+    (``num_classes: auto``), then the run starts from the (stand-in) COCO weights with fresh predictors. 64 px, 1 step,
+    10 detections per image in the evaluation."""
     from rcnn_lab.data.export import export_shapes
     from rcnn_lab.engine.preflight import prepare
 
@@ -373,7 +374,8 @@ def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seed
     monkeypatch.chdir(tmp_path)
     export_shapes("my_data/train", "train", num_images=4, image_size=64)
     export_shapes("my_data/val", "val", num_images=2, image_size=64)
-    small = ["model.transform.min_size=64", "model.transform.max_size=64", "train.iterations=1", "train.device=cpu"]
+    small = ["model.transform.min_size=64", "model.transform.max_size=64", "train.iterations=1", "train.device=cpu",
+             "model.roi_heads.detections_per_img=10"]
     cfg = load_experiment(EXPERIMENTS / "finetune.yaml", small).variants[0].config
     assert cfg.model.weights == "coco" and cfg.model.num_classes == "auto"
     with pytest.raises(ConfigError, match=r"model.num_classes: is 2 but data.train has 5 categories .*"

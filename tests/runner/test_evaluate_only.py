@@ -128,7 +128,8 @@ def test_coco_eval_experiment_runs_torchvisions_model_with_its_coco_weights(tmp_
     """experiments/coco_eval_torchvision.yaml + a torchvision-format file (built as torchvision builds the model it
     loads its COCO weights into: FrozenBatchNorm2d body, 3 trainable stages) on a COCO-format folder: every
     detection rcnn-lab eval saves is the one torchvision's own model makes on that image (5 classes and 128 px
-    here, so that a random model's detections are of the data's categories and the test stays fast)."""
+    here, and 10 detections per image, so that a random model's detections are of the data's categories and the test
+    stays fast)."""
     import torch
     from mlflow import MlflowClient
     from torchvision.models import resnet50
@@ -145,7 +146,7 @@ def test_coco_eval_experiment_runs_torchvisions_model_with_its_coco_weights(tmp_
     data = export_shapes(tmp_path / "coco", split="val", num_images=3, image_size=96)
     torch.manual_seed(0)
     tv = MaskRCNN(_resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3), num_classes=6,
-                  min_size=128, max_size=128, box_score_thresh=0.0).eval()
+                  min_size=128, max_size=128, box_score_thresh=0.0, box_detections_per_img=10).eval()
     torch.save(tv.state_dict(), tmp_path / "maskrcnn.pth")
     uri = new_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -153,7 +154,8 @@ def test_coco_eval_experiment_runs_torchvisions_model_with_its_coco_weights(tmp_
                          "--device", "cpu", "--set", f"data.val.images={data / 'images'}",
                          "--set", f"data.val.annotations={data / 'annotations.json'}", "--set", "data.num_workers=0",
                          "--set", "model.transform={min_size: 128, max_size: 128}",
-                         "--set", "model.roi_heads.score_thresh=0.0", "--set", "model.num_classes=6", "--no-progress")
+                         "--set", "model.roi_heads.score_thresh=0.0", "--set", "model.roi_heads.detections_per_img=10",
+                         "--set", "model.num_classes=6", "--no-progress")
     assert code == 0, err
     c = MlflowClient(uri)
     (ev,) = c.search_runs([c.get_experiment_by_name("coco_eval_torchvision").experiment_id])
@@ -167,7 +169,7 @@ def test_coco_eval_experiment_runs_torchvisions_model_with_its_coco_weights(tmp_
         for i in range(len(val)):
             image, target = val[i]
             theirs += detections_to_coco(tv([image]), [int(target["image_id"])], val.categories)
-    assert len(ours) == len(theirs) > 0
+    assert len(ours) == len(theirs) == 3 * 10
     for a, b in zip(sorted(ours, key=lambda r: -r["score"]), sorted(theirs, key=lambda r: -r["score"])):
         assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
         assert abs(a["score"] - b["score"]) < 1e-6 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-3
