@@ -47,13 +47,19 @@ def resolve_amp(amp: str, device: torch.device, notify: bool = True) -> torch.dt
     if device.type == "cpu" and amp == "bf16" and cpu_has_native_bf16():
         return dtype
     if notify:
-        why = "fp16 autocast has no fast CPU kernels" if amp == "fp16" else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+        why = ("fp16 autocast has no fast CPU kernels" if amp == "fp16" else
+               "this CPU has no native bf16 (AVX512-BF16 or AMX, with torch's AVX-512 kernels: "
+               f"{torch.backends.cpu.get_cpu_capability()} here)")
         print(f"rcnn-lab: note: train.amp={amp} ignored on {device.type}: {why}; training in float32", file=sys.stderr, flush=True)
     return None
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX tiles)."""
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX tiles) and torch's CPU kernels are not
+    held below AVX-512 (``ATEN_CPU_CAPABILITY=avx2``): held there, bf16 is emulated and slower than float32, as on
+    a CPU without AVX-512."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check() for check in checks if check is not None)
 

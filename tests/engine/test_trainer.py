@@ -276,6 +276,16 @@ def test_resolve_amp(amp, device, native, expected, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("capability, flag, native", [("AVX512", True, True), ("AVX512", False, False),
+                                                      ("AVX2", True, False), ("DEFAULT", True, False)])
+def test_native_bf16_needs_the_cpus_flag_and_torchs_avx512_kernels(capability, flag, native, monkeypatch):
+    """A CPU with AVX512-BF16 whose torch kernels are held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``) emulates bf16: float32."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert trainer_module.cpu_has_native_bf16() is native
+
+
 def test_bf16_on_cpu_trains_under_autocast(tmp_path, monkeypatch, uninterrupted):
     """train.amp=bf16 on a CPU with native bf16 changes the losses (autocast is on) and stays finite (2 steps)."""
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)  # emulated where not native: slow, same maths
