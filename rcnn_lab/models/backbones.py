@@ -23,7 +23,14 @@ _BLOCKS = {18: ([2, 2, 2, 2], tvm.resnet.BasicBlock), 34: ([3, 4, 6, 3], tvm.res
 
 def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
     """Load ``weights`` into a classification body: ``imagenet`` (torchvision's ``IMAGENET1K_V1``, as its
-    detection references use; downloaded once to torch's hub cache) or a local file."""
+    detection references use; downloaded once to torch's hub cache) or a local file.
+
+    A body on the meta device (the load-time check, ``models.builder.check_model``) is only checked: nothing is
+    downloaded (torchvision's ImageNet weights fit its own architecture), and a file is memory-mapped, so that its
+    names and shapes are compared without reading its tensors."""
+    on_meta = any(p.is_meta for p in body.parameters())
+    if weights == "imagenet" and on_meta:
+        return
     if weights == "imagenet":
         enum = tvm.get_model_weights(arch).IMAGENET1K_V1
         try:
@@ -41,7 +48,7 @@ def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
         if not path.is_file():
             raise ConfigError([Problem("weights", f"weights file {weights!r} not found; use null, imagenet or an existing .pth path")])
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _read(path, mmap=on_meta)
         except Exception as exc:
             raise ConfigError([Problem("weights", f"{weights}: not a loadable state_dict ({type(exc).__name__}: {str(exc)[:100]})")]) from None
         for key in ("model", "state_dict"):
@@ -59,10 +66,23 @@ def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch {wrong[:3]}"
         raise ConfigError([Problem("weights", f"{weights}: does not fit {arch} ({detail}); check depth/arch")])
-    body.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if not on_meta:
+        body.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-@BACKBONES.register("resnet_fpn")
+def _read(path: Path, mmap: bool):
+    """``torch.load`` of a weights file; ``mmap``: the tensors stay on disk (a file saved in torch's older,
+    non-zip format cannot be mapped and is read whole)."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@BACKBONES.register("resnet_fpn", checks_weights_on_meta=True)
 def resnet_fpn(
     depth: Literal[18, 34, 50, 101] = 50,
     weights: str | None = None,
@@ -116,7 +136,7 @@ def resnet_fpn(
     return model
 
 
-@BACKBONES.register("mobilenet_v3_fpn")
+@BACKBONES.register("mobilenet_v3_fpn", checks_weights_on_meta=True)
 def mobilenet_v3_fpn(
     weights: str | None = None,
     trainable_layers: int | None = None,

@@ -198,17 +198,24 @@ def stand_in(cfg: ModelConfig) -> ModelConfig:
 
 
 def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
-    """Build ``cfg`` on the meta device (no memory, no downloads) and return its problems."""
+    """Build ``cfg`` on the meta device (no memory, no downloads) and return its problems.
+
+    A backbone registered with ``checks_weights_on_meta`` gets its ``weights`` there and checks that they fit
+    (``models.backbones.load_body_weights``: no download, a file memory-mapped); any other backbone (a plugin's)
+    is built without them, so that the check never downloads or reads one."""
     problems = proposal_gradient_problems(cfg, path)
     spec = cfg.backbone
     weights = spec.kwargs.get("weights")
+    found = True
     if weights not in (None, "imagenet"):
         from pathlib import Path
 
-        if not Path(str(weights)).expanduser().is_file():
+        found = Path(str(weights)).expanduser().is_file()
+        if not found:
             problems.append(Problem(f"{path}.backbone.weights", f"weights file {weights!r} not found; use null, imagenet or an existing path"))
     meta_cfg = stand_in(cfg)
-    if weights is not None:
+    checks = spec.type in BACKBONES and BACKBONES.get(spec.type).meta.get("checks_weights_on_meta", False)
+    if weights is not None and not (checks and found):
         from dataclasses import replace
 
         meta_cfg = replace(meta_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))

@@ -25,6 +25,15 @@ LINE_CAP = 400  # an error quotes an excerpt of the value, never all of it
 OK = "name: t\nmodel: {num_classes: 6}\n"
 
 
+def _saved(state: dict) -> bytes:
+    """``torch.save`` of ``state`` (lists as tensors), as a file's bytes."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: torch.tensor(v) for k, v in state.items()}, buffer)
+    return buffer.getvalue()
+
+
 def _bomb(levels: int, width: int = 9) -> str:
     """A "billion laughs" document: ``levels`` anchors, each a list of ``width`` aliases of the previous."""
     lines = ['  l0: &l0 "lol"']
@@ -181,6 +190,13 @@ CASES = [
          expect=("--set", "model.backbone.blocks", "4 block counts")),
     Case("blocks-huge", {"exp.yaml": "name: t\nmodel: {num_classes: 6, backbone: {type: resnet_fpn, blocks: [1, 1000000, 1, 1]}}\n"},
          expect=("exp.yaml", "model.backbone.blocks", "in 1..64")),
+    # weights that do not fit the backbone: found by the load-time check on the meta device, before any download
+    Case("blocks-with-imagenet-weights", {"exp.yaml": OK},
+         ["--set", "model.backbone.blocks=[1, 1, 1, 1]", "--set", "model.backbone.weights=imagenet"],
+         expect=("--set", "model.backbone.blocks", "does not fit resnet50's weights", "drop blocks")),
+    Case("weights-file-of-another-network", {"exp.yaml": OK, "body.pth": _saved({"conv1.weight": [[0.0]]})},
+         ["--set", "model.backbone.weights=body.pth"],
+         expect=("--set", "model.backbone.weights", "body.pth: does not fit resnet50", "missing")),
     Case("float-overflow", {"exp.yaml": OK + "train: {clip_grad_norm: " + "9" * 400 + "}\n"}, expect=("finite",)),
     Case("variant-list-index", {"b.yaml": OK + "data: {transforms: [{type: hflip, p: 0.5}]}\n",
                                 "exp.yaml": "base: b.yaml\nvariants:\n  v: {'data.transforms[0].p': 2}\n"},

@@ -89,7 +89,7 @@ def test_dry_run_expands_seeds_with_a_hash_per_variant_and_seed(tmp_path):
     (["--set", "model.roi_heads.mask_head.norm=groupnorm", "--set", "model.roi_heads.mask_head.layers=[48]"],
      "model.roi_heads.mask_head.layers: norm groupnorm uses 32 groups"),
     (["--set", "model.backbone.fpn_norm=groupnorm", "--set", "model.backbone.out_channels=48"], "model.backbone.out_channels: norm groupnorm"),
-    # found when preflight builds the model (the meta-device check at load builds it without weights): before any download
+    # found at load by the meta-device check, which gives resnet_fpn its weights but downloads nothing
     (["--set", "model.backbone.blocks=[1, 1, 1, 1]", "--set", "model.backbone.weights=imagenet"],
      "error: --set: model.backbone.blocks: [1, 1, 1, 1] does not fit resnet18's weights ([2, 2, 2, 2]); drop blocks or set weights: null"),
 ])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
@@ -84,10 +86,13 @@ def test_local_weights_file_loads_and_bad_file_is_a_clear_error(tmp_path):
     model = rcnn_lab.build_model(exp.variants[0].config.model)
     assert torch.equal(model.backbone.body.conv1.weight, body.conv1.weight)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    exp = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", [f"model.backbone.weights={tmp_path / 'junk.pth'}"])
+    with pytest.raises(ConfigError) as exc:  # found when the experiment is loaded (the meta-device check)
+        rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", [f"model.backbone.weights={tmp_path / 'junk.pth'}"])
+    assert exc.value.problems[0].path == "model.backbone.weights" and "not a loadable state_dict" in str(exc.value)
+    (tmp_path / "r18.pth").write_bytes(b"not a checkpoint")  # spoilt after loading: found when the model is built
     with pytest.raises(ConfigError) as exc:
         rcnn_lab.build_model(exp.variants[0].config.model)
-    assert exc.value.problems[0].path == "model.backbone.weights"
+    assert exc.value.problems[0].path == "model.backbone.weights" and "not a loadable state_dict" in str(exc.value)
 
 
 def test_imagenet_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
@@ -172,3 +177,35 @@ def test_size_divisible_must_be_positive():
     with pytest.raises(ConfigError) as exc:
         rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.transform.size_divisible=0"])
     assert "model.transform.size_divisible: must be positive, got 0" in str(exc.value)
+
+
+def test_the_load_time_check_maps_a_fitting_weights_file_and_hands_a_plugin_none(tmp_path, monkeypatch):
+    """check_model (validate, run --dry-run) gives resnet_fpn its weights file on the meta device: memory-mapped,
+    compared, not loaded; a backbone registered without ``checks_weights_on_meta`` (a plugin's) is built without it."""
+    from torchvision.models import resnet18
+
+    from rcnn_lab.models.builder import check_model
+    from rcnn_lab.registry import BACKBONES
+
+    torch.save(resnet18().state_dict(), tmp_path / "r18.pth")
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(k.get("mmap", False)) or load(*a, **k))
+    cfg = rcnn_lab.load_experiment(EXPERIMENTS / "base.yaml", ["model.backbone.depth=18",
+                                                                f"model.backbone.weights={tmp_path / 'r18.pth'}"])
+    reads.clear()  # loading checked it once already
+    assert check_model(cfg.variants[0].config.model) == [] and reads == [True]
+    seen = []
+
+    @BACKBONES.register("weights_seen_test_plugin")
+    def plugin(weights: str | None = None):
+        seen.append(weights)
+        return BACKBONES.get("resnet_fpn").factory(depth=18)
+
+    try:
+        spec = cfg.variants[0].config.model.backbone
+        plugged = replace(cfg.variants[0].config.model, backbone=type(spec)("weights_seen_test_plugin",
+                                                                              {"weights": str(tmp_path / "r18.pth")}))
+        assert check_model(plugged) == [] and seen == [None] and reads == [True]
+    finally:
+        BACKBONES.unregister("weights_seen_test_plugin")
