@@ -25,12 +25,13 @@ LINE_CAP = 400  # an error quotes an excerpt of the value, never all of it
 OK = "name: t\nmodel: {num_classes: 6}\n"
 
 
-def _saved(state: dict) -> bytes:
-    """``torch.save`` of ``state`` (lists as tensors), as a file's bytes."""
+def _saved(state: dict, legacy: bool = False) -> bytes:
+    """``torch.save`` of ``state`` (lists as tensors), as a file's bytes; ``legacy``: torch's older format, which
+    cannot be memory-mapped."""
     import torch
 
     buffer = io.BytesIO()
-    torch.save({k: torch.tensor(v) for k, v in state.items()}, buffer)
+    torch.save({k: torch.tensor(v) for k, v in state.items()}, buffer, _use_new_zipfile_serialization=not legacy)
     return buffer.getvalue()
 
 
@@ -195,6 +196,9 @@ CASES = [
          ["--set", "model.backbone.blocks=[1, 1, 1, 1]", "--set", "model.backbone.weights=imagenet"],
          expect=("--set", "model.backbone.blocks", "does not fit resnet50's weights", "drop blocks")),
     Case("weights-file-of-another-network", {"exp.yaml": OK, "body.pth": _saved({"conv1.weight": [[0.0]]})},
+         ["--set", "model.backbone.weights=body.pth"],
+         expect=("--set", "model.backbone.weights", "body.pth: does not fit resnet50", "missing")),
+    Case("weights-file-of-another-network-old-format", {"exp.yaml": OK, "body.pth": _saved({"conv1.weight": [[0.0]]}, legacy=True)},
          ["--set", "model.backbone.weights=body.pth"],
          expect=("--set", "model.backbone.weights", "body.pth: does not fit resnet50", "missing")),
     Case("float-overflow", {"exp.yaml": OK + "train: {clip_grad_norm: " + "9" * 400 + "}\n"}, expect=("finite",)),
