@@ -38,20 +38,14 @@ def add_arguments_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def meta_model(model_cfg):
-    """The variant's model on the meta device: shapes and counts without memory or downloads."""
-    from dataclasses import replace
-
+    """The variant's model on the meta device: shapes and counts without memory or downloads
+    (``models.builder.meta_config``: num_classes auto stood in, the built-in backbones with their weights)."""
     import torch
 
-    from rcnn_lab.config.types import Spec
-    from rcnn_lab.models.builder import build_model, stand_in
+    from rcnn_lab.models.builder import build_model, meta_config
 
-    model_cfg = stand_in(model_cfg)  # num_classes: auto before the data is read
-    spec = model_cfg.backbone
-    if spec.kwargs.get("weights") is not None:
-        model_cfg = replace(model_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
     with torch.device("meta"):
-        return build_model(model_cfg)
+        return build_model(meta_config(model_cfg))
 
 
 def cmd_validate(args) -> int:

@@ -197,31 +197,34 @@ def stand_in(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, num_classes=AUTO_STAND_IN) if cfg.num_classes == AUTO else cfg
 
 
-def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
-    """Build ``cfg`` on the meta device (no memory, no downloads) and return its problems.
+def meta_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` as the meta-device build gets it (``check_model``, the counts of ``validate`` and ``inspect``):
+    ``stand_in``, and the backbone's ``weights`` kept only where its factory checks them there without a download
+    or reading a file whole (registered with ``checks_weights_on_meta``, as ``models.backbones`` does) and the
+    file exists; any other backbone (a plugin's) is built without them."""
+    from dataclasses import replace
+    from pathlib import Path
 
-    A backbone registered with ``checks_weights_on_meta`` gets its ``weights`` there and checks that they fit
-    (``models.backbones.load_body_weights``: no download, a file memory-mapped); any other backbone (a plugin's)
-    is built without them, so that the check never downloads or reads one."""
-    problems = proposal_gradient_problems(cfg, path)
-    spec = cfg.backbone
+    meta_cfg, spec = stand_in(cfg), cfg.backbone
     weights = spec.kwargs.get("weights")
-    found = True
+    checks = spec.type in BACKBONES and BACKBONES.get(spec.type).meta.get("checks_weights_on_meta", False)
+    if weights is None or (checks and (weights == "imagenet" or Path(str(weights)).expanduser().is_file())):
+        return meta_cfg
+    return replace(meta_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
+
+
+def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
+    """Build ``cfg`` on the meta device (no memory, no downloads; ``meta_config``) and return its problems."""
+    problems = proposal_gradient_problems(cfg, path)
+    weights = cfg.backbone.kwargs.get("weights")
     if weights not in (None, "imagenet"):
         from pathlib import Path
 
-        found = Path(str(weights)).expanduser().is_file()
-        if not found:
+        if not Path(str(weights)).expanduser().is_file():
             problems.append(Problem(f"{path}.backbone.weights", f"weights file {weights!r} not found; use null, imagenet or an existing path"))
-    meta_cfg = stand_in(cfg)
-    checks = spec.type in BACKBONES and BACKBONES.get(spec.type).meta.get("checks_weights_on_meta", False)
-    if weights is not None and not (checks and found):
-        from dataclasses import replace
-
-        meta_cfg = replace(meta_cfg, backbone=Spec(spec.type, {**spec.kwargs, "weights": None}))
     try:
         with torch.device("meta"):
-            build_model(meta_cfg, path)
+            build_model(meta_config(cfg), path)
     except ConfigError as exc:
         problems.extend(exc.problems)
     return problems

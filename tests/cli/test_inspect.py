@@ -106,3 +106,15 @@ def test_validate_prints_warnings_on_stderr(tmp_path, capsys):
     assert main(["validate", str(exp)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"rcnn-lab validate: warning: {exp}: seeds: 0 listed more than once; each seed runs once"]
+
+
+def test_validate_counts_the_parameters_of_the_model_with_its_weights(capsys, monkeypatch):
+    """With ImageNet body weights the model has torchvision's FrozenBatchNorm2d body (affine terms are buffers):
+    validate counts that model, as many as torchvision's maskrcnn_resnet50_fpn(weights=COCO_V1) has, and downloads
+    nothing to count it."""
+    import torch
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(AssertionError("download")))
+    assert main(["validate", str(EXPERIMENTS / "base.yaml"), "--set", "model.backbone.weights=imagenet"]) == 0
+    assert f"default *  {MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta['num_params']:,}  " in capsys.readouterr().out
