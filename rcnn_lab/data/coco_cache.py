@@ -20,7 +20,7 @@ from rcnn_lab.data.coco_index import CocoIndex, Progress
 from rcnn_lab.data.coco_json import ParsedCoco
 
 KIND = "coco-index"
-FORMAT = 1  # bump when the entry's arrays or metadata change meaning
+FORMAT = 2  # bump when the entry's arrays or metadata change meaning, or what a file must pass (2: areas checked)
 ARRAYS = [name for name in CocoIndex.__dataclass_fields__ if name != "strict_json"]
 
 

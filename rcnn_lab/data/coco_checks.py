@@ -188,6 +188,19 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def area_problem(area: Any) -> str | None:
+    """Why an annotation's ``area`` (optional: without one the mask's area is used) is unusable, or None.
+    COCOeval sorts ground truth into its small / medium / large ranges by it: NaN would fall in all three."""
+    fix = "an area is a finite number >= 0, or leave it out (the mask's area is then used)"
+    if area is None:
+        return None
+    if not is_number(area):
+        return f"is {excerpt(area)}; {fix}"
+    if not math.isfinite(area) or area < 0:
+        return f"is {area!r}; {fix}"
+    return None
+
+
 def check_segmentation(seg: Any, height: int, width: int) -> str | None:
     """Why ``seg`` cannot be decoded for a ``height x width`` image, or None."""
     if seg is None or seg == []:

@@ -21,6 +21,7 @@ from rcnn_lab.data.coco_checks import (
     MAX_COORD,
     MAX_OUTLINE,
     MAX_PIXELS,
+    area_problem,
     bbox_problem,
     deepest,
     id_problem,
@@ -196,6 +197,8 @@ def parse_checked(data: dict, file: str, category_ids: list[int] | None) -> Pars
             check.add(f"annotations[{i}].bbox{found[0]}: {found[1]}; fix or remove the annotation")
         elif (found := segmentation_problem(ann.get("segmentation"), img["height"], img["width"])) is not None:
             check.add(f"annotations[{i}].segmentation{found[0]}: {found[1]}; fix the segmentation")
+        elif (why := area_problem(ann.get("area"))) is not None:
+            check.add(f"annotations[{i}].area: {why}")
         elif ann["category_id"] in label:
             per_image[img["id"]].append(ann)
         if ann.get("id") is not None:
@@ -224,6 +227,7 @@ class _Annotation(msgspec.Struct):
     segmentation: msgspec.Raw = msgspec.Raw(b"null")  # checked from its JSON text (see _polygons_ok), not decoded
     iscrowd: Any = 0
     id: Any = None
+    area: Any = None
 
 
 class _File(msgspec.Struct):
@@ -300,6 +304,10 @@ class _Unusual(Exception):
     """The fast path met something only the plain path reports (or accepts) exactly."""
 
 
+def _finite_non_negative(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all() and (values >= 0).all())
+
+
 def parse_fast(raw: bytes, file: str, category_ids: list[int] | None, progress: Progress) -> ParsedCoco | None:
     """The fast path; None when the file needs the plain path (see the module docstring)."""
     try:
@@ -347,6 +355,9 @@ def _index_fast(top: _File, file: str, category_ids: list[int] | None, progress:
         bbox = [a.bbox for a in anns]
         if any(len(b) != 4 for b in bbox):
             raise _Unusual
+        areas = [a.area for a in anns if a.area is not None]
+        if any(type(v) not in (int, float) for v in areas) or not _finite_non_negative(np.array(areas, np.float64)):
+            raise _Unusual  # an area that is not a number, NaN, infinite or negative: the plain path names it
         boxes[start:start + k] = bbox
         polygons = []
         for j, a in enumerate(anns):
