@@ -194,10 +194,12 @@ def area_problem(area: Any) -> str | None:
     fix = "an area is a finite number >= 0, or leave it out (the mask's area is then used)"
     if area is None:
         return None
-    if not is_number(area):
+    try:
+        value = float(area) if is_number(area) else math.nan
+    except OverflowError:  # an integer beyond float's range
+        value = math.inf
+    if not math.isfinite(value) or value < 0:
         return f"is {excerpt(area)}; {fix}"
-    if not math.isfinite(area) or area < 0:
-        return f"is {area!r}; {fix}"
     return None
 
 

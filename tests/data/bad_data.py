@@ -100,6 +100,7 @@ CASES = [
     Case("nan-area", _ann(1, "area", float("nan")), ("annotations[1].area: is nan", "leave it out")),
     Case("negative-area", _ann(2, "area", -16), ("annotations[2].area: is -16", "finite number >= 0")),
     Case("text-area", _ann(0, "area", "80"), ("annotations[0].area: is '80'", "finite number >= 0")),
+    Case("area-beyond-float", _ann(0, "area", 10**400), ("annotations[0].area: is 1000", "finite number >= 0")),
     Case("duplicate-annotation-id", _ann(2, "id", 1), ("annotations[2].id: 1 is also the id of annotations[0]",)),
     Case("id-2-to-the-64", lambda d: d["images"][1].__setitem__("id", 2**64),
          ("images[1].id: 18446744073709551616 does not fit in 64 bits",)),
