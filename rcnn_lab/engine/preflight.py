@@ -64,9 +64,30 @@ def load_names(path: str | Path) -> loader.Experiment:
 
 
 def _check_model(config: RunConfig) -> list[Problem]:
+    """The model built on the meta device, and ``model.weights`` against it when they can be checked without a
+    download or the tracking store (``engine.weights.check_fits``: a file is memory-mapped)."""
     from rcnn_lab.models.builder import check_model
 
-    return check_model(config.model, path="model")
+    problems = check_model(config.model, path="model")
+    if not problems and config.model.weights is not None:
+        problems = _fit_problems(config)
+    return problems
+
+
+def _fit_problems(config: RunConfig) -> list[Problem]:
+    """``model.weights`` that the variant's model cannot take (fewer than half of its tensors by name and shape)."""
+    import torch
+
+    from rcnn_lab.engine import weights as w
+    from rcnn_lab.models.builder import build_model, meta_config
+
+    with torch.device("meta"):
+        model = build_model(meta_config(config.model))
+    try:
+        w.check_fits(model, config.model.weights)
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 BATCH_OVER_DATA = 100  # data.batch_size above this many times the training images is refused (docs/configuration.md)
@@ -195,8 +216,8 @@ def _prepare(config: RunConfig, built: dict, splits: tuple[str, ...] = ("train",
 
 def _weights_problems(config: RunConfig) -> list[Problem]:
     """``model.weights`` before any run exists: a weights name is downloaded to torch's hub cache now
-    (offline and not cached: one line saying where to put the file), a file must exist. A ``run:<id>``
-    needs the tracking store: ``runner.weights`` checks it."""
+    (offline and not cached: one line saying where to put the file), a file must exist, and either must fit
+    the model. A ``run:<id>`` needs the tracking store: ``runner.weights`` checks it."""
     from rcnn_lab.engine import weights as w
 
     spec = config.model.weights
@@ -209,7 +230,7 @@ def _weights_problems(config: RunConfig) -> list[Problem]:
             w.identity_of(spec)
     except ConfigError as exc:
         return exc.problems
-    return []
+    return _fit_problems(config)  # a name just downloaded could not be checked at load
 
 
 def prepare_eval(plan) -> dict[str, RunInputs]:

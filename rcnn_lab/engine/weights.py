@@ -203,12 +203,13 @@ def read_state(spec: str, *, key: str = KEY, file: str | None = None,
     return state, identity
 
 
-def _state_of(path: Path, key: str, file: str | None) -> StateDict:
+def _state_of(path: Path, key: str, file: str | None, mmap: bool = False) -> StateDict:
     from rcnn_lab.engine.checkpoint import load_failure
+    from rcnn_lab.models import state_file
 
     where = display_path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = state_file.load(path, mmap=mmap)
     except Exception as exc:
         raise ConfigError([Problem(key, f"{where}: not a readable weights file ({load_failure(exc)}); "
                                         "give a torchvision state_dict or an rcnn-lab checkpoint", file)]) from None
@@ -288,7 +289,20 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
               key: str = KEY, file: str | None = None) -> LoadReport:
     """Copy into ``model`` every tensor of ``state`` with a name and shape of the model's; the rest of
     the model keeps its (seeded) initialisation. Raises a one-line ``ConfigError`` when fewer than
-    half of the model's tensors load (weights for another architecture)."""
+    half of the model's tensors load (weights for another architecture): :func:`match`."""
+    report = match(model, state, source=source, identity=identity, key=key, file=file)
+    with torch.no_grad():
+        model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
+    eps = getattr(state, "frozen_bn_eps", None)
+    if eps is not None:  # the eps the weights were trained with (torchvision's COCO_V1: 0.0)
+        set_frozen_bn_eps(model, eps)
+    return report
+
+
+def match(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, identity: str = "",
+          key: str = KEY, file: str | None = None) -> LoadReport:
+    """What :func:`load_into` would load, by name and shape (``model`` may be on the meta device); a one-line
+    ``ConfigError`` when fewer than half of the model's tensors would."""
     own = model.state_dict()
     report = LoadReport(source=source, identity=identity)
     for name, tensor in own.items():
@@ -308,12 +322,25 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
         raise ConfigError([Problem(key, f"{source} does not fit this model: {len(useful)} of {len(counted)} tensors "
                                         f"match by name and shape ({example}); give weights of the same architecture "
                                         "(model.backbone depth, heads) or change the model", file)])
-    with torch.no_grad():
-        model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
-    eps = getattr(state, "frozen_bn_eps", None)
-    if eps is not None:  # the eps the weights were trained with (torchvision's COCO_V1: 0.0)
-        set_frozen_bn_eps(model, eps)
     return report
+
+
+def check_fits(model: torch.nn.Module, spec: str, *, key: str = KEY, file: str | None = None) -> None:
+    """Raise the one-line error :func:`load_into` would, before any run exists: ``spec`` a local file (memory-
+    mapped: names and shapes, no tensor read) or a torchvision weights name already in torch's hub cache.
+    A name not downloaded yet (``engine.preflight`` fetches it, then checks) and ``run:<id>`` (the store's:
+    ``runner.weights``) are not checked here."""
+    if is_run(spec):
+        return
+    with_masks = getattr(getattr(model, "roi_heads", None), "mask_head", None) is not None
+    if is_hub_name(spec):
+        enum = hub_enum(spec, with_masks, key, file)
+        path, source = hub_file(enum), str(enum)
+        if not path.is_file():
+            return
+    else:
+        path, source = _local(spec, key, file), display_path(spec)
+    match(model, _state_of(path, key, file, mmap=True), source=source, key=key, file=file)
 
 
 def foreign_tensors(model: torch.nn.Module, names: Iterable[str]) -> list[str]:

@@ -12,6 +12,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobile
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rcnn_lab.errors import ConfigError, Problem
+from rcnn_lab.models import state_file
 from rcnn_lab.models.norms import BodyNorm, FreshNorm, norm_layer
 from rcnn_lab.registry import BACKBONES
 
@@ -48,7 +49,7 @@ def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
         if not path.is_file():
             raise ConfigError([Problem("weights", f"weights file {weights!r} not found; use null, imagenet or an existing .pth path")])
         try:
-            state = _read(path, mmap=on_meta)
+            state = state_file.load(path, mmap=on_meta)
         except Exception as exc:
             raise ConfigError([Problem("weights", f"{weights}: not a loadable state_dict ({type(exc).__name__}: {str(exc)[:100]})")]) from None
         for key in ("model", "state_dict"):
@@ -68,18 +69,6 @@ def load_body_weights(body: nn.Module, weights: str, arch: str) -> None:
         raise ConfigError([Problem("weights", f"{weights}: does not fit {arch} ({detail}); check depth/arch")])
     if not on_meta:
         body.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-
-
-def _read(path: Path, mmap: bool):
-    """``torch.load`` of a weights file; ``mmap``: the tensors stay on disk (a file saved in torch's older,
-    non-zip format cannot be mapped and is read whole)."""
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @BACKBONES.register("resnet_fpn", checks_weights_on_meta=True)

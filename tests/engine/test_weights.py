@@ -390,3 +390,22 @@ def test_finetune_experiment_trains_from_coco_weights_on_a_coco_folder(hub, seed
     result = trainer.fit()
     assert result.iterations == 1 and "bbox_AP" in result.metrics
     assert torch.load(ckpt.latest(ckpt.folder(tmp_path / "out")), weights_only=True)[w.EPS_KEY] == 0.0
+
+
+def test_weights_that_do_not_fit_are_found_at_load_and_a_run_writes_nothing(hub, seeded_file, tmp_path, monkeypatch):
+    """model.weights are checked against the variant's model on the meta device when the experiment is loaded: a
+    file memory-mapped, a torchvision name once in torch's hub cache (not downloaded then: preflight fetches it
+    and checks it the same way). Before, a file of another network made a FAILED run in the store."""
+    from rcnn_lab.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RCNN_LAB_RUNS", str(tmp_path / "runs"))
+    quick = EXPERIMENTS / "quickstart.yaml"  # a ResNet-10 model: the ResNet-50 files below do not fit it
+    load_experiment(quick, ["model.weights=coco"])  # not in the hub cache: left to preflight, nothing downloaded
+    hub.mkdir(parents=True)
+    shutil.copyfile(seeded_file, hub / COCO_FILE)
+    with pytest.raises(ConfigError, match=r"model.weights: MaskRCNN_ResNet50_FPN_Weights.COCO_V1 does not fit this model"):
+        load_experiment(quick, ["model.weights=coco"])
+    assert main(["run", str(quick), "--set", f"model.weights={seeded_file}", "--no-progress"]) == 2
+    assert not (tmp_path / "runs").exists()  # no store, no run
+    load_experiment(EXPERIMENTS / "base.yaml", ["model.weights=coco"])  # the ResNet-50 it was made for takes it
