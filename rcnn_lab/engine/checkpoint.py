@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from rcnn_lab.errors import ConfigError, Problem, cut, display_path
+from rcnn_lab.models import state_file
 
 FOLDER = "checkpoints"  # under a run's output folder
 PREFIX, SUFFIX = "iter_", ".pt"  # iter_0000200.pt: the state after 200 iterations
@@ -71,7 +72,7 @@ def load(path: Path, key: str = "") -> dict:
     if not path.is_file():
         raise ConfigError([Problem(key, "checkpoint not found", file)])
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = state_file.load(path)
     except Exception as exc:
         raise ConfigError([Problem(key, f"not a readable checkpoint ({load_failure(exc)}); "
                                    "delete it to start over", file)]) from None
@@ -91,8 +92,8 @@ def check(path: Path, total_iterations: int | None = None) -> None:
     if path.is_file() and path.stat().st_size == 0:
         raise ConfigError([Problem("", "checkpoint is empty (0 bytes: a write that never finished)", file)])
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # load() gives torch's reason (mmap needs a zip archive: a legacy file is read whole)
+        payload = state_file.load(path, mmap=True)
+    except Exception:  # load() gives torch's reason
         payload = load(path)
     if not isinstance(payload, dict) or any(k not in payload for k in ("model", "optimizer", "iteration")):
         load(path)  # raises "not an rcnn-lab checkpoint"
