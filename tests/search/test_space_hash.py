@@ -16,12 +16,14 @@ SPACE = "search:\n  space:\n    train.optimizer.lr: {float: [0.001, 0.01]}\n  ob
 
 
 def test_a_trial_with_the_baselines_values_is_the_baselines_run(tmp_path):
-    weights = tmp_path / "w.pth"
-    torch.save({"x": torch.zeros(2)}, weights)
+    from rcnn_lab.models.builder import build_model
+
+    path = search_experiment(tmp_path, space=SPACE)
+    weights = tmp_path / "w.pth"  # weights of the tiny model (weights that do not fit it are refused at load)
+    torch.save(build_model(load_experiment(path).variants[0].config.model).state_dict(), weights)
     copy = tmp_path / "elsewhere" / "renamed.pth"
     copy.parent.mkdir()
     shutil.copyfile(weights, copy)
-    path = search_experiment(tmp_path, space=SPACE)
     exp = load_experiment(path, [f"model.weights={weights}"])
     (baseline,) = make_plan(exp)
     assert trial_run(exp, 0, {"train.optimizer.lr": 0.01}).hash == baseline.hash  # the tiny experiment's lr
