@@ -224,10 +224,10 @@ def _weights_problems(config: RunConfig) -> list[Problem]:
     if w.is_run(spec):
         return []
     try:
-        if w.is_hub_name(spec):
-            w.fetch(spec, with_masks=config.model.roi_heads.mask_head is not None)
-        else:
+        if not w.is_hub_name(spec):
             w.identity_of(spec)
+            return []  # a file: its fit was checked when the experiment was loaded
+        w.fetch(spec, with_masks=config.model.roi_heads.mask_head is not None)
     except ConfigError as exc:
         return exc.problems
     return _fit_problems(config)  # a name just downloaded could not be checked at load

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from rcnn_lab.errors import ConfigError, Problem, cut, display_path, excerpt
+from rcnn_lab.models import state_file
 
 KEY = "model.weights"
 RUN_PREFIX = "run:"  # run:<run_id>: resolved by runner/weights.py
@@ -205,7 +206,6 @@ def read_state(spec: str, *, key: str = KEY, file: str | None = None,
 
 def _state_of(path: Path, key: str, file: str | None, mmap: bool = False) -> StateDict:
     from rcnn_lab.engine.checkpoint import load_failure
-    from rcnn_lab.models import state_file
 
     where = display_path(path)
     try:

@@ -402,7 +402,11 @@ def test_weights_that_do_not_fit_are_found_at_load_and_a_run_writes_nothing(hub,
     monkeypatch.setenv("RCNN_LAB_RUNS", str(tmp_path / "runs"))
     quick = EXPERIMENTS / "quickstart.yaml"  # a ResNet-10 model: the ResNet-50 files below do not fit it
     load_experiment(quick, ["model.weights=coco"])  # not in the hub cache: left to preflight, nothing downloaded
-    hub.mkdir(parents=True)
+    # run's preflight downloads it (here: the seeded file as the download), then refuses it before a store exists
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, *a, **k: shutil.copyfile(seeded_file, dst))
+    assert main(["run", str(quick), "--set", "model.weights=coco", "--no-progress"]) == 2
+    assert not (tmp_path / "runs").exists() and (hub / COCO_FILE).is_file()
+    (hub / COCO_FILE).unlink()
     shutil.copyfile(seeded_file, hub / COCO_FILE)
     with pytest.raises(ConfigError, match=r"model.weights: MaskRCNN_ResNet50_FPN_Weights.COCO_V1 does not fit this model"):
         load_experiment(quick, ["model.weights=coco"])
