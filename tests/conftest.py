@@ -178,3 +178,14 @@ def new_store(tmp_path_factory):
         return f"sqlite:///{db}"
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def warm(tmp_path_factory):
+    """Starts ``python -m rcnn_lab`` processes forked from a server that has imported the package once per
+    worker (tests/warm.py): for tests where the process boundary is the behaviour, without its imports."""
+    from tests.warm import WarmServer
+
+    server = WarmServer(tmp_path_factory.mktemp("warm"))
+    yield server
+    server.stop()

@@ -23,6 +23,10 @@ def test_child():
 
 def test_idle():
     time.sleep(0.3)
+
+def test_forked_elsewhere():  # a process the test waited for that another process reaped (tests/warm.py)
+    import pytest_cputime
+    pytest_cputime.add_children_cpu(0.5)
 """
 
 
@@ -37,12 +41,14 @@ def test_each_test_gets_its_own_and_its_childrens_cpu_seconds(tmp_path, workers)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = out.read_text().splitlines()
     rows = {line.split("\t")[0]: [float(x) for x in line.split("\t")[1:]] for line in lines}
-    names = ["test_sample.py::test_busy", "test_sample.py::test_child", "test_sample.py::test_idle"]
+    names = ["test_sample.py::test_busy", "test_sample.py::test_child", "test_sample.py::test_idle",
+             "test_sample.py::test_forked_elsewhere"]
     # serially in the order they ran; under xdist each once, from both workers (written by the controller)
-    assert (list(rows) if not workers else sorted(rows)) == names and len(lines) == 3
+    assert (list(rows) if not workers else sorted(rows)) == (names if not workers else sorted(names)) and len(lines) == 4
     own, children, wall = rows["test_sample.py::test_busy"]
     assert own >= 0.29 and children == 0.0 and wall >= own - 0.05
     own, children, wall = rows["test_sample.py::test_child"]
     assert children >= 0.29 and own < children
     own, children, wall = rows["test_sample.py::test_idle"]
     assert own < 0.2 and children == 0.0 and wall >= 0.29
+    assert rows["test_sample.py::test_forked_elsewhere"][1] == 0.5

@@ -20,7 +20,6 @@ from rcnn_lab.data.loader import BatchSchedule, StreamSampler, build_loader
 from rcnn_lab.data.shapes import shapes
 from rcnn_lab.engine import distributed
 from rcnn_lab.errors import ConfigError
-from tests.conftest import sigint_as_in_a_terminal
 from tests.runner.conftest import PAUSE_PLUGIN, PAUSE_TRANSFORM, cli_fd, paused_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +216,7 @@ eval:
 
 
 @pytest.mark.slow
-def test_nproc_2_one_run_logged_once_and_resumes(tmp_path, monkeypatch, capfd, new_store):
+def test_nproc_2_one_run_logged_once_and_resumes(tmp_path, monkeypatch, capfd, new_store, warm):
     from mlflow import MlflowClient
 
     exp = tmp_path / "exp.yaml"
@@ -228,8 +227,8 @@ def test_nproc_2_one_run_logged_once_and_resumes(tmp_path, monkeypatch, capfd, n
     env = {**os.environ, "RCNN_LAB_RUNS": str(tmp_path / "runs")}
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:  # each rank loads 1 image per iteration; both stop after the checkpoint of 2
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=paused_env(env, 2, batch_size=1), stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+        first = warm.popen(cmd, cwd=tmp_path, env=paused_env(env, 2, batch_size=1), stdout=log,
+                           stderr=subprocess.STDOUT, start_new_session=True)
         checkpoints = tmp_path / "runs" / "outputs" / "ddp_tiny"
         deadline = time.time() + 240
         while not list(checkpoints.glob("*/checkpoints/iter_*.pt")) and first.poll() is None and time.time() < deadline:

@@ -110,7 +110,7 @@ def test_hand_made_stale_claim_is_resumed_into(tmp_path, new_store):
 
 
 @pytest.mark.slow
-def test_two_processes_racing_on_one_plan_train_each_config_once(tmp_path, new_store):
+def test_two_processes_racing_on_one_plan_train_each_config_once(tmp_path, new_store, warm):
     uri = new_store(tmp_path)
     exp_file = tiny_experiment(tmp_path, uri, variants="  a: {}\n  b: {model.rpn.pre_nms_top_n.train: 80}\n", name="race",
                                 iterations=1)
@@ -118,7 +118,7 @@ def test_two_processes_racing_on_one_plan_train_each_config_once(tmp_path, new_s
     exp_id = tr.experiment_id(c, "race", None)
     cmd = [sys.executable, "-m", "rcnn_lab", "run", str(exp_file), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [warm.popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs

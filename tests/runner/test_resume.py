@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rcnn_lab.engine import checkpoint as ckpt
-from tests.conftest import ROOT, sigint_as_in_a_terminal
+from tests.conftest import ROOT
 from tests.runner.conftest import cli, paused_env, tiny_experiment
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -30,22 +30,21 @@ def _experiment(folder: Path) -> Path:
                            iterations=ITERATIONS, train=TRAIN, pausable=True)
 
 
-def _start(folder: Path) -> subprocess.Popen:
-    """``rcnn-lab run`` in a subprocess, on one thread like this process (``_one_thread``), that stops after its
-    first checkpoint until the test's signal (the reruns in this process do not stop)."""
+def _start(warm, folder: Path):
+    """``rcnn-lab run`` in a process of its own (forked warm: tests/warm.py), on one thread like this process, that
+    stops after its first checkpoint until the test's signal (the reruns in this process do not stop)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RCNN_LAB_RUNS")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
     env = paused_env(env, CHECKPOINT_EVERY)
-    return subprocess.Popen([sys.executable, "-m", "rcnn_lab", "run", str(_experiment(folder)), "--no-progress"],
-                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=sigint_as_in_a_terminal)
+    return warm.popen([sys.executable, "-m", "rcnn_lab", "run", str(_experiment(folder)), "--no-progress"], cwd=folder, env=env, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True)
 
 
 def _checkpoints(folder: Path) -> list[Path]:
     return [p for run in (folder / "store" / "outputs" / "tiny").glob("*") for p in ckpt.saved(ckpt.folder(run))]
 
 
-def _interrupt_after_first_checkpoint(procs: dict[Path, tuple[subprocess.Popen, int]]) -> dict[Path, str]:
+def _interrupt_after_first_checkpoint(procs: dict) -> dict[Path, str]:
     """Send each process its signal as soon as its first checkpoint exists; -> output of each."""
     pending, deadline = dict(procs), time.time() + 240
     while pending and time.time() < deadline:
@@ -76,15 +75,15 @@ def _state(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, new_store):
+def interrupted(tmp_path_factory, new_store, warm):
     """Folders of a kill -9'd run, a Ctrl-C'd run, a SIGTERM'd run (a scheduler's time limit; all three then
     rerun) and an uninterrupted reference."""
     root = tmp_path_factory.mktemp("resume")
     killed, ctrl_c, sigterm, reference = root / "killed", root / "ctrl_c", root / "sigterm", root / "reference"
     for f in (killed, ctrl_c, sigterm, reference):
         new_store(f)
-    procs = {killed: (_start(killed), signal.SIGKILL), ctrl_c: (_start(ctrl_c), signal.SIGINT),
-             sigterm: (_start(sigterm), signal.SIGTERM)}
+    procs = {killed: (_start(warm, killed), signal.SIGKILL), ctrl_c: (_start(warm, ctrl_c), signal.SIGINT),
+             sigterm: (_start(warm, sigterm), signal.SIGTERM)}
     outputs = _interrupt_after_first_checkpoint(procs)
     codes = {f: procs[f][0].returncode for f in procs}
     before = {f: _state(f)[0] for f in procs}

@@ -151,14 +151,18 @@ print(tr.experiment_id(c, "race", None))
 """
 
 
-def test_workers_starting_together_create_a_new_store_once(tmp_path):
+def test_workers_starting_together_create_a_new_store_once(tmp_path, warm):
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     start = time.time() + 3
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, str(start)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
-    ids = {out.strip() for out, _ in results}
+    logs = [(tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err") for i in range(3)]
+    procs = []
+    for out, err in logs:
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(warm.popen([sys.executable, "-c", OPEN_STORE, uri, str(start)], stdout=o, stderr=e))
+    for p in procs:
+        p.wait(timeout=300)
+    assert [p.returncode for p in procs] == [0, 0, 0], [err.read_text()[-2000:] for _, err in logs]
+    ids = {out.read_text().strip() for out, _ in logs}
     assert len(ids) == 1  # one experiment, seen by every worker
     c = tr.client(uri)
     assert c.get_experiment_by_name("race").experiment_id in ids

@@ -46,11 +46,11 @@ def _state(folder: Path, exp_path: Path):
     return study.get_trials(), runs
 
 
-def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_nothing(tmp_path, new_store):
+def test_kill_9_mid_search_then_rerun_resumes_the_trial_and_loses_or_repeats_nothing(tmp_path, new_store, warm):
     new_store(tmp_path)  # an empty store copied (MLflow's migrations run once a session), as below
     exp = search_experiment(tmp_path, iterations=4, train="  checkpoint_every: 2\n", pausable=True)
-    proc = subprocess.Popen([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--no-progress"], cwd=tmp_path,
-                            env=paused_env(_env(), 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = warm.popen([sys.executable, "-m", "rcnn_lab", "search", str(exp), "--no-progress"], cwd=tmp_path,
+                      env=paused_env(_env(), 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not _checkpoints(tmp_path) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
