@@ -184,8 +184,8 @@ def new_store(tmp_path_factory):
 def warm(tmp_path_factory):
     """Starts ``python -m rcnn_lab`` processes forked from a server that has imported the package once per
     worker (tests/warm.py): for tests where the process boundary is the behaviour, without its imports."""
-    from tests.warm import WarmServer
+    from tests.warm import ColdServer, WarmServer
 
-    server = WarmServer(tmp_path_factory.mktemp("warm"))
+    server = WarmServer(tmp_path_factory.mktemp("warm")) if hasattr(os, "pidfd_open") else ColdServer()
     yield server
     server.stop()

@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no warm server here (tests/warm.py: Linux only)")
+
 PROBE = '''
 import atexit, json, os, signal, sys, time
 

@@ -57,8 +57,9 @@ class WarmServer:
         if len(args) < 3 or args[0] != sys.executable or args[1] not in ("-m", "-c"):
             raise ValueError(f"not [sys.executable, -m MODULE | -c CODE, ...]: {args}")
         self.wait_ready()
-        return WarmProcess(self.path, args, cwd=os.getcwd() if cwd is None else cwd, env=dict(os.environ if env is None else env), stdout=stdout,
-                           stderr=stderr, text=text, new_session=start_new_session, on_end=self._count)
+        return WarmProcess(self.path, args, cwd=os.getcwd() if cwd is None else cwd,
+                           env=dict(os.environ if env is None else env), stdout=stdout, stderr=stderr, text=text,
+                           new_session=start_new_session, on_end=self._count)
 
     def _count(self, cpu_s: float) -> None:
         """A child's CPU seconds, for benchmarks/pytest_cputime.py (which counts the processes a test waited for:
@@ -72,6 +73,18 @@ class WarmServer:
         self._proc.kill()
         self._proc.wait()  # this process's children's CPU now holds the server's and that of every child it reaped
         self._count(-self._counted)  # those were counted when they ended: only the server's own is left
+
+
+class ColdServer:
+    """Where the server cannot run (no ``os.pidfd_open``: not Linux), the same calls start real processes."""
+
+    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+        from tests.conftest import sigint_as_in_a_terminal
+
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=sigint_as_in_a_terminal, **kwargs)
+
+    def stop(self) -> None:
+        pass
 
 
 class WarmProcess:
