@@ -66,23 +66,24 @@ def load_names(path: str | Path) -> loader.Experiment:
 def _check_model(config: RunConfig) -> list[Problem]:
     """The model built on the meta device, and ``model.weights`` against it when they can be checked without a
     download or the tracking store (``engine.weights.check_fits``: a file is memory-mapped)."""
-    from rcnn_lab.models.builder import check_model
+    from rcnn_lab.models.builder import meta_model
 
-    problems = check_model(config.model, path="model")
+    model, problems = meta_model(config.model, path="model")
     if not problems and config.model.weights is not None:
-        problems = _fit_problems(config)
+        problems = _fit_problems(config, model)
     return problems
 
 
-def _fit_problems(config: RunConfig) -> list[Problem]:
-    """``model.weights`` that the variant's model cannot take (fewer than half of its tensors by name and shape)."""
-    import torch
-
+def _fit_problems(config: RunConfig, model=None) -> list[Problem]:
+    """``model.weights`` that the variant's model (``model``, else built here on the meta device) cannot take:
+    fewer than half of its tensors by name and shape."""
     from rcnn_lab.engine import weights as w
-    from rcnn_lab.models.builder import build_model, meta_config
+    from rcnn_lab.models.builder import meta_model
 
-    with torch.device("meta"):
-        model = build_model(meta_config(config.model))
+    if model is None:
+        model, problems = meta_model(config.model, path="model")
+        if problems:
+            return problems
     try:
         w.check_fits(model, config.model.weights)
     except ConfigError as exc:

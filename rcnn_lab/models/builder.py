@@ -215,7 +215,12 @@ def meta_config(cfg: ModelConfig) -> ModelConfig:
 
 def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
     """Build ``cfg`` on the meta device (no memory, no downloads; ``meta_config``) and return its problems."""
-    problems = proposal_gradient_problems(cfg, path)
+    return meta_model(cfg, path)[1]
+
+
+def meta_model(cfg: ModelConfig, path: str = "model") -> tuple[MaskRCNN | None, list[Problem]]:
+    """:func:`check_model`'s build: (the model on the meta device, None where it could not be built; its problems)."""
+    model, problems = None, proposal_gradient_problems(cfg, path)
     weights = cfg.backbone.kwargs.get("weights")
     if weights not in (None, "imagenet"):
         from pathlib import Path
@@ -224,10 +229,10 @@ def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
             problems.append(Problem(f"{path}.backbone.weights", f"weights file {weights!r} not found; use null, imagenet or an existing path"))
     try:
         with torch.device("meta"):
-            build_model(meta_config(cfg), path)
+            model = build_model(meta_config(cfg), path)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    return problems
+    return model, problems
 
 
 def count_parameters(module: nn.Module) -> int:
