@@ -14,6 +14,7 @@ not a run with random weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -340,7 +341,15 @@ def check_fits(model: torch.nn.Module, spec: str, *, key: str = KEY, file: str |
             return
     else:
         path, source = _local(spec, key, file), display_path(spec)
-    match(model, _state_of(path, key, file, mmap=True), source=source, key=key, file=file)
+    stat = path.stat()
+    match(model, _shapes(path, (stat.st_size, stat.st_mtime_ns), key, file), source=source, key=key, file=file)
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes(path: Path, version: tuple[int, int], key: str, file: str | None) -> dict[str, torch.Tensor]:
+    """A weights file's tensor names and shapes (meta tensors), mapped once per ``version`` of the file (size,
+    mtime): the variants of an experiment that share one file do not each map it again."""
+    return {k: torch.empty_like(v, device="meta") for k, v in _state_of(path, key, file, mmap=True).items()}
 
 
 def foreign_tensors(model: torch.nn.Module, names: Iterable[str]) -> list[str]:
