@@ -182,8 +182,9 @@ def new_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def warm(tmp_path_factory):
-    """Starts ``python -m rcnn_lab`` processes forked from a server that has imported the package once per
-    worker (tests/warm.py): for tests where the process boundary is the behaviour, without its imports."""
+    """Starts ``python -m MODULE`` and ``python -c CODE`` processes forked from a server that has imported the
+    package once per worker (tests/warm.py): for tests where the process boundary is the behaviour, without
+    its imports."""
     from tests.warm import ColdServer, WarmServer
 
     server = WarmServer(tmp_path_factory.mktemp("warm")) if hasattr(os, "pidfd_open") else ColdServer()
