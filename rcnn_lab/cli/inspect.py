@@ -48,8 +48,19 @@ def meta_model(model_cfg):
         return build_model(meta_config(model_cfg))
 
 
+def _model_key(model_cfg) -> str:
+    return json.dumps(to_plain(model_cfg), sort_keys=True, default=str)
+
+
 def cmd_validate(args) -> int:
-    exp = load_experiment(args.experiment, args.overrides)
+    counts: dict[str, int] = {}  # model config -> parameters, counted on the models the load built to check them
+
+    def count(config, model) -> None:
+        from rcnn_lab.models.builder import count_parameters
+
+        counts[_model_key(config.model)] = count_parameters(model)
+
+    exp = load_experiment(args.experiment, args.overrides, on_model=count)
     from rcnn_lab.cli.notes import print_warnings
     from rcnn_lab.models.builder import count_parameters  # torch: only once the experiment is valid
 
@@ -74,7 +85,9 @@ def cmd_validate(args) -> int:
         model_cfg = v.config.model
         if v.name in counted:  # model.num_classes: auto, counted from the data
             model_cfg = replace(model_cfg, num_classes=counted[v.name])
-        params = count_parameters(meta_model(model_cfg))
+        params = counts.get(_model_key(model_cfg))
+        if params is None:  # num_classes counted from the data (validate --data): another model
+            params = count_parameters(meta_model(model_cfg))
         changed = ", ".join(f"{k}={json.dumps(val)}" for k, val in v.changed.items()) or "(base)"
         rows.append((v.name + (" *" if v.baseline else ""), f"{params:,}", changed))
     w0 = max(len("variant"), *(len(r[0]) for r in rows))

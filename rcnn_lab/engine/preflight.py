@@ -12,7 +12,9 @@ needs it, so that errors found in the YAML itself answer at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,14 @@ from rcnn_lab.errors import ConfigError, Problem
 
 
 def load_experiment(path: str | Path, overrides: list[str] = (), check_models: bool = True,
-                    flags: dict[str, tuple[str, Any]] | None = None) -> loader.Experiment:
+                    flags: dict[str, tuple[str, Any]] | None = None,
+                    on_model: Callable[[RunConfig, Any], None] | None = None) -> loader.Experiment:
     """Load, expand and validate an experiment; raise ``ConfigError`` listing every problem.
 
     ``overrides`` are ``--set`` texts; ``flags`` maps a command-line flag to the (dotted key, value)
     it sets (errors about that key name the flag). ``check_models`` builds each variant's model on
-    the meta device (no memory, no downloads) to find problems only the parts can see.
+    the meta device (no memory, no downloads) to find problems only the parts can see, and hands it to
+    ``on_model(config, model)`` (``validate`` counts its parameters rather than building it again).
     """
     from rcnn_lab.components import builtin_families
 
@@ -40,7 +44,8 @@ def load_experiment(path: str | Path, overrides: list[str] = (), check_models: b
         return load_plugins(extra, base)
 
     return loader.load_experiment(path, list(overrides), flags, families=families, load_plugins=plugins,
-                                  check=_check_model if check_models else None, metrics=logged_metrics)
+                                  check=partial(_check_model, on_model=on_model) if check_models else None,
+                                  metrics=logged_metrics)
 
 
 # what a finished run logs besides the evaluation (``final/<name>``): ``runner.artifacts.cost_metrics`` and the
@@ -63,7 +68,7 @@ def load_names(path: str | Path) -> loader.Experiment:
     return loader.load_experiment(path, families=AsWritten)
 
 
-def _check_model(config: RunConfig) -> list[Problem]:
+def _check_model(config: RunConfig, on_model: Callable[[RunConfig, Any], None] | None = None) -> list[Problem]:
     """The model built on the meta device, and ``model.weights`` against it when they can be checked without a
     download or the tracking store (``engine.weights.check_fits``: a file is memory-mapped)."""
     from rcnn_lab.models.builder import meta_model
@@ -71,6 +76,8 @@ def _check_model(config: RunConfig) -> list[Problem]:
     model, problems = meta_model(config.model, path="model")
     if not problems and config.model.weights is not None:
         problems = _fit_problems(config, model)
+    if not problems and on_model is not None:
+        on_model(config, model)
     return problems
 
 
