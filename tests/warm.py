@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +38,11 @@ class WarmServer:
     """The server process of one pytest worker (``tests/conftest.py``'s ``warm`` fixture)."""
 
     def __init__(self, folder: Path):
-        self.path = str(folder / "warm.sock")
         self._log = folder / "warm.log"
+        self._short = None
+        if len(str(folder / "warm.sock")) > 100:  # a socket's path has at most 107 bytes (a deep TMPDIR)
+            folder = self._short = Path(tempfile.mkdtemp(prefix="warm-", dir="/tmp"))
+        self.path = str(folder / "warm.sock")
         self._counted = 0.0
         with open(self._log, "wb") as log:
             self._proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.DEVNULL,
@@ -73,6 +78,8 @@ class WarmServer:
         self._proc.kill()
         self._proc.wait()  # this process's children's CPU now holds the server's and that of every child it reaped
         self._count(-self._counted)  # those were counted when they ended: only the server's own is left
+        if self._short is not None:
+            shutil.rmtree(self._short, ignore_errors=True)
 
 
 class ColdServer:
