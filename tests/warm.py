@@ -100,6 +100,12 @@ class WarmProcess:
 
     def __init__(self, server: str, args: list[str], *, cwd, env: dict[str, str], stdout, stderr, text: bool,
                  new_session: bool, on_end=lambda cpu_s: None):
+        if stderr is PIPE:
+            raise ValueError("stderr=PIPE: use stderr=STDOUT or a file")
+        request = json.dumps({"args": [str(a) for a in args], "cwd": str(cwd), "env": env,
+                              "new_session": new_session}).encode()
+        if len(request) > 65536:  # the server reads it in one piece, as the socket delivers one this size
+            raise ValueError(f"a request of {len(request):,} bytes: more than 64 KiB of arguments and environment")
         self.args, self.text, self.returncode, self._on_end = args, text, None, on_end
         self._reply = b""
         mine: list[int] = [os.open(os.devnull, os.O_RDONLY)]  # closed here once the server has them
@@ -109,13 +115,10 @@ class WarmProcess:
             mine.append(out_w)
         else:
             out_w = 1 if stdout is None else stdout.fileno()
-        if stderr is PIPE:
-            raise ValueError("stderr=PIPE: use stderr=STDOUT")
         err_w = out_w if stderr is STDOUT else 2 if stderr is None else stderr.fileno()
-        request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": env, "new_session": new_session}
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.connect(server)
-        socket.send_fds(self._conn, [json.dumps(request).encode()], [mine[0], out_w, err_w])
+        socket.send_fds(self._conn, [request], [mine[0], out_w, err_w])
         for fd in mine:
             os.close(fd)
         self.pid = int(self._line(None))
@@ -208,7 +211,7 @@ def _serve(path: str):
         for ready in select.select([listener, *children], [], [])[0]:
             if ready is listener:
                 conn, _ = listener.accept()
-                message, fds, _, _ = socket.recv_fds(conn, 1 << 22, 3)
+                message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
