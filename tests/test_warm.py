@@ -76,9 +76,10 @@ def test_a_signal_reaches_the_child_and_its_exit_status_comes_back(warm, tmp_pat
 
 
 def test_code_runs_as_python_c_and_other_commands_are_refused(warm, tmp_path):
-    code = "import os, sys; print(sys.argv, sys.path[0] == '', os.getcwd(), __name__); sys.exit(3)"
-    proc = warm.popen([sys.executable, "-c", code, "a"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    code = "import os, sys; print(sys.argv, sys.path[0] == '', os.getcwd(), __name__, len(os.environ['BIG'])); sys.exit(3)"
+    env = {**os.environ, "BIG": "x" * 300_000}  # a request the socket delivers in parts
+    proc = warm.popen([sys.executable, "-c", code, "a"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
     output, _ = proc.communicate(timeout=60)
-    assert (proc.returncode, output) == (3, f"['-c', 'a'] True {tmp_path} __main__\n")
+    assert (proc.returncode, output) == (3, f"['-c', 'a'] True {tmp_path} __main__ 300000\n")
     with pytest.raises(ValueError, match="not \\[sys.executable"):
         warm.popen(["sleep", "1"])

@@ -104,8 +104,6 @@ class WarmProcess:
             raise ValueError("stderr=PIPE: use stderr=STDOUT or a file")
         request = json.dumps({"args": [str(a) for a in args], "cwd": str(cwd), "env": env,
                               "new_session": new_session}).encode()
-        if len(request) > 65536:  # the server reads it in one piece, as the socket delivers one this size
-            raise ValueError(f"a request of {len(request):,} bytes: more than 64 KiB of arguments and environment")
         self.args, self.text, self.returncode, self._on_end = args, text, None, on_end
         self._reply = b""
         mine: list[int] = [os.open(os.devnull, os.O_RDONLY)]  # closed here once the server has them
@@ -118,7 +116,7 @@ class WarmProcess:
         err_w = out_w if stderr is STDOUT else 2 if stderr is None else stderr.fileno()
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.connect(server)
-        socket.send_fds(self._conn, [request], [mine[0], out_w, err_w])
+        socket.send_fds(self._conn, [request + b"\n"], [mine[0], out_w, err_w])  # JSON has no raw newline
         for fd in mine:
             os.close(fd)
         self.pid = int(self._line(None))
@@ -212,6 +210,8 @@ def _serve(path: str):
             if ready is listener:
                 conn, _ = listener.accept()
                 message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+                while not message.endswith(b"\n"):  # the rest of a request the socket delivered in parts
+                    message += conn.recv(1 << 16)
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
