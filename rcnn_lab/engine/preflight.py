@@ -227,15 +227,16 @@ def _weights_problems(config: RunConfig) -> list[Problem]:
     (offline and not cached: one line saying where to put the file), a file must exist, and either must fit
     the model. A ``run:<id>`` needs the tracking store: ``runner.weights`` checks it."""
     from rcnn_lab.engine import weights as w
+    from rcnn_lab.engine.hub_weights import fetch, is_hub_name
 
     spec = config.model.weights
     if w.is_run(spec):
         return []
     try:
-        if not w.is_hub_name(spec):
+        if not is_hub_name(spec):
             w.identity_of(spec)
             return []  # a file: its fit was checked when the experiment was loaded
-        w.fetch(spec, with_masks=config.model.roi_heads.mask_head is not None)
+        fetch(spec, with_masks=config.model.roi_heads.mask_head is not None)
     except ConfigError as exc:
         return exc.problems
     return _fit_problems(config)  # a name just downloaded could not be checked at load

@@ -4,6 +4,7 @@ A spec is a torchvision weights name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``,
 ones, or an alias: ``coco``, ``coco_v2``), or a local file: a torchvision-format state_dict or an
 rcnn-lab checkpoint (``engine/checkpoint.py``). ``run:<id>`` (a finished run's last checkpoint)
 needs the tracking store: ``runner/weights.py`` turns it into a file before this module reads it.
+Names and torch's hub cache: ``engine/hub_weights.py``.
 
 Loading follows detectron2's checkpointer: a tensor of the model is taken from the file when the
 file holds one of the same name and shape; a shape change (the predictors when ``num_classes``
@@ -17,26 +18,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rcnn_lab.errors import ConfigError, Problem, cut, display_path, excerpt
+from rcnn_lab.engine.hub_weights import ALIASES, KEY, fetch, hub_enum, hub_file, is_hub_name
+from rcnn_lab.errors import ConfigError, Problem, display_path, excerpt
 from rcnn_lab.models import state_file
 
-KEY = "model.weights"
 RUN_PREFIX = "run:"  # run:<run_id>: resolved by runner/weights.py
 MIN_FRACTION = 0.5  # fewer of the model's tensors loaded than this: the file is for another architecture
 
-# short names -> torchvision's name, per model kind (mask: with a mask head; box: Faster R-CNN)
-ALIASES = {
-    "coco": {"mask": "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "box": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"},
-    "coco_v2": {"mask": "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", "box": "FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1"},
-}
-_HUB_NAME = re.compile(r"(MaskRCNN|FasterRCNN)_\w+_Weights\.\w+")
 _IGNORED = ("num_batches_tracked",)  # BatchNorm counters: not weights; FrozenBatchNorm2d has none
 # torchvision's builders set FrozenBatchNorm2d's eps to 0 after loading these (detection/_utils.py overwrite_eps:
 # they were trained before pytorch/vision#2933); the same content under another file name gets the same
@@ -59,63 +53,16 @@ def run_id_of(spec: str) -> str:
     return spec[len(RUN_PREFIX):].strip()
 
 
-def is_hub_name(spec: str) -> bool:
-    """A torchvision weights name or alias (a file of that name in the working folder wins)."""
-    return (spec in ALIASES or bool(_HUB_NAME.fullmatch(spec))) and not Path(spec).exists()
-
-
-def hub_name(spec: str, with_masks: bool = True) -> str:
-    """The torchvision name ``spec`` stands for (aliases resolved for a model with or without a mask head)."""
-    return ALIASES[spec]["mask" if with_masks else "box"] if spec in ALIASES else spec
-
-
-def hub_enum(spec: str, with_masks: bool = True, key: str = KEY, file: str | None = None):
-    """torchvision's ``WeightsEnum`` member for a weights name; one-line error for an unknown one."""
-    from torchvision.models import detection
-
-    name = hub_name(spec, with_masks)
-    enum_name, _, member = name.partition(".")
-    enum = getattr(detection, enum_name, None)
-    known = sorted(n for n in dir(detection) if _HUB_NAME.fullmatch(f"{n}.X"))
-    if enum is None:
-        raise ConfigError([Problem(key, f"unknown torchvision weights {excerpt(name)} (known: {', '.join(known)}, "
-                                        f"aliases: {', '.join(ALIASES)}); or give a file path", file)])
-    try:
-        return enum[member]
-    except KeyError:
-        members = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
-        raise ConfigError([Problem(key, f"{enum_name} has no {excerpt(member)} (use {members} or DEFAULT)", file)]) from None
-
-
-def hub_file(enum) -> Path:
-    """Where torch's hub cache keeps ``enum``'s file (torchvision downloads it there)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-
-
-def fetch(spec: str, *, key: str = KEY, file: str | None = None, with_masks: bool = True) -> Path:
-    """The local file of a weights name: torch's hub cache, downloaded there when missing.
-
-    Offline: a one-line ``ConfigError`` with the URL, the cache folder and the file alternative.
-    """
-    enum = hub_enum(spec, with_masks, key, file)
-    path = hub_file(enum)
-    if path.is_file():
-        return path
-    try:  # as torch.hub.load_state_dict_from_url downloads (same file, hash checked), without reading it yet
-        path.parent.mkdir(parents=True, exist_ok=True)
-        digest = torch.hub.HASH_REGEX.search(path.name)
-        torch.hub.download_url_to_file(enum.url, str(path), digest.group(1) if digest else None, progress=False)
-    except Exception as exc:  # offline: URLError, socket errors, a hash mismatch ...
-        reason = cut(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", 100)
-        raise ConfigError([Problem(key, f"could not download {enum} ({reason}); offline, fetch {enum.url} "
-                                        f"elsewhere and put it in {path.parent}, or set {key}: /path/to/{path.name}",
-                                   file)]) from None
-    return path
-
-
 # --- identity ------------------------------------------------------------------------------------
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, mtime_ns, size) -> sha256
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # a file's version (_version) -> sha256
+
+
+def _version(path: Path) -> tuple[str, int, int]:
+    """(real path, mtime_ns, size): what the caches of a file's digest and of its names and shapes are keyed on."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_mtime_ns, st.st_size
 
 
 def _eps_zero_digests() -> tuple[str, ...]:
@@ -145,12 +92,10 @@ def set_frozen_bn_eps(model: torch.nn.Module, eps: float) -> None:
 
 def file_digest(path: Path) -> str:
     """``sha256:<hex>`` of a file's content (cached while its path, mtime and size stay the same)."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    cache_key = (real, st.st_mtime_ns, st.st_size)
+    cache_key = _version(path)
     if cache_key not in _DIGESTS:
         h = hashlib.sha256()
-        with open(real, "rb") as f:
+        with open(cache_key[0], "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         _DIGESTS[cache_key] = f"sha256:{h.hexdigest()}"
@@ -341,14 +286,13 @@ def check_fits(model: torch.nn.Module, spec: str, *, key: str = KEY, file: str |
             return
     else:
         path, source = _local(spec, key, file), display_path(spec)
-    stat = path.stat()
-    match(model, _shapes(path, (stat.st_size, stat.st_mtime_ns), key, file), source=source, key=key, file=file)
+    match(model, _shapes(path, _version(path), key, file), source=source, key=key, file=file)
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes(path: Path, version: tuple[int, int], key: str, file: str | None) -> dict[str, torch.Tensor]:
-    """A weights file's tensor names and shapes (meta tensors), mapped once per ``version`` of the file (size,
-    mtime): the variants of an experiment that share one file do not each map it again."""
+def _shapes(path: Path, version: tuple[str, int, int], key: str, file: str | None) -> dict[str, torch.Tensor]:
+    """A weights file's tensor names and shapes (meta tensors), mapped once per ``version`` of the file
+    (:func:`_version`): the variants of an experiment that share one file do not each map it again."""
     return {k: torch.empty_like(v, device="meta") for k, v in _state_of(path, key, file, mmap=True).items()}
 
 

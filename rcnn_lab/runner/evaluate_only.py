@@ -66,6 +66,7 @@ def read_weights(weights: str | None, run_id: str | None, uri: str, root: Path |
     """
     from rcnn_lab.engine import checkpoint as ckpt
     from rcnn_lab.engine import weights as w
+    from rcnn_lab.engine.hub_weights import hub_enum, is_hub_name
     from rcnn_lab.runner import weights as run_weights
 
     if weights is not None and w.is_run(weights.strip()):  # --weights run:<id> is --run <id>
@@ -80,8 +81,8 @@ def read_weights(weights: str | None, run_id: str | None, uri: str, root: Path |
                        ckpt.iteration_of(path) or 0, run_id, int(seed) if seed.lstrip("-").isdigit() else None)
     spec = weights.strip()
     state, identity = w.read_state(spec, key="--weights", with_masks=with_masks)
-    if w.is_hub_name(spec):
-        source = label = str(w.hub_enum(spec, with_masks, "--weights"))
+    if is_hub_name(spec):
+        source = label = str(hub_enum(spec, with_masks, "--weights"))
     else:
         source, label = display_path(Path(spec).expanduser()), Path(spec).name
     iteration = ckpt.iteration_of(Path(spec)) or 0  # an rcnn-lab checkpoint file (iter_0000200.pt): its step
